@@ -1,0 +1,147 @@
+"""A run's directory: config.yaml, results.csv, checkpoint metadata, best tracking, RNG state for resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from .config import RunConfig, config_to_dict
+from .errors import DistillError
+from .features import Pair
+from .models import atomic_write_text
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best: Path
+    last: Path
+    best_epoch: int
+    best_metrics: dict[str, float]
+    final_metrics: dict[str, float]
+    epochs_done: int
+    skipped_steps: int
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def new_run_dir(project: str | Path, name: str) -> Path:
+    """``project/name``, or ``name2``, ``name3``... if taken: an earlier run is never overwritten."""
+    project = Path(project)
+    try:
+        project.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10000):
+            candidate = project / (name if n == 1 else f"{name}{n}")
+            try:
+                candidate.mkdir()
+                (candidate / "weights").mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise DistillError(f"cannot create the run directory under '{project}' ({e.strerror}); use --project DIR") from e
+    raise DistillError(f"no free run name '{name}N' under '{project}'; use --name")
+
+
+def fitness(metrics: dict[str, float]) -> float:
+    """ultralytics' model-selection score: 0.1 mAP50 + 0.9 mAP50-95."""
+    return 0.1 * metrics.get("mAP50", 0.0) + 0.9 * metrics.get("mAP50-95", 0.0)
+
+
+def capture_rng(loader: Any = None) -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any], loader: Any = None) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "loader" in state and getattr(loader, "generator", None) is not None:
+        loader.generator.set_state(state["loader"])
+
+
+class RunLog:
+    """Writes the run's files (atomically) and tells the caller what happened through ``callback(event, info)``."""
+
+    def __init__(
+        self, run_dir: Path, cfg: RunConfig, callback: Callable[[str, dict], None] | None) -> None:
+        self.run_dir, self.cfg, self.callback = run_dir, cfg, callback or (lambda event, info: None)
+        self.last, self.best = run_dir / "weights" / "last.pt", run_dir / "weights" / "best.pt"
+        self.history: list[dict[str, Any]] = []
+        self.best_fitness, self.best_epoch, self.improved = -1.0, -1, False
+        self.config = config_to_dict(cfg)
+        self.train_args = {"task": "detect", "mode": "train", "model": cfg.student, "data": cfg.data,
+                           "imgsz": cfg.imgsz, "epochs": cfg.epochs, "batch": cfg.batch, "seed": cfg.seed}
+        self.started = time.time()
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+
+    def start(self, pairs: dict[str, list[Pair]], params: int, names: list[str], resumed_from: int) -> None:
+        info = {"run_dir": str(self.run_dir), "params": params, "names": names, "resumed_from": resumed_from,
+                "pairs": {k: [p.as_dict() for p in v] for k, v in pairs.items()}, "epochs": self.cfg.epochs}
+        self.callback("start", info)
+
+    def step(self, epoch: int, index: int, means: dict[str, float]) -> None:
+        self.callback("step", {"epoch": epoch, "index": index, "means": means})
+
+    def epoch(self, epoch: int, means: dict[str, float], metrics: dict[str, float], lrs: list[float], state: Any) -> None:
+        row = {"epoch": epoch + 1, "time": round(time.time() - self.started, 2), **{k: round(v, 6) for k, v in means.items()}}
+        row.update({f"val/{k}": round(v, 5) for k, v in metrics.items()})
+        row.update({f"lr/pg{i}": lr for i, lr in enumerate(lrs)})
+        row.update({f"balance/{k}": round(v, 6) for k, v in state.balance.items()})
+        row["skipped_steps"] = state.skipped_steps
+        self.history.append(row)
+        self.improved = bool(metrics) and fitness(metrics) > self.best_fitness
+        if self.improved:
+            self.best_fitness, self.best_epoch = fitness(metrics), epoch
+        self.write_csv()
+        self.callback("epoch", {**row, "epochs": self.cfg.epochs, "improved": self.improved})
+
+    def write_csv(self) -> None:
+        columns: list[str] = []
+        for row in self.history:
+            columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir / "results.csv", buffer.getvalue())
+
+    def metadata(self, epoch: int) -> dict[str, Any]:
+        metrics = {k[4:]: v for k, v in (self.history[-1] if self.history else {}).items() if k.startswith("val/")}
+        return {"teacher": self.cfg.teacher, "recipe": self.cfg.recipe_name, "config": self.config,
+                "epoch": epoch + 1, "metrics": metrics, "best_fitness": self.best_fitness}
+
+    def restore(self, history: list[dict[str, Any]], best_fitness: float, best_epoch: int) -> None:
+        self.history, self.best_fitness, self.best_epoch = list(history), best_fitness, best_epoch
+
+    def metrics_of(self, epoch: int) -> dict[str, float]:
+        row = next((r for r in self.history if r["epoch"] == epoch + 1), {})
+        return {k[4:]: v for k, v in row.items() if k.startswith("val/")}
+
+    def finish(self, seconds: float, skipped_steps: int) -> TrainResult:
+        result = TrainResult(self.run_dir, self.best, self.last, self.best_epoch + 1, self.metrics_of(self.best_epoch),
+                             self.metrics_of(len(self.history) - 1), len(self.history), skipped_steps, seconds, self.history)
+        self.callback("end", {"result": result})
+        return result
