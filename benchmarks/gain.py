@@ -25,8 +25,8 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
-from distill_cli.evaluate import evaluate  # noqa: E402
-from distill_cli.train import train  # noqa: E402
+from distill_cli.evaluation import evaluate  # noqa: E402
+from distill_cli.training import train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,9 +53,21 @@ def run_ours(args: argparse.Namespace, recipe: str, seed: int) -> dict:
     from distill_cli.config import parse_overrides
 
     start = time.time()
-    result = train(recipe=recipe, teacher=args.teacher, student=args.student, data=args.data, imgsz=args.imgsz,
-                   epochs=args.epochs, batch=args.batch, workers=args.workers, device=args.device, seed=seed,
-                   project=args.project, name=f"{recipe}-s{seed}", **parse_overrides(args.set))
+    result = train(
+        recipe=recipe,
+        teacher=args.teacher,
+        student=args.student,
+        data=args.data,
+        imgsz=args.imgsz,
+        epochs=args.epochs,
+        batch=args.batch,
+        workers=args.workers,
+        device=args.device,
+        seed=seed,
+        project=args.project,
+        name=f"{recipe}-s{seed}",
+        **parse_overrides(args.set),
+    )
     return {"weights": str(result.best), "seconds": time.time() - start}
 
 
@@ -64,13 +76,27 @@ def run_ultralytics_kd(args: argparse.Namespace, dis: float, seed: int) -> dict:
 
     start = time.time()
     model = YOLO(args.student)
-    model.train(data=args.data, imgsz=args.imgsz, epochs=args.epochs, batch=args.batch, workers=args.workers,
-                device=args.device or None, seed=seed, distill_model=args.teacher, dis=dis, project=args.project,
-                name=f"ultralytics-dis{dis:g}-s{seed}", plots=False, amp=True)
+    model.train(
+        data=args.data,
+        imgsz=args.imgsz,
+        epochs=args.epochs,
+        batch=args.batch,
+        workers=args.workers,
+        device=args.device or None,
+        seed=seed,
+        distill_model=args.teacher,
+        dis=dis,
+        project=args.project,
+        name=f"ultralytics-dis{dis:g}-s{seed}",
+        plots=False,
+        amp=True,
+    )
     return {"weights": str(Path(model.trainer.best)), "seconds": time.time() - start}
 
 
-def summarise(runs: dict[str, list[dict]], teacher: dict[str, float], split: str, images: int, epochs: int) -> list[dict]:
+def summarise(
+    runs: dict[str, list[dict]], teacher: dict[str, float], split: str, images: int, epochs: int
+) -> list[dict]:
     base = statistics.mean(r[split]["mAP50-95"] for r in runs["none"]) if "none" in runs else None
     rows = []
     for name, seeds in runs.items():
@@ -79,24 +105,35 @@ def summarise(runs: dict[str, list[dict]], teacher: dict[str, float], split: str
         mean = statistics.mean(maps)
         seconds = statistics.mean(r["seconds"] for r in seeds)
         gap = teacher["mAP50-95"] - base if base is not None else None
-        rows.append({
-            "run": name, "mAP50-95": mean, "spread": (max(maps) - min(maps)) / 2, "mAP50": statistics.mean(map50),
-            "per_seed": maps, "delta": None if base is None else mean - base,
-            "gap_closed": None if not gap else (mean - base) / gap, "seconds": seconds,
-            "img_per_s": images * epochs / seconds,
-        })
+        rows.append(
+            {
+                "run": name,
+                "mAP50-95": mean,
+                "spread": (max(maps) - min(maps)) / 2,
+                "mAP50": statistics.mean(map50),
+                "per_seed": maps,
+                "delta": None if base is None else mean - base,
+                "gap_closed": None if not gap else (mean - base) / gap,
+                "seconds": seconds,
+                "img_per_s": images * epochs / seconds,
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict], teacher: dict[str, float], split: str) -> str:
-    lines = [f"| run ({split}) | mAP50-95 (± half-range) | mAP50 | Δ vs none | gap closed | wall s | img/s |",
-             "|---|---|---|---|---|---|---|",
-             f"| teacher | {teacher['mAP50-95']:.4f} | {teacher['mAP50']:.4f} | | | | |"]
+    lines = [
+        f"| run ({split}) | mAP50-95 (± half-range) | mAP50 | Δ vs none | gap closed | wall s | img/s |",
+        "|---|---|---|---|---|---|---|",
+        f"| teacher | {teacher['mAP50-95']:.4f} | {teacher['mAP50']:.4f} | | | | |",
+    ]
     for r in rows:
         delta = "" if r["delta"] is None else f"{r['delta']:+.4f}"
         gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
-        lines.append(f"| {r['run']} | {r['mAP50-95']:.4f} ± {r['spread']:.4f} | {r['mAP50']:.4f} | {delta} | {gap} "
-                     f"| {r['seconds']:.0f} | {r['img_per_s']:.1f} |")
+        lines.append(
+            f"| {r['run']} | {r['mAP50-95']:.4f} ± {r['spread']:.4f} | {r['mAP50']:.4f} | {delta} | {gap} "
+            f"| {r['seconds']:.0f} | {r['img_per_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -115,8 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     from distill_cli.data import load_data
 
     images = len(list(Path(load_data(args.data)["train"]).glob("*")))
-    report = {"date": datetime.now(timezone.utc).isoformat(), "command": " ".join(sys.argv), "args": vars(args),
-              "tables": {}}
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(),
+        "command": " ".join(sys.argv),
+        "args": vars(args),
+        "tables": {},
+    }
     for split in args.splits:
         teacher = evaluate([args.teacher], args.data, args.imgsz, args.batch, args.device, split)[0]
         rows = summarise(runs, teacher, split, images, args.epochs)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -19,7 +20,9 @@ TRUST = typer.Option(False, "--trust-checkpoint", help="Fully unpickle checkpoin
 
 
 @app.callback()
-def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Full tracebacks and ultralytics logs.")) -> None:
+def main_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Full tracebacks and ultralytics logs."),
+) -> None:
     STATE["verbose"] = verbose
     os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for the network
     os.environ.setdefault("YOLO_VERBOSE", str(verbose))
@@ -48,8 +51,11 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:
             if STATE["verbose"]:
                 raise
-            err_console.print(f"[red]error:[/] {type(e).__name__}: {e} (run with --verbose for details)",
-                              highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[red]error:[/] {type(e).__name__}: {e} (run with --verbose for details)",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
 
     return wrapper
@@ -61,8 +67,8 @@ def probe_channels_cmd(
     teacher: str = typer.Option(..., help="Teacher .pt or model yaml."),
     student: str = typer.Option(..., help="Student .pt or model yaml."),
     imgsz: int = typer.Option(640, help="Input size of the dummy forward."),
-    layers: Optional[str] = typer.Option(None, help="Group (head_inputs, neck, backbone, all) or indices 15,18,21."),
-    recipe: Optional[str] = typer.Option(None, help="Show the pairing of each feature term of this recipe."),
+    layers: str | None = typer.Option(None, help="Group (head_inputs, neck, backbone, all) or indices 15,18,21."),
+    recipe: str | None = typer.Option(None, help="Show the pairing of each feature term of this recipe."),
     json_out: bool = JSON,
     trust_checkpoint: bool = TRUST,
 ) -> None:
@@ -78,24 +84,24 @@ def probe_channels_cmd(
 @app.command()
 @handled
 def train(
-    teacher: Optional[str] = typer.Option(None, help="Trained teacher .pt."),
-    student: Optional[str] = typer.Option(None, help="Student .pt (fine-tune) or yaml (from scratch)."),
-    data: Optional[str] = typer.Option(None, help="ultralytics data yaml."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe name (see `yolodistill recipes`) or YAML path."),
-    epochs: Optional[int] = typer.Option(None),
-    batch: Optional[int] = typer.Option(None),
-    imgsz: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="cpu, 0, cuda:1 ... (default: GPU 0 if present)."),
-    workers: Optional[int] = typer.Option(None),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on GPU (default on)."),
-    lr0: Optional[float] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    project: Optional[str] = typer.Option(None),
-    name: Optional[str] = typer.Option(None),
-    val_interval: Optional[int] = typer.Option(None, help="Validate every N epochs (and after the last)."),
-    layers: Optional[str] = typer.Option(None, help="Override the recipe's layers: group or indices."),
+    teacher: str | None = typer.Option(None, help="Trained teacher .pt."),
+    student: str | None = typer.Option(None, help="Student .pt (fine-tune) or yaml (from scratch)."),
+    data: str | None = typer.Option(None, help="ultralytics data yaml."),
+    recipe: str | None = typer.Option(None, help="Recipe name (see `yolodistill recipes`) or YAML path."),
+    epochs: int | None = typer.Option(None),
+    batch: int | None = typer.Option(None),
+    imgsz: int | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="cpu, 0, cuda:1 ... (default: GPU 0 if present)."),
+    workers: int | None = typer.Option(None),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision on GPU (default on)."),
+    lr0: float | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    project: str | None = typer.Option(None),
+    name: str | None = typer.Option(None),
+    val_interval: int | None = typer.Option(None, help="Validate every N epochs (and after the last)."),
+    layers: str | None = typer.Option(None, help="Override the recipe's layers: group or indices."),
     set_: list[str] = typer.Option([], "--set", help="Override any config field: --set losses.cwd.weight=2"),
-    resume: Optional[str] = typer.Option(None, help="Continue an interrupted run: its dir or last.pt."),
+    resume: str | None = typer.Option(None, help="Continue an interrupted run: its dir or last.pt."),
     json_out: bool = JSON,
     trust_checkpoint: bool = TRUST,
 ) -> None:
@@ -103,12 +109,26 @@ def train(
     from .config import parse_overrides
     from .console import TrainProgress, print_json
     from .features import parse_layers
-    from .train import train as run_train
+    from .training import train as run_train
 
-    options = {"teacher": teacher, "student": student, "data": data, "epochs": epochs, "batch": batch,
-               "imgsz": imgsz, "device": device, "workers": workers, "amp": amp, "lr0": lr0, "seed": seed,
-               "project": project, "name": name, "val_interval": val_interval,
-               "trust_checkpoint": trust_checkpoint or None, "layers": parse_layers(layers)}
+    options = {
+        "teacher": teacher,
+        "student": student,
+        "data": data,
+        "epochs": epochs,
+        "batch": batch,
+        "imgsz": imgsz,
+        "device": device,
+        "workers": workers,
+        "amp": amp,
+        "lr0": lr0,
+        "seed": seed,
+        "project": project,
+        "name": name,
+        "val_interval": val_interval,
+        "trust_checkpoint": trust_checkpoint or None,
+        "layers": parse_layers(layers),
+    }
     overrides = {k: v for k, v in options.items() if v is not None} | parse_overrides(set_)
     if resume:
         if overrides:
@@ -124,7 +144,7 @@ def train(
 @handled
 def eval_cmd(
     weights: list[str] = typer.Option(..., help="Checkpoints to compare (repeat, or list after the first)."),
-    more: Optional[list[str]] = typer.Argument(None, hidden=True),
+    more: list[str] | None = typer.Argument(None, hidden=True),
     data: str = typer.Option(..., help="ultralytics data yaml."),
     imgsz: int = typer.Option(640),
     batch: int = typer.Option(16),
@@ -135,7 +155,7 @@ def eval_cmd(
 ) -> None:
     """Compare models side by side: params, GFLOPs, mAP50-95, mAP50, ms/img (same numbers as YOLO.val())."""
     from .console import print_eval, print_json
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     rows = evaluate([*weights, *(more or [])], data, imgsz, batch, device, split, trust_checkpoint)
     print_json(rows) if json_out else print_eval(rows, f"{split} split of {data}")
@@ -147,14 +167,14 @@ def export(
     weights: str = typer.Option(..., help="Student checkpoint."),
     format: str = typer.Option("onnx", help="Any ultralytics export format; onnx is checked against PyTorch."),
     imgsz: int = typer.Option(640),
-    output: Optional[str] = typer.Option(None, help="Where to write (default: beside the weights)."),
-    image: Optional[str] = typer.Option(None, help="Image for the parity check (default: a drawn one)."),
+    output: str | None = typer.Option(None, help="Where to write (default: beside the weights)."),
+    image: str | None = typer.Option(None, help="Image for the parity check (default: a drawn one)."),
     json_out: bool = JSON,
     trust_checkpoint: bool = TRUST,
 ) -> None:
     """Export the student (ONNX first) and report the largest difference to the PyTorch output."""
     from .console import console, print_json
-    from .export import export as run_export
+    from .exporter import export as run_export
 
     result = run_export(weights, format, imgsz, output, image, trust_checkpoint)
     if json_out:
@@ -168,7 +188,7 @@ def export(
 @handled
 def demo(
     out: str = typer.Option("runs/demo", help="Folder for the generated data and the three runs."),
-    epochs: int = typer.Option(12, help="Student epochs (the teacher gets twice as many)."),
+    epochs: int = typer.Option(10, help="Student epochs (the teacher gets 1.5x as many)."),
     json_out: bool = JSON,
 ) -> None:
     """No downloads: draw a dataset, train a teacher, distil a student, compare with a plain student."""
@@ -192,7 +212,11 @@ def recipes(json_out: bool = JSON) -> None:
     if json_out:
         print_json(rows)
     else:
-        console.print(table("recipes", ["name", "terms", "description"], [[r["name"], r["terms"], r["description"]] for r in rows]))
+        console.print(
+            table(
+                "recipes", ["name", "terms", "description"], [[r["name"], r["terms"], r["description"]] for r in rows]
+            )
+        )
 
 
 def main() -> None:

@@ -195,7 +195,9 @@ def recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
-            raise DistillError(f"recipe file '{path}' not found; give a YAML path or one of: {', '.join(list_recipes())}")
+            raise DistillError(
+                f"recipe file '{path}' not found; give a YAML path or one of: {', '.join(list_recipes())}"
+            )
         return path
     for folder in (RECIPES_DIR, PACKAGED_RECIPES_DIR):
         candidate = folder / f"{name_or_path}.yaml"

@@ -38,14 +38,23 @@ def _cell(value: Any) -> str:
 
 def print_probe(report: dict[str, Any]) -> None:
     for role in ("teacher", "student"):
-        rows = [[i["index"], i["module"], f"{i['channels']}x{i['height']}x{i['width']}", i["stride"], i["section"]]
-                for i in report[role]["layers"]]
-        console.print(table(f"{role}: {report[role]['model']} (imgsz {report['imgsz']})",
-                            ["index", "module", "C x H x W", "stride", "section"], rows))
+        rows = [
+            [i["index"], i["module"], f"{i['channels']}x{i['height']}x{i['width']}", i["stride"], i["section"]]
+            for i in report[role]["layers"]
+        ]
+        console.print(
+            table(
+                f"{role}: {report[role]['model']} (imgsz {report['imgsz']})",
+                ["index", "module", "C x H x W", "stride", "section"],
+                rows,
+            )
+        )
     for name, pairs in report["pairs"].items():
         rows = [[p["student"], p["teacher"], p["stride"], p["adapter"]] for p in pairs]
         selection = report["selection"][name]
-        console.print(table(f"pairing '{name}' (layers: {selection})", ["student", "teacher", "stride", "adapter"], rows))
+        console.print(
+            table(f"pairing '{name}' (layers: {selection})", ["student", "teacher", "stride", "adapter"], rows)
+        )
 
 
 EVAL_COLUMNS = ["model", "params", "gflops", "mAP50-95", "mAP50", "ms_per_img"]
@@ -69,14 +78,22 @@ class TrainProgress:
         console.print(f"[bold]run dir[/] {info['run_dir']}  student params {info['params']:,}  classes {info['names']}")
         for term, pairs in info["pairs"].items():
             if pairs:
-                console.print(f"  {term}: " + ", ".join(f"{p['student']}->{p['teacher']} ({p['adapter']})" for p in pairs))
+                console.print(
+                    f"  {term}: " + ", ".join(f"{p['student']}->{p['teacher']} ({p['adapter']})" for p in pairs)
+                )
         if info["resumed_from"]:
             console.print(f"  resuming at epoch {info['resumed_from'] + 1}")
 
     def on_step(self, info: dict[str, Any]) -> None:
         if self.progress is None:
-            self.progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
+            self.progress = Progress(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                console=console,
+            )
             self.progress.start()
             self.task = self.progress.add_task("", total=None, epoch=info["epoch"] + 1)
         means = info["means"]
@@ -88,14 +105,24 @@ class TrainProgress:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        metrics = f"mAP50-95 {info['val/mAP50-95']:.4f} mAP50 {info['val/mAP50']:.4f}" if "val/mAP50-95" in info else "no val"
+        metrics = (
+            f"mAP50-95 {info['val/mAP50-95']:.4f} mAP50 {info['val/mAP50']:.4f}" if "val/mAP50-95" in info else "no val"
+        )
         mark = " *best*" if info.get("improved") else ""
-        console.print(f"epoch {info['epoch']}/{info['epochs']}  loss {info.get('det_loss', 0):.4f} "
-                      f"distill {info.get('distill_loss', 0):.4f}  {metrics}{mark}")
+        console.print(
+            f"epoch {info['epoch']}/{info['epochs']}  loss {info.get('det_loss', 0):.4f} "
+            f"distill {info.get('distill_loss', 0):.4f}  {metrics}{mark}"
+        )
 
     def on_end(self, info: dict[str, Any]) -> None:
         result = info["result"]
-        rows = [["best epoch", result.best_epoch], ["best mAP50-95", result.best_metrics.get("mAP50-95", float("nan"))],
-                ["best mAP50", result.best_metrics.get("mAP50", float("nan"))], ["time (s)", round(result.seconds, 1)],
-                ["skipped steps", result.skipped_steps], ["best.pt", str(result.best)], ["results", str(result.run_dir)]]
+        rows = [
+            ["best epoch", result.best_epoch],
+            ["best mAP50-95", result.best_metrics.get("mAP50-95", float("nan"))],
+            ["best mAP50", result.best_metrics.get("mAP50", float("nan"))],
+            ["time (s)", round(result.seconds, 1)],
+            ["skipped steps", result.skipped_steps],
+            ["best.pt", str(result.best)],
+            ["results", str(result.run_dir)],
+        ]
         console.print(table("training done", ["", "value"], rows))

@@ -29,7 +29,9 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
         raise DistillError(f"data yaml '{path}' must be a mapping with train, val and names")
     for key in ("train", "val", "names"):
         if key not in raw:
-            raise DistillError(f"data yaml '{path}' has no '{key}' key; an ultralytics data yaml needs train, val, names")
+            raise DistillError(
+                f"data yaml '{path}' has no '{key}' key; an ultralytics data yaml needs train, val, names"
+            )
     names = raw["names"]
     if "nc" in raw and len(names) != raw["nc"]:
         raise DistillError(f"data yaml '{path}': nc={raw['nc']} but {len(names)} names; make them agree")
@@ -53,16 +55,29 @@ def hyperparameters(**overrides: Any) -> IterableSimpleNamespace:
 
 
 def build_loader(
-    data: dict, split: str, hyp: IterableSimpleNamespace, batch: int, workers: int, stride: int, train: bool, rank: int = -1
+    data: dict,
+    split: str,
+    hyp: IterableSimpleNamespace,
+    batch: int,
+    workers: int,
+    stride: int,
+    train: bool,
+    rank: int = -1,
 ) -> torch.utils.data.DataLoader:
     """ultralytics' YOLODataset + InfiniteDataLoader: mosaic etc. when ``train``, rectangular batches otherwise."""
-    dataset = build_yolo_dataset(hyp, data[split], batch, data, mode="train" if train else "val", rect=not train, stride=stride)
+    dataset = build_yolo_dataset(
+        hyp, data[split], batch, data, mode="train" if train else "val", rect=not train, stride=stride
+    )
     if len(dataset) == 0:
         raise DistillError(f"split '{split}' has no usable images")
-    return build_dataloader(dataset, batch, workers, shuffle=train, rank=rank, drop_last=False, pin_memory=torch.cuda.is_available())
+    return build_dataloader(
+        dataset, batch, workers, shuffle=train, rank=rank, drop_last=False, pin_memory=torch.cuda.is_available()
+    )
 
 
-def make_synthetic_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, size: int = 128, seed: int = 0) -> Path:
+def make_synthetic_dataset(
+    root: str | Path, n_train: int = 64, n_val: int = 16, size: int = 128, seed: int = 0
+) -> Path:
     """Draw a small detection dataset of filled shapes (circle, square, triangle) in YOLO format; return its yaml.
 
     Images are ``size`` x ``size`` with 1-4 shapes on a noisy background; the same seed gives the same files.
@@ -75,7 +90,9 @@ def make_synthetic_dataset(root: str | Path, n_train: int = 64, n_val: int = 16,
         for i in range(count):
             image, labels = _draw_image(rng, size)
             cv2.imwrite(str(root / "images" / split / f"{i:04d}.png"), image)
-            (root / "labels" / split / f"{i:04d}.txt").write_text("".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels))
+            (root / "labels" / split / f"{i:04d}.txt").write_text(
+                "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels)
+            )
     yaml_path = root / "data.yaml"
     names = "\n".join(f"  {i}: {n}" for i, n in enumerate(SYNTHETIC_CLASSES))
     yaml_path.write_text(f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")

@@ -76,7 +76,8 @@ class Distiller(nn.Module):
                 terms[name] = module(head, teacher.head, ctx)
             else:
                 terms[name] = sum(
-                    loss(feats[p.student], teacher.feats[p.teacher], ctx) for loss, p in zip(module, self.pairs[name])
+                    loss(feats[p.student], teacher.feats[p.teacher], ctx)
+                    for loss, p in zip(module, self.pairs[name], strict=True)
                 )
         return det_loss, det_items, terms
 
@@ -141,6 +142,8 @@ def check_compatible(student: nn.Module, teacher: nn.Module, recipe: Recipe) -> 
                 f"({', '.join(output_terms)}) needs the same class list: use a teacher trained on this data, "
                 f"or a feature-only recipe"
             )
-        warnings.warn(f"teacher classes {t_names} differ from student classes {s_names}; distilling features only", stacklevel=2)
+        warnings.warn(
+            f"teacher classes {t_names} differ from student classes {s_names}; distilling features only", stacklevel=2
+        )
     if output_terms and student.model[-1].reg_max != teacher.model[-1].reg_max:
         raise DistillError("teacher and student Detect heads differ in reg_max; output distillation needs the same")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -87,7 +87,7 @@ def train_one_epoch(
     for i, batch in enumerate(loader):
         set_learning_rate(state, epoch)
         if nw and state.step <= nw:  # accumulate ramps up with the warm-up, as in ultralytics
-            state.accumulate = max(1, round(interp(state.step, nw, 1, nominal_accumulate(state.cfg))))
+            state.accumulate = max(1, round(interp(state.step, nw, 1, target_accumulate(state))))
         batch = preprocess(batch, state.device)
         weights = term_weights(state)
         active = tuple(name for name, w in weights.items() if w > 0)
@@ -120,7 +120,13 @@ def train_one_epoch(
 
 
 def nominal_accumulate(cfg: RunConfig) -> int:
+    """Steps whose gradients add up before an optimizer step: the nominal batch ``nbs`` over the batch size."""
     return max(round(cfg.nbs / cfg.batch), 1)
+
+
+def target_accumulate(state: TrainState) -> int:
+    """The nominal accumulation, capped at the run's length so that short runs still step."""
+    return min(nominal_accumulate(state.cfg), state.steps_per_epoch * state.cfg.epochs)
 
 
 def preprocess(batch: dict, device: torch.device) -> dict:
@@ -147,7 +153,9 @@ def step_is_finite(state: TrainState, loss: torch.Tensor, logs: dict[str, torch.
     state.bad_steps += 1
     state.skipped_steps += 1
     state.optimizer.zero_grad(set_to_none=True)
-    warnings.warn(f"step {state.step}: non-finite {', '.join(bad)}; step skipped ({state.skipped_steps} so far)", stacklevel=2)
+    warnings.warn(
+        f"step {state.step}: non-finite {', '.join(bad)}; step skipped ({state.skipped_steps} so far)", stacklevel=2
+    )
     if state.bad_steps >= state.cfg.max_bad_steps:
         raise DistillError(
             f"{state.bad_steps} consecutive non-finite steps (last bad: {', '.join(bad)}); stopped. "
@@ -191,9 +199,17 @@ def update_balance(state: TrainState, det_loss: torch.Tensor, terms: dict, weigh
 
 def validate(model: nn.Module, loader, cfg: RunConfig, save_dir: Path, device: torch.device) -> dict[str, float]:
     """mAP with ultralytics' DetectionValidator on a copy of ``model`` (the validator fuses what it gets)."""
-    args = {"data": cfg.data, "imgsz": cfg.imgsz, "batch": loader.batch_size, "split": cfg.val_split,
-            "device": "cpu" if device.type == "cpu" else str(device.index or 0), "plots": False, "half": False,
-            "verbose": False, "save_json": False}
+    args = {
+        "data": cfg.data,
+        "imgsz": cfg.imgsz,
+        "batch": loader.batch_size,
+        "split": cfg.val_split,
+        "device": "cpu" if device.type == "cpu" else str(device.index or 0),
+        "plots": False,
+        "half": False,
+        "verbose": False,
+        "save_json": False,
+    }
     validator = DetectionValidator(dataloader=loader, save_dir=save_dir, args=args)
     was_training = model.training
     stats = validator(model=model)

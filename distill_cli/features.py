@@ -5,8 +5,8 @@ Layers are addressed by their index in ``model.model`` (the numbers ultralytics 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -116,7 +116,9 @@ def select_layers(model: nn.Module, infos: list[LayerInfo], selection: str | lis
     by_index = {info.index: info for info in infos}
     if isinstance(selection, str):
         if selection not in LAYER_GROUPS:
-            raise DistillError(f"unknown layer group '{selection}'; valid: {', '.join(LAYER_GROUPS)} or a list of indices")
+            raise DistillError(
+                f"unknown layer group '{selection}'; valid: {', '.join(LAYER_GROUPS)} or a list of indices"
+            )
         if selection == "head_inputs":
             return [by_index[i] for i in detect_head(model).f]
         return [info for info in infos if selection in ("all", info.section)]
@@ -146,10 +148,12 @@ def pair_layers(
     else:
         partners = [_closest_partner(info, len(student.model), teacher_infos, len(teacher.model)) for info in chosen]
     pairs = []
-    for s, t in zip(chosen, partners):
+    for s, t in zip(chosen, partners, strict=True):
         if (s.height, s.width) != (t.height, t.width):
-            raise DistillError(f"student layer {s.index} ({s.height}x{s.width}) and teacher layer {t.index} "
-                               f"({t.height}x{t.width}) differ in size; pick layers of equal stride")
+            raise DistillError(
+                f"student layer {s.index} ({s.height}x{s.width}) and teacher layer {t.index} "
+                f"({t.height}x{t.width}) differ in size; pick layers of equal stride"
+            )
         pairs.append(Pair(s.index, t.index, s.channels, t.channels, s.stride))
     return pairs
 
@@ -171,4 +175,6 @@ def parse_layers(text: str | None) -> str | list[int] | None:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise DistillError(f"--layers '{text}': give a group ({', '.join(LAYER_GROUPS)}) or indices like 15,18,21") from None
+        raise DistillError(
+            f"--layers '{text}': give a group ({', '.join(LAYER_GROUPS)}) or indices like 15,18,21"
+        ) from None

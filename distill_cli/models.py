@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 from ultralytics import __version__ as ULTRALYTICS_VERSION
-from ultralytics.nn.tasks import DetectionModel, torch_safe_load
+from ultralytics.nn.tasks import DetectionModel, guess_model_task, torch_safe_load
 
 from . import __version__
 from .errors import EXIT_RUNTIME, DistillError
+
 
 def load_model(spec: str | Path, role: str = "model", nc: int | None = None, trust: bool = False) -> DetectionModel:
     """A float32 detection model from an ultralytics checkpoint (``.pt``) or a model yaml (``yolov8n.yaml``).
@@ -40,7 +41,7 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
     if not isinstance(model, nn.Module):
         raise DistillError(f"{role} '{spec}' holds no model; is it an ultralytics checkpoint?")
     if type(model) is not DetectionModel:  # Segmentation/Pose/OBB models subclass DetectionModel
-        task = getattr(model, "task", None) or type(model).__name__
+        task = getattr(model, "task", None) or guess_model_task(model)
         raise DistillError(f"{role} '{spec}' is a {task} model; yolodistill distils detection models (task=detect)")
     model = model.float()
     model.args = {**ckpt.get("train_args", {})} if isinstance(ckpt.get("train_args"), dict) else {}
@@ -50,9 +51,13 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
 
 def _read_checkpoint(path: Path, role: str, trust: bool) -> Any:
     if trust:
-        warnings.warn(f"loading {role} '{path}' with a full unpickle (--trust-checkpoint): it can run code", stacklevel=3)
+        warnings.warn(
+            f"loading {role} '{path}' with a full unpickle (--trust-checkpoint): it can run code", stacklevel=3
+        )
     if not zipfile.is_zipfile(path):
-        raise DistillError(f"{role} '{path}' is not a checkpoint (not a torch zip archive: truncated, text or another format)")
+        raise DistillError(
+            f"{role} '{path}' is not a checkpoint (not a torch zip archive: truncated, text or another format)"
+        )
     try:
         return torch_safe_load(str(path), safe_only=not trust)[0]
     except TypeError as e:
@@ -100,14 +105,18 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise DistillError(f"could not write '{path}' ({e.strerror or e}); the previous file is intact", EXIT_RUNTIME) from e
+        raise DistillError(
+            f"could not write '{path}' ({e.strerror or e}); the previous file is intact", EXIT_RUNTIME
+        ) from e
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save_student(path: Path, model: nn.Module, train_args: dict, distill_meta: dict, resume: dict | None = None) -> None:
+def save_student(
+    path: Path, model: nn.Module, train_args: dict, distill_meta: dict, resume: dict | None = None
+) -> None:
     """A standard ultralytics checkpoint holding only the student (fp16), loadable with ``YOLO(path)``.
 
     ``train_args`` and ``distill_meta`` (teacher, recipe, our version, metrics) are plain data; ``resume`` (optimizer,

@@ -12,7 +12,11 @@ from .models import load_model
 
 
 def probe_channels(
-    teacher: str, student: str, imgsz: int = 640, layers: str | list[int] | None = None, recipe: str | None = None,
+    teacher: str,
+    student: str,
+    imgsz: int = 640,
+    layers: str | list[int] | None = None,
+    recipe: str | None = None,
     trust_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Every candidate layer of both models (index, module, C x H x W, stride) and the layer pairs with adapters.

@@ -6,9 +6,10 @@ import csv
 import io
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,9 @@ def new_run_dir(project: str | Path, name: str) -> Path:
             except FileExistsError:
                 continue
     except OSError as e:
-        raise DistillError(f"cannot create the run directory under '{project}' ({e.strerror}); use --project DIR") from e
+        raise DistillError(
+            f"cannot create the run directory under '{project}' ({e.strerror}); use --project DIR"
+        ) from e
     raise DistillError(f"no free run name '{name}N' under '{project}'; use --name")
 
 
@@ -85,28 +88,49 @@ def restore_rng(state: dict[str, Any], loader: Any = None) -> None:
 class RunLog:
     """Writes the run's files (atomically) and tells the caller what happened through ``callback(event, info)``."""
 
-    def __init__(
-        self, run_dir: Path, cfg: RunConfig, callback: Callable[[str, dict], None] | None) -> None:
+    def __init__(self, run_dir: Path, cfg: RunConfig, callback: Callable[[str, dict], None] | None) -> None:
         self.run_dir, self.cfg, self.callback = run_dir, cfg, callback or (lambda event, info: None)
         self.last, self.best = run_dir / "weights" / "last.pt", run_dir / "weights" / "best.pt"
         self.history: list[dict[str, Any]] = []
         self.best_fitness, self.best_epoch, self.improved = -1.0, -1, False
         self.config = config_to_dict(cfg)
-        self.train_args = {"task": "detect", "mode": "train", "model": cfg.student, "data": cfg.data,
-                           "imgsz": cfg.imgsz, "epochs": cfg.epochs, "batch": cfg.batch, "seed": cfg.seed}
+        self.train_args = {
+            "task": "detect",
+            "mode": "train",
+            "model": cfg.student,
+            "data": cfg.data,
+            "imgsz": cfg.imgsz,
+            "epochs": cfg.epochs,
+            "batch": cfg.batch,
+            "seed": cfg.seed,
+        }
         self.started = time.time()
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
 
-    def start(self, pairs: dict[str, list[Pair]], params: int, names: list[str], resumed_from: int) -> None:
-        info = {"run_dir": str(self.run_dir), "params": params, "names": names, "resumed_from": resumed_from,
-                "pairs": {k: [p.as_dict() for p in v] for k, v in pairs.items()}, "epochs": self.cfg.epochs}
+    def start(self, pairs: dict[str, list[Pair]], params: int, names: list[str], resumed_from: int, state: Any) -> None:
+        """``state`` (the live TrainState) is passed for API users and tests that inspect the models."""
+        info = {
+            "run_dir": str(self.run_dir),
+            "params": params,
+            "names": names,
+            "resumed_from": resumed_from,
+            "pairs": {k: [p.as_dict() for p in v] for k, v in pairs.items()},
+            "epochs": self.cfg.epochs,
+            "state": state,
+        }
         self.callback("start", info)
 
     def step(self, epoch: int, index: int, means: dict[str, float]) -> None:
         self.callback("step", {"epoch": epoch, "index": index, "means": means})
 
-    def epoch(self, epoch: int, means: dict[str, float], metrics: dict[str, float], lrs: list[float], state: Any) -> None:
-        row = {"epoch": epoch + 1, "time": round(time.time() - self.started, 2), **{k: round(v, 6) for k, v in means.items()}}
+    def epoch(
+        self, epoch: int, means: dict[str, float], metrics: dict[str, float], lrs: list[float], state: Any
+    ) -> None:
+        row = {
+            "epoch": epoch + 1,
+            "time": round(time.time() - self.started, 2),
+            **{k: round(v, 6) for k, v in means.items()},
+        }
         row.update({f"val/{k}": round(v, 5) for k, v in metrics.items()})
         row.update({f"lr/pg{i}": lr for i, lr in enumerate(lrs)})
         row.update({f"balance/{k}": round(v, 6) for k, v in state.balance.items()})
@@ -130,8 +154,14 @@ class RunLog:
 
     def metadata(self, epoch: int) -> dict[str, Any]:
         metrics = {k[4:]: v for k, v in (self.history[-1] if self.history else {}).items() if k.startswith("val/")}
-        return {"teacher": self.cfg.teacher, "recipe": self.cfg.recipe_name, "config": self.config,
-                "epoch": epoch + 1, "metrics": metrics, "best_fitness": self.best_fitness}
+        return {
+            "teacher": self.cfg.teacher,
+            "recipe": self.cfg.recipe_name,
+            "config": self.config,
+            "epoch": epoch + 1,
+            "metrics": metrics,
+            "best_fitness": self.best_fitness,
+        }
 
     def restore(self, history: list[dict[str, Any]], best_fitness: float, best_epoch: int) -> None:
         self.history, self.best_fitness, self.best_epoch = list(history), best_fitness, best_epoch
@@ -141,7 +171,17 @@ class RunLog:
         return {k[4:]: v for k, v in row.items() if k.startswith("val/")}
 
     def finish(self, seconds: float, skipped_steps: int) -> TrainResult:
-        result = TrainResult(self.run_dir, self.best, self.last, self.best_epoch + 1, self.metrics_of(self.best_epoch),
-                             self.metrics_of(len(self.history) - 1), len(self.history), skipped_steps, seconds, self.history)
+        result = TrainResult(
+            self.run_dir,
+            self.best,
+            self.last,
+            self.best_epoch + 1,
+            self.metrics_of(self.best_epoch),
+            self.metrics_of(len(self.history) - 1),
+            len(self.history),
+            skipped_steps,
+            seconds,
+            self.history,
+        )
         self.callback("end", {"result": result})
         return result

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ class DistillContext:
     def score_map(self, height: int, width: int) -> torch.Tensor:
         """Teacher confidence as a (B, 1, H, W) map; from the Detect level of that size, else resized from P3."""
         maps = self.teacher_conf.split([h * w for h, w in self.level_sizes], dim=1)
-        for (h, w), level in zip(self.level_sizes, maps):
+        for (h, w), level in zip(self.level_sizes, maps, strict=True):
             if (h, w) == (height, width):
                 return level.view(-1, 1, h, w)
         h, w = self.level_sizes[0]
@@ -130,6 +130,8 @@ def check_loss_spec(name: str, spec) -> None:  # spec: config.LossSpec
         listed = ", ".join(["weight", "schedule", "layers", "type", *valid]) or "none"
         raise DistillError(f"loss '{spec.type}' has no parameter '{unknown[0]}'; valid: {listed}")
     if spec.schedule.kind not in SCHEDULE_KINDS:
-        raise DistillError(f"term '{name}': schedule kind '{spec.schedule.kind}' unknown; valid: {', '.join(SCHEDULE_KINDS)}")
+        raise DistillError(
+            f"term '{name}': schedule kind '{spec.schedule.kind}' unknown; valid: {', '.join(SCHEDULE_KINDS)}"
+        )
     if LOSSES[spec.type].level == "output" and spec.layers is not None:
         raise DistillError(f"term '{name}': '{spec.type}' distils head outputs and takes no 'layers'")

@@ -18,7 +18,11 @@ from .models import load_model
 
 
 def export(
-    weights: str, format: str = "onnx", imgsz: int = 640, output: str | Path | None = None, image: str | None = None,
+    weights: str,
+    format: str = "onnx",
+    imgsz: int = 640,
+    output: str | Path | None = None,
+    image: str | None = None,
     trust_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Export ``weights`` to ``output`` (default: beside the weights); never overwrites an existing file.

@@ -6,9 +6,10 @@ import math
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 from .config import RunConfig, apply_overrides, config_from_dict, load_recipe
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
-from .engine import TrainState, nominal_accumulate, train_one_epoch, validate
+from .engine import TrainState, nominal_accumulate, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .models import class_names, count_params, load_model, save_student
 from .runlog import RunLog, TrainResult, capture_rng, new_run_dir, restore_rng
@@ -64,7 +65,9 @@ def amp_dtypes(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | None
     return (half if cfg.amp else None), half
 
 
-def build_optimizer(model: Distiller, cfg: RunConfig, nc: int, iterations: int) -> tuple[torch.optim.Optimizer, RunConfig]:
+def build_optimizer(
+    model: Distiller, cfg: RunConfig, nc: int, iterations: int
+) -> tuple[torch.optim.Optimizer, RunConfig]:
     """ultralytics' recipe: weight decay on conv/linear weights only; ``auto`` picks AdamW with a fitted LR for short
     runs and SGD for long ones. Adapters and generators are in the optimizer with the student."""
     if cfg.optimizer == "auto":
@@ -74,6 +77,8 @@ def build_optimizer(model: Distiller, cfg: RunConfig, nc: int, iterations: int) 
     decay, no_decay, biases = [], [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
             if name == "bias":
                 biases.append(param)
             elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
@@ -82,14 +87,17 @@ def build_optimizer(model: Distiller, cfg: RunConfig, nc: int, iterations: int) 
                 decay.append(param)
     weight_decay = cfg.weight_decay * cfg.batch * nominal_accumulate(cfg) / cfg.nbs
     if cfg.optimizer == "AdamW":
-        make = lambda params, wd: torch.optim.AdamW(params, lr=cfg.lr0, betas=(cfg.momentum, 0.999), weight_decay=wd)  # noqa: E731
+        optimizer_cls, options = torch.optim.AdamW, {"betas": (cfg.momentum, 0.999)}
     elif cfg.optimizer == "SGD":
-        make = lambda params, wd: torch.optim.SGD(params, lr=cfg.lr0, momentum=cfg.momentum, nesterov=True, weight_decay=wd)  # noqa: E731
+        optimizer_cls, options = torch.optim.SGD, {"momentum": cfg.momentum, "nesterov": True}
     else:
         raise DistillError(f"optimizer '{cfg.optimizer}' unknown; valid: auto, SGD, AdamW")
-    optimizer = make([{"params": biases, "param_group": "bias"}], 0.0)
-    optimizer.add_param_group({"params": decay, "weight_decay": weight_decay, "param_group": "weight"})
-    optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0, "param_group": "bn"})
+    groups = [
+        {"params": biases, "weight_decay": 0.0, "param_group": "bias"},
+        {"params": decay, "weight_decay": weight_decay, "param_group": "weight"},
+        {"params": no_decay, "weight_decay": 0.0, "param_group": "bn"},
+    ]
+    optimizer = optimizer_cls(groups, lr=cfg.lr0, **options)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", cfg.lr0)
     return optimizer, cfg
@@ -101,9 +109,13 @@ def load_models(cfg: RunConfig, data: dict) -> tuple[nn.Module | None, nn.Module
     teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if cfg.recipe.losses else None
     student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
     if student.model[-1].nc != len(names):
-        raise DistillError(f"student has {student.model[-1].nc} classes but the data has {len(names)}; "
-                           f"start from a yaml (e.g. yolov8n.yaml) or a checkpoint trained on these classes")
+        raise DistillError(
+            f"student has {student.model[-1].nc} classes but the data has {len(names)}; "
+            f"start from a yaml (e.g. yolov8n.yaml) or a checkpoint trained on these classes"
+        )
     student.names = dict(enumerate(names.values() if isinstance(names, dict) else names))
+    for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
+        param.requires_grad_(".dfl" not in name)
     if teacher is not None and str(cfg.teacher).endswith((".yaml", ".yml")):
         warnings.warn("the teacher is built from a yaml, so it is untrained; give its trained .pt", stacklevel=2)
     return teacher, student
@@ -144,8 +156,16 @@ def train(
     teacher_model, student = load_models(cfg, data)
     stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
     cfg = checked_imgsz(cfg, stride)
-    hyp = hyperparameters(imgsz=cfg.imgsz, batch=cfg.batch, close_mosaic=cfg.close_mosaic, cache=cfg.cache,
-                          fraction=cfg.fraction, workers=cfg.workers, seed=cfg.seed, deterministic=cfg.deterministic)
+    hyp = hyperparameters(
+        imgsz=cfg.imgsz,
+        batch=cfg.batch,
+        close_mosaic=cfg.close_mosaic,
+        cache=cfg.cache,
+        fraction=cfg.fraction,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        deterministic=cfg.deterministic,
+    )
     student.args = hyp
     terms, pairs = build_terms(student, teacher_model, cfg.recipe, cfg.imgsz) if teacher_model else ({}, {})
     run_dir = Path(checkpoint["run_dir"]) if checkpoint else new_run_dir(cfg.project, cfg.name)
@@ -158,12 +178,16 @@ def train(
     teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
     teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype) if teacher_model else None
     steps_per_epoch = len(train_loader)
-    optimizer, cfg = build_optimizer(distiller, cfg, len(data["names"]), cfg.epochs * steps_per_epoch)
-    state = TrainState(cfg, distiller, teacher, optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                       ema, device, amp_dtype, steps_per_epoch, accumulate=nominal_accumulate(cfg))
+    iterations = math.ceil(len(train_loader.dataset) / max(cfg.batch, cfg.nbs)) * cfg.epochs  # ultralytics' count
+    optimizer, cfg = build_optimizer(distiller, cfg, len(data["names"]), iterations)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    state = TrainState(
+        cfg, distiller, teacher, optimizer, scaler, ema, device, amp_dtype, steps_per_epoch, accumulate=1
+    )
+    state.accumulate = target_accumulate(state)
     log = RunLog(run_dir, cfg, callback)
     start_epoch = restore_state(state, checkpoint, log, train_loader) if checkpoint else 0
-    log.start(pairs, count_params(student), class_names(student), resumed_from=start_epoch)
+    log.start(pairs, count_params(student), class_names(student), start_epoch, state)
     return fit(state, log, train_loader, val_loader, hyp, start_epoch)
 
 
@@ -173,12 +197,18 @@ def fit(state: TrainState, log: RunLog, train_loader, val_loader, hyp, start_epo
     stop = _install_signal_handlers()
     try:
         if start_epoch == 0:
-            save_checkpoints(state, log, train_loader, epoch=-1, final=False)  # an interrupt in epoch 0 still leaves a last.pt
+            save_checkpoints(
+                state, log, train_loader, epoch=-1, final=False
+            )  # an interrupt in epoch 0 still leaves a last.pt
         for epoch in range(start_epoch, cfg.epochs):
-            if epoch == max(cfg.epochs - cfg.close_mosaic, 0) or (epoch == start_epoch and epoch > cfg.epochs - cfg.close_mosaic):
+            if epoch == max(cfg.epochs - cfg.close_mosaic, 0) or (
+                epoch == start_epoch and epoch > cfg.epochs - cfg.close_mosaic
+            ):
                 train_loader.dataset.close_mosaic(hyp)
                 train_loader.reset()
-            means = train_one_epoch(state, _watch(train_loader, stop), epoch, lambda i, m: log.step(epoch, i, m))
+            means = train_one_epoch(
+                state, _watch(train_loader, stop), epoch, lambda i, m, epoch=epoch: log.step(epoch, i, m)
+            )
             due = (epoch + 1) % cfg.val_interval == 0 or epoch == cfg.epochs - 1
             model = state.ema.ema if state.ema else state.distiller.student
             metrics = validate(model, val_loader, cfg, log.run_dir, state.device) if due else {}

@@ -1,0 +1,59 @@
+"""Shared fixtures: a generated dataset, tiny checkpoints, and the optional real data in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+BCCD_YAML = SHARED / "data" / "bccd" / "bccd.yaml"
+BCCD_TEACHER = SHARED / "models" / "bccd" / "yolov8s-bccd.pt"
+BCCD_STUDENT = SHARED / "models" / "bccd" / "yolov8n-bccd.pt"
+needs_shared = pytest.mark.skipif(not BCCD_TEACHER.is_file(), reason=f"real models not found at {SHARED}")
+
+TINY = {"imgsz": 64, "batch": 4, "workers": 0, "device": "cpu", "epochs": 1}
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from distill_cli.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_train=8, n_val=4, size=64)
+
+
+def save_model(path: Path, model: torch.nn.Module) -> Path:
+    from distill_cli.models import save_student
+
+    save_student(path, model, {"task": "detect"}, {"teacher": "", "recipe": "test"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained) YOLOv8s checkpoint with the synthetic dataset's classes."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli.data import SYNTHETIC_CLASSES
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8s.yaml", nc=3, verbose=False)
+    model.names = dict(enumerate(SYNTHETIC_CLASSES))
+    return save_model(tmp_path_factory.mktemp("models") / "teacher.pt", model)
+
+
+@pytest.fixture()
+def run_kwargs(tmp_path: Path, synthetic_data: Path, tiny_teacher: Path) -> dict:
+    return {
+        **TINY,
+        "teacher": str(tiny_teacher),
+        "student": "yolov8n.yaml",
+        "data": str(synthetic_data),
+        "project": str(tmp_path / "runs"),
+        "name": "exp",
+    }

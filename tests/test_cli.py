@@ -1,0 +1,160 @@
+"""The command line: help for every command, one-line errors with stable exit codes, JSON output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distill_cli.cli import app
+from distill_cli.errors import EXIT_USAGE
+
+runner = CliRunner()
+COMMANDS = ["probe-channels", "train", "eval", "export", "demo", "recipes"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def assert_one_line_error(result, pattern: str, code: int = EXIT_USAGE) -> None:
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_missing_teacher_file(run_kwargs: dict) -> None:
+    args = [
+        "train",
+        "--teacher",
+        "nope.pt",
+        "--student",
+        "yolov8n.yaml",
+        "--data",
+        run_kwargs["data"],
+        "--project",
+        run_kwargs["project"],
+    ]
+    assert_one_line_error(runner.invoke(app, args), "teacher 'nope.pt' not found")
+    assert not Path(run_kwargs["project"]).exists()
+
+
+def test_missing_data_yaml(run_kwargs: dict) -> None:
+    args = ["train", "--teacher", run_kwargs["teacher"], "--student", "yolov8n.yaml", "--data", "missing.yaml"]
+    assert_one_line_error(runner.invoke(app, args), "data yaml 'missing.yaml' not found")
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path: Path, run_kwargs: dict) -> None:
+    for name, payload in (("text.pt", b"hello"), ("random.pt", bytes(range(256)) * 10)):
+        bad = tmp_path / name
+        bad.write_bytes(payload)
+        args = ["probe-channels", "--teacher", str(bad), "--student", "yolov8n.yaml"]
+        assert_one_line_error(runner.invoke(app, args), "is not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(Path(run_kwargs["teacher"]).read_bytes()[:5000])
+    args = ["probe-channels", "--teacher", str(truncated), "--student", "yolov8n.yaml"]
+    assert_one_line_error(runner.invoke(app, args), "truncated.pt")
+
+
+def test_non_detection_checkpoint(tmp_path: Path) -> None:
+    from ultralytics.nn.tasks import ClassificationModel
+
+    path = tmp_path / "cls.pt"
+    torch.save({"model": ClassificationModel("yolov8n-cls.yaml", nc=3, verbose=False)}, path)
+    result = runner.invoke(app, ["probe-channels", "--teacher", str(path), "--student", "yolov8n.yaml"])
+    assert_one_line_error(result, "is a classify model; yolodistill distils detection models")
+
+
+def test_class_mismatch_for_output_distillation(tmp_path: Path, run_kwargs: dict) -> None:
+    from ultralytics.nn.tasks import DetectionModel
+
+    from .conftest import save_model
+
+    other = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
+    other.names = {0: "cat", 1: "dog"}
+    teacher = save_model(tmp_path / "other.pt", other)
+    args = [
+        "train",
+        "--teacher",
+        str(teacher),
+        "--student",
+        "yolov8n.yaml",
+        "--data",
+        run_kwargs["data"],
+        "--recipe",
+        "logits",
+        "--imgsz",
+        "64",
+        "--device",
+        "cpu",
+        "--project",
+        run_kwargs["project"],
+    ]
+    assert_one_line_error(runner.invoke(app, args), "needs the same class list")
+    assert not Path(run_kwargs["project"]).exists()
+
+
+def test_unknown_recipe_and_cuda_without_gpu(run_kwargs: dict) -> None:
+    base = ["train", "--teacher", run_kwargs["teacher"], "--student", "yolov8n.yaml", "--data", run_kwargs["data"]]
+    assert_one_line_error(runner.invoke(app, [*base, "--recipe", "bogus"]), "valid recipes: at, cwd")
+    assert_one_line_error(runner.invoke(app, [*base, "--set", "losses.cwd.temp=2"]), "has no parameter 'temp'")
+    if not torch.cuda.is_available():
+        assert_one_line_error(runner.invoke(app, [*base, "--device", "cuda"]), "no such CUDA device")
+
+
+def test_probe_channels_json() -> None:
+    result = runner.invoke(
+        app, ["probe-channels", "--teacher", "yolov8s.yaml", "--student", "yolov8n.yaml", "--imgsz", "128", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [p["adapter"] for p in report["pairs"]["default"]][0] == "64 -> 128, 1x1 conv"
+
+
+def test_recipes_json_lists_descriptions() -> None:
+    result = runner.invoke(app, ["recipes", "--json"])
+    rows = json.loads(result.stdout)
+    assert {"name": "none", "terms": "-"}.items() <= next(r for r in rows if r["name"] == "none").items()
+
+
+def test_console_script_train_json_end_to_end(run_kwargs: dict) -> None:
+    """The installed ``yolodistill`` entry point, as a shell script would call it."""
+    exe = Path(sys.executable).with_name("yolodistill")
+    cmd = [
+        str(exe),
+        "train",
+        "--teacher",
+        run_kwargs["teacher"],
+        "--student",
+        "yolov8n.yaml",
+        "--data",
+        run_kwargs["data"],
+        "--recipe",
+        "cwd",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--imgsz",
+        "64",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--project",
+        run_kwargs["project"],
+        "--json",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout[done.stdout.index("{") :])
+    assert Path(report["best"]).is_file() and report["epochs_done"] == 1

@@ -1,0 +1,95 @@
+"""eval equals ultralytics' own val; export writes ONNX that matches PyTorch; the demo runs end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+from ultralytics import YOLO
+
+from distill_cli.cli import app
+from distill_cli.demo import run_demo
+from distill_cli.errors import DistillError
+from distill_cli.evaluation import evaluate
+from distill_cli.exporter import export
+from distill_cli.training import train
+
+from .conftest import BCCD_STUDENT, BCCD_YAML, needs_shared
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_data: Path, tiny_teacher: Path) -> Path:
+    project = tmp_path_factory.mktemp("trained")
+    result = train(
+        recipe="cwd",
+        teacher=str(tiny_teacher),
+        student="yolov8n.yaml",
+        data=str(synthetic_data),
+        imgsz=64,
+        batch=4,
+        epochs=2,
+        workers=0,
+        device="cpu",
+        project=str(project),
+    )
+    return result.best
+
+
+def test_eval_numbers_equal_ultralytics_val(trained: Path, tiny_teacher: Path, synthetic_data: Path) -> None:
+    rows = evaluate([str(trained), str(tiny_teacher)], str(synthetic_data), imgsz=64, batch=4, device="cpu")
+    reference = YOLO(str(trained)).val(data=str(synthetic_data), imgsz=64, batch=4, device="cpu", plots=False)
+    assert rows[0]["mAP50-95"] == pytest.approx(reference.box.map, abs=1e-9)
+    assert rows[0]["mAP50"] == pytest.approx(reference.box.map50, abs=1e-9)
+    assert rows[0]["params"] < rows[1]["params"] and rows[0]["gflops"] < rows[1]["gflops"]
+
+
+@needs_shared
+def test_eval_on_real_data_equals_ultralytics() -> None:
+    row = evaluate([str(BCCD_STUDENT)], str(BCCD_YAML), imgsz=256, batch=16, device="cpu")[0]
+    reference = YOLO(str(BCCD_STUDENT)).val(data=str(BCCD_YAML), imgsz=256, batch=16, device="cpu", plots=False)
+    assert row["mAP50-95"] == pytest.approx(reference.box.map, abs=1e-9)
+    assert row["mAP50-95"] > 0.3
+
+
+def test_export_onnx_matches_pytorch_and_never_overwrites(trained: Path, tmp_path: Path) -> None:
+    target = tmp_path / "student.onnx"
+    result = export(str(trained), "onnx", imgsz=64, output=str(target))
+    assert target.is_file() and result["max_abs_diff"] < 1e-3
+    with pytest.raises(DistillError, match="already exists"):
+        export(str(trained), "onnx", imgsz=64, output=str(target))
+
+
+def test_eval_json_from_the_cli(trained: Path, synthetic_data: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--weights",
+            str(trained),
+            "--data",
+            str(synthetic_data),
+            "--imgsz",
+            "64",
+            "--batch",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout[result.stdout.index("[") :])
+    assert set(rows[0]) >= {"model", "params", "gflops", "mAP50-95", "mAP50", "ms_per_img"}
+
+
+def test_demo_end_to_end_small(tmp_path: Path) -> None:
+    report = run_demo(tmp_path / "demo", epochs=1, n_train=8, n_val=4, imgsz=64)
+    assert [row["model"].split(":")[0] for row in report["table"]] == [
+        "teacher",
+        "student (plain)",
+        "student (distilled)",
+    ]
+    for row in report["table"]:
+        assert Path(row["model"].split(": ")[1]).is_file()

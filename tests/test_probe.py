@@ -1,0 +1,53 @@
+"""probe-channels: layers, strides and the default pairing, for yaml models, across families, and real checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+
+from distill_cli.errors import DistillError
+from distill_cli.probe import probe_channels
+
+from .conftest import BCCD_STUDENT, BCCD_TEACHER, needs_shared
+
+
+def pairs_of(report: dict, name: str = "default") -> list[tuple[int, int, int, str]]:
+    return [(p["student_channels"], p["teacher_channels"], p["stride"], p["adapter"]) for p in report["pairs"][name]]
+
+
+def test_yolov8n_student_yolov8s_teacher_default_pairing() -> None:
+    report = probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=256)
+    assert pairs_of(report) == [
+        (64, 128, 8, "64 -> 128, 1x1 conv"),
+        (128, 256, 16, "128 -> 256, 1x1 conv"),
+        (256, 512, 32, "256 -> 512, 1x1 conv"),
+    ]
+    layer15 = next(i for i in report["student"]["layers"] if i["index"] == 15)
+    assert (layer15["module"], layer15["channels"], layer15["height"], layer15["stride"]) == ("C2f", 64, 32, 8)
+
+
+def test_across_families_v8s_teacher_yolo11n_student() -> None:
+    report = probe_channels("yolov8s.yaml", "yolo11n.yaml", imgsz=128)
+    assert [(p["student"], p["teacher"]) for p in report["pairs"]["default"]] == [(16, 15), (19, 18), (22, 21)]
+    assert [p[2] for p in pairs_of(report)] == [8, 16, 32]
+
+
+def test_layer_groups_and_index_lists_pair_by_stride() -> None:
+    neck = probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=128, layers="neck")
+    assert all(p["stride"] in (8, 16, 32) for p in neck["pairs"]["default"]) and len(neck["pairs"]["default"]) == 12
+    chosen = probe_channels("yolov8s.yaml", "yolo11n.yaml", imgsz=128, layers=[4, 6])
+    for pair in chosen["pairs"]["default"]:
+        teacher = next(i for i in chosen["teacher"]["layers"] if i["index"] == pair["teacher"])
+        assert teacher["stride"] == pair["stride"]
+    with pytest.raises(DistillError, match="layer 99 has no feature map"):
+        probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=128, layers=[99])
+
+
+def test_recipe_pairings_are_shown_per_feature_term() -> None:
+    report = probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=128, recipe="cwd+logits")
+    assert list(report["pairs"]) == ["cwd"]  # output terms need no pairing
+
+
+@needs_shared
+def test_real_bccd_checkpoints() -> None:
+    report = probe_channels(str(BCCD_TEACHER), str(BCCD_STUDENT), imgsz=512)
+    assert [p[:3] for p in pairs_of(report)] == [(64, 128, 8), (128, 256, 16), (256, 512, 32)]

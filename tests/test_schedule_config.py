@@ -1,0 +1,107 @@
+"""Schedules equal their formulas; the config schema rejects unknown keys and applies --set overrides."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from distill_cli.config import (
+    RunConfig,
+    Schedule,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    describe_recipes,
+    list_recipes,
+    load_recipe,
+    parse_overrides,
+)
+from distill_cli.errors import DistillError
+from distill_cli.schedule import lr_factor, weight_factor
+
+EPOCHS, SPE = 10, 5  # 50 steps
+
+
+def test_constant_schedule_and_stop_epoch() -> None:
+    schedule = Schedule(stop_epoch=-2)  # no distillation in the last 2 epochs
+    assert weight_factor(schedule, 0, EPOCHS, SPE) == 1.0
+    assert weight_factor(schedule, 39, EPOCHS, SPE) == 1.0
+    assert weight_factor(schedule, 40, EPOCHS, SPE) == 0.0
+    assert weight_factor(Schedule(stop_epoch=3), 15, EPOCHS, SPE) == 0.0
+
+
+def test_linear_and_cosine_decay_to_final() -> None:
+    linear = Schedule(kind="linear", final=0.2)
+    assert weight_factor(linear, 25, EPOCHS, SPE) == pytest.approx(1 - 0.8 * 25 / 50)
+    cosine = Schedule(kind="cosine", final=0.0)
+    for step in (0, 10, 25, 49):
+        assert weight_factor(cosine, step, EPOCHS, SPE) == pytest.approx(0.5 * (1 + math.cos(math.pi * step / 50)))
+
+
+def test_warmup_ramp_then_decay_over_the_rest() -> None:
+    schedule = Schedule(kind="linear", final=0.0, warmup_epochs=2, stop_epoch=8)
+    assert weight_factor(schedule, 5, EPOCHS, SPE) == pytest.approx(0.5)  # half-way up the 10-step ramp
+    # after warm-up, decay spans steps 10..40: at 25 half-way down
+    assert weight_factor(schedule, 25, EPOCHS, SPE) == pytest.approx(0.5)
+    assert weight_factor(schedule, 40, EPOCHS, SPE) == 0.0
+
+
+def test_schedule_counts_global_steps_not_epoch_steps() -> None:
+    schedule = Schedule(kind="linear", final=0.0)
+    values = [weight_factor(schedule, epoch * SPE, EPOCHS, SPE) for epoch in range(EPOCHS)]
+    assert values == sorted(values, reverse=True) and len(set(values)) == EPOCHS
+
+
+def test_lr_factor_linear_and_cosine() -> None:
+    cfg = RunConfig(epochs=10, lrf=0.01)
+    assert lr_factor(cfg, 0) == 1.0 and lr_factor(cfg, 10) == pytest.approx(0.01)
+    cos = RunConfig(epochs=10, lrf=0.01, cos_lr=True)
+    assert lr_factor(cos, 5) == pytest.approx(0.505)
+
+
+def test_every_shipped_recipe_loads_and_is_described() -> None:
+    names = list_recipes()
+    for required in ("mgd", "cwd", "pkd", "logits", "mgd+logits", "cwd+logits", "sl2", "at", "default", "none"):
+        assert required in names
+    rows = describe_recipes()
+    assert all(row["description"] for row in rows)
+
+
+def test_unknown_keys_are_errors_naming_valid_keys() -> None:
+    with pytest.raises(DistillError, match="unknown key 'epoch'.*epochs"):
+        config_from_dict({"epoch": 3})
+    with pytest.raises(DistillError, match="unknown key 'losses.cwd.schedule.decay'"):
+        config_from_dict({"recipe": {"losses": {"cwd": {"schedule": {"decay": 1}}}}})
+    with pytest.raises(DistillError, match="must be a number"):
+        config_from_dict({"lr0": "fast"})
+
+
+def test_set_overrides_reach_run_recipe_and_method_fields() -> None:
+    cfg = RunConfig(recipe=load_recipe("cwd+logits"))
+    sets = parse_overrides(
+        [
+            "epochs=3",
+            "losses.cwd.weight=2.5",
+            "losses.cwd.tau=4",
+            "losses.cwd.schedule.kind=cosine",
+            "layers=[15,18]",
+            "losses.pkd.weight=0.5",
+        ]
+    )
+    out = apply_overrides(cfg, sets)
+    assert out.epochs == 3
+    assert out.recipe.losses["cwd"].weight == 2.5 and out.recipe.losses["cwd"].params["tau"] == 4
+    assert out.recipe.losses["cwd"].schedule.kind == "cosine"
+    assert out.recipe.layers == [15, 18]
+    assert out.recipe.losses["pkd"].weight == 0.5  # --set can add a term
+    assert cfg.epochs == 100  # the original is untouched
+    with pytest.raises(DistillError, match="unknown key 'bogus'"):
+        apply_overrides(cfg, {"bogus": 1})
+    with pytest.raises(DistillError, match="key=value"):
+        parse_overrides(["epochs"])
+
+
+def test_config_round_trips_through_plain_data() -> None:
+    cfg = apply_overrides(RunConfig(recipe=load_recipe("mgd+logits")), {"losses.mgd.alpha": 1e-5})
+    assert config_from_dict(config_to_dict(cfg)) == cfg

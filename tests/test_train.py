@@ -1,0 +1,106 @@
+"""End-to-end training on generated data: every recipe runs, writes a student-only checkpoint ultralytics loads,
+adapters train, the teacher never changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from ultralytics import YOLO
+
+from distill_cli.config import list_recipes
+from distill_cli.errors import DistillError
+from distill_cli.training import train
+
+
+class Recorder:
+    """train() callback that snapshots the live models at start."""
+
+    def __init__(self) -> None:
+        self.state = None
+        self.events: list[str] = []
+
+    def __call__(self, event: str, info: dict) -> None:
+        self.events.append(event)
+        if event == "start":
+            self.state = info["state"]
+            self.student0 = clone(self.state.distiller.student.state_dict())
+            self.adapters0 = clone(self.state.distiller.terms.state_dict())
+            self.teacher0 = clone(self.state.teacher.model.state_dict()) if self.state.teacher else {}
+
+
+def clone(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_one_epoch_per_recipe_writes_a_loadable_student(recipe: str, run_kwargs: dict) -> None:
+    recorder = Recorder()
+    result = train(recipe=recipe, callback=recorder, **run_kwargs)
+    assert recorder.events[0] == "start" and recorder.events[-1] == "end"
+    student = recorder.state.distiller.student
+    ckpt = torch.load(result.best, map_location="cpu", weights_only=False)
+    assert set(ckpt) == {"date", "version", "model", "train_args", "distill"}  # no teacher, no adapters
+    assert sum(p.numel() for p in ckpt["model"].parameters()) == sum(p.numel() for p in student.parameters())
+    model = YOLO(str(result.best))
+    assert model.names == {0: "circle", 1: "square", 2: "triangle"}
+    final = result.last
+    trained = torch.load(final, map_location="cpu", weights_only=False)["model"].float().state_dict()
+    assert "resume" not in torch.load(final, map_location="cpu", weights_only=False)  # finished: student only
+    changed = [
+        k
+        for k, v in trained.items()
+        if v.is_floating_point() and not torch.equal(v, recorder.student0[k].float().half().float())
+    ]
+    assert changed, "training did not change the student"
+    if recorder.state.teacher is not None:
+        for k, v in recorder.state.teacher.model.state_dict().items():
+            assert torch.equal(v, recorder.teacher0[k]), f"teacher tensor {k} changed"
+        params = dict(recorder.state.distiller.terms.named_parameters())
+        if params:
+            assert any(not torch.equal(p, recorder.adapters0[k]) for k, p in params.items()), "adapters did not train"
+            assert all(p.requires_grad for p in params.values())
+        opt_params = {id(p) for g in recorder.state.optimizer.param_groups for p in g["params"]}
+        assert all(id(p) in opt_params for p in params.values()), "an adapter is missing from the optimizer"
+        assert not any(id(p) in opt_params for p in recorder.state.teacher.model.parameters())
+
+
+def test_run_dir_files_and_no_overwrite(run_kwargs: dict) -> None:
+    first = train(recipe="cwd", **run_kwargs)
+    second = train(recipe="cwd", **run_kwargs)
+    assert first.run_dir.name == "exp" and second.run_dir.name == "exp2"
+    for name in ("config.yaml", "results.csv", "weights/best.pt", "weights/last.pt"):
+        assert (first.run_dir / name).is_file()
+    header = (first.run_dir / "results.csv").read_text().splitlines()[0].split(",")
+    for column in ("epoch", "box_loss", "cls_loss", "dfl_loss", "cwd_raw", "cwd_w", "val/mAP50-95", "val/mAP50"):
+        assert column in header
+    meta = torch.load(first.best, map_location="cpu", weights_only=False)["distill"]
+    assert meta["teacher"] == run_kwargs["teacher"] and meta["recipe"] == "cwd" and meta["yolodistill_version"]
+    assert meta["config"]["recipe"]["losses"]["cwd"]["tau"] == 1.0
+
+
+def test_ultralytics_can_validate_predict_and_export_the_student(run_kwargs: dict, synthetic_data: Path) -> None:
+    result = train(recipe="logits", **run_kwargs)
+    model = YOLO(str(result.best))
+    metrics = model.val(data=str(synthetic_data), imgsz=64, batch=4, device="cpu", plots=False)
+    assert 0.0 <= metrics.box.map <= 1.0
+    images = sorted((synthetic_data.parent / "images" / "val").glob("*.png"))
+    assert len(model.predict(str(images[0]), imgsz=64, device="cpu", verbose=False)) == 1
+    onnx_file = Path(model.export(format="onnx", imgsz=64, device="cpu"))
+    assert onnx_file.is_file() and onnx_file.stat().st_size > 1_000_000
+
+
+def test_class_mismatch_stops_output_distillation_before_anything_is_written(run_kwargs: dict, tmp_path: Path) -> None:
+    from ultralytics.nn.tasks import DetectionModel
+
+    from .conftest import save_model
+
+    other = DetectionModel("yolov8s.yaml", nc=2, verbose=False)
+    other.names = {0: "cat", 1: "dog"}
+    run_kwargs["teacher"] = str(save_model(tmp_path / "other.pt", other))
+    with pytest.raises(DistillError, match="output distillation .*cls_kd.* needs the same class list"):
+        train(recipe="logits", **run_kwargs)
+    assert not (Path(run_kwargs["project"]) / "exp").exists()
+    with pytest.warns(UserWarning, match="distilling features only"):
+        train(recipe="cwd", **run_kwargs)
