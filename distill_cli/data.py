@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,19 @@ def build_loader(
     rank: int = -1,
 ) -> torch.utils.data.DataLoader:
     """ultralytics' YOLODataset + InfiniteDataLoader: mosaic etc. when ``train``, rectangular batches otherwise."""
-    dataset = build_yolo_dataset(
-        hyp, data[split], batch, data, mode="train" if train else "val", rect=not train, stride=stride
-    )
+    try:
+        dataset = build_yolo_dataset(
+            hyp, data[split], batch, data, mode="train" if train else "val", rect=not train, stride=stride
+        )
+    except (FileNotFoundError, RuntimeError, AssertionError) as e:  # ultralytics' words for "no usable images"
+        raise DistillError(f"split '{split}': {str(e).strip().splitlines()[0]}") from e
+    total = len(dataset.get_img_files(dataset.img_path))
+    if len(dataset.labels) < total:  # ultralytics drops corrupt images and labels; say how many
+        warnings.warn(
+            f"{total - len(dataset.labels)} of {total} {split} images skipped (unreadable image, class id outside "
+            f"the {len(data['names'])} names, or coordinates outside 0-1)",
+            stacklevel=2,
+        )
     if len(dataset) == 0:
         raise DistillError(f"split '{split}' has no usable images")
     return build_dataloader(

@@ -36,7 +36,7 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
         raise DistillError(f"{role} '{spec}' not found; give a .pt checkpoint or a model yaml such as yolov8n.yaml")
     if path.suffix != ".pt":
         raise DistillError(f"{role} '{spec}' is not a .pt checkpoint or a .yaml model definition")
-    ckpt = _read_checkpoint(path, role, trust)
+    ckpt = read_checkpoint(path, role, trust)
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(model, nn.Module):
         raise DistillError(f"{role} '{spec}' holds no model; is it an ultralytics checkpoint?")
@@ -49,7 +49,7 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
     return model
 
 
-def _read_checkpoint(path: Path, role: str, trust: bool) -> Any:
+def read_checkpoint(path: Path, role: str, trust: bool) -> Any:
     if trust:
         warnings.warn(
             f"loading {role} '{path}' with a full unpickle (--trust-checkpoint): it can run code", stacklevel=3

@@ -20,7 +20,7 @@ from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
 from .engine import TrainState, nominal_accumulate, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
-from .models import class_names, count_params, load_model, save_student
+from .models import class_names, count_params, load_model, read_checkpoint, save_student
 from .runlog import RunLog, TrainResult, capture_rng, new_run_dir, restore_rng
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -152,6 +152,9 @@ def train(
         raise DistillError("--batch and --epochs must be at least 1")
     device = select_device(cfg.device)
     init_seeds(cfg.seed, deterministic=cfg.deterministic)
+    # oneDNN's CPU convolutions are not bitwise reproducible across processes (buffer alignment picks kernels):
+    # deterministic runs use PyTorch's own kernels, so that a resumed run equals an uninterrupted one bit for bit.
+    torch.backends.mkldnn.enabled = not (cfg.deterministic and device.type == "cpu")
     data = load_data(cfg.data, cfg.val_split)
     teacher_model, student = load_models(cfg, data)
     stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
@@ -262,7 +265,7 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     last = path / "weights" / "last.pt" if path.is_dir() else path
     if not last.is_file():
         raise DistillError(f"--resume {path}: no last.pt there; give a run dir or its weights/last.pt")
-    ckpt = torch.load(last, map_location="cpu", weights_only=True)  # our own file: plain data and known classes
+    ckpt = read_checkpoint(last, "checkpoint to resume", trust=False)
     resume = ckpt.get("resume")
     if not resume:
         raise DistillError(f"--resume {path}: that run finished (its last.pt holds no resume state)")

@@ -1,0 +1,246 @@
+"""Interruption and exact resume, non-finite steps, atomic writes, untrusted checkpoints, bad data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DistillError
+from distill_cli.models import load_model, save_student
+from distill_cli.training import train
+
+DETERMINISTIC = {"deterministic": True, "seed": 3, "ema": True}
+
+
+def interrupt_after_epoch(epoch: int):
+    def callback(event: str, info: dict) -> None:
+        if event == "epoch" and info["epoch"] == epoch:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag; the loop stops at the next step
+
+    return callback
+
+
+def final_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"].state_dict()
+
+
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_run(run_kwargs: dict) -> None:
+    kwargs = {**run_kwargs, **DETERMINISTIC, "epochs": 3, "close_mosaic": 1}
+    straight = train(recipe="mgd+logits", **{**kwargs, "name": "straight"})
+    with pytest.raises(DistillError) as stopped:
+        train(recipe="mgd+logits", callback=interrupt_after_epoch(1), **{**kwargs, "name": "cut"})
+    assert stopped.value.exit_code == EXIT_INTERRUPTED and "--resume" in stopped.value.message
+    cut_dir = Path(kwargs["project"]) / "cut"
+    assert "resume" in torch.load(cut_dir / "weights" / "last.pt", weights_only=False)
+    resumed = train(resume=cut_dir)
+    assert resumed.run_dir == cut_dir and resumed.epochs_done == 3
+    a, b = final_weights(straight.last), final_weights(resumed.last)
+    mismatched = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not mismatched, f"{len(mismatched)} tensors differ, e.g. {mismatched[:3]}"
+    rows = (cut_dir / "results.csv").read_text().splitlines()
+    assert len(rows) == 4  # header + 3 epochs, none lost or repeated
+
+
+def test_resume_of_a_finished_run_is_refused(run_kwargs: dict) -> None:
+    result = train(recipe="cwd", **run_kwargs)
+    with pytest.raises(DistillError, match="that run finished"):
+        train(resume=result.run_dir)
+
+
+def test_sigterm_in_a_real_process_leaves_a_resumable_last_pt(run_kwargs: dict, tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("yolodistill")
+    cmd = [
+        str(exe),
+        "train",
+        "--teacher",
+        run_kwargs["teacher"],
+        "--student",
+        "yolov8n.yaml",
+        "--data",
+        run_kwargs["data"],
+        "--recipe",
+        "cwd",
+        "--epochs",
+        "50",
+        "--batch",
+        "2",
+        "--imgsz",
+        "64",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--project",
+        str(tmp_path / "runs"),
+        "--name",
+        "sig",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "runs" / "sig" / "weights" / "last.pt"
+    deadline = time.time() + 120
+    while not (tmp_path / "runs" / "sig" / "results.csv").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
+    assert "yolodistill train --resume" in err and "Traceback" not in err
+    assert "resume" in torch.load(last, map_location="cpu", weights_only=False)
+
+
+def test_nan_in_a_teacher_feature_skips_steps_then_stops(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distill_cli import distiller
+
+    original = distiller.Teacher.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, images):
+        out = original(self, images)
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first two steps are fine, then every teacher feature is NaN
+            out.feats = {k: torch.full_like(v, float("nan")) for k, v in out.feats.items()}
+        return out
+
+    monkeypatch.setattr(distiller.Teacher, "__call__", poisoned)
+    kwargs = {**run_kwargs, "epochs": 3, "batch": 2, "max_bad_steps": 3}
+    with pytest.warns(UserWarning, match="non-finite cwd_raw"), pytest.raises(DistillError) as stopped:
+        train(recipe="cwd", **kwargs)
+    assert stopped.value.exit_code == EXIT_RUNTIME and "3 consecutive non-finite steps" in stopped.value.message
+    last = Path(kwargs["project"]) / "exp" / "weights" / "last.pt"
+    model = torch.load(last, map_location="cpu", weights_only=False)["model"]
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "the kept checkpoint holds NaN weights"
+
+
+def test_a_single_bad_step_is_skipped_and_counted(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distill_cli import distiller
+
+    original = distiller.Teacher.__call__
+    calls = {"n": 0}
+
+    def once(self, images):
+        out = original(self, images)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out.feats = {k: torch.full_like(v, float("inf")) for k, v in out.feats.items()}
+        return out
+
+    monkeypatch.setattr(distiller.Teacher, "__call__", once)
+    with pytest.warns(UserWarning, match="step skipped"):
+        result = train(recipe="cwd", **{**run_kwargs, "batch": 2})
+    assert result.skipped_steps == 1 and result.history[-1]["skipped_steps"] == 1
+
+
+def test_crafted_checkpoint_cannot_run_code(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(), "train_args": {}}, evil)
+    with pytest.raises(DistillError, match="--trust-checkpoint"):
+        load_model(evil, "teacher")
+    assert not marker.exists()
+
+
+def test_real_and_own_checkpoints_load_without_trust(tiny_teacher: Path) -> None:
+    from .conftest import BCCD_STUDENT, BCCD_TEACHER
+
+    paths = [tiny_teacher] + [p for p in (BCCD_TEACHER, BCCD_STUDENT) if p.is_file()]
+    for path in paths:
+        assert load_model(path, "teacher").model[-1].nc >= 1
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load_model(tiny_teacher, "teacher")
+    target = tmp_path / "last.pt"
+    save_student(target, model, {}, {"n": 1})
+    before = target.read_bytes()
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(DistillError, match="No space left on device.*previous file is intact"):
+        save_student(target, model, {}, {"n": 2})
+    assert target.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+SAVER = """
+import sys, torch
+from distill_cli.models import save_student, load_model
+model = load_model(sys.argv[1], "m")
+n = 0
+while True:
+    n += 1
+    save_student(sys.argv[2], model, {}, {"n": n})
+    print(n, flush=True)
+"""
+
+
+def test_killing_a_process_while_it_saves_never_leaves_a_broken_file(tmp_path: Path, tiny_teacher: Path) -> None:
+    target = tmp_path / "ckpt.pt"
+    for delay in (0.9, 1.3, 1.7):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(tiny_teacher), str(target)], stdout=subprocess.PIPE, text=True
+        )
+        proc.stdout.readline()  # at least one complete save
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        assert load_model(target, "checkpoint").model[-1].nc == 3
+
+
+def test_unwritable_output_dir(run_kwargs: dict, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DistillError, match="cannot create the run directory"):
+        train(recipe="cwd", **{**run_kwargs, "project": str(blocker / "runs")})
+
+
+def test_data_problems_are_one_clear_error(run_kwargs: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(DistillError, match="is not valid YAML"):
+        train(recipe="cwd", **{**run_kwargs, "data": str(bad)})
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (tmp_path / "e.yaml").write_text(f"path: {empty}\ntrain: images\nval: images\nnames: [a]\n")
+    with pytest.raises(DistillError, match="missing or empty"):
+        train(recipe="cwd", **{**run_kwargs, "data": str(tmp_path / "e.yaml")})
+    (tmp_path / "n.yaml").write_text(f"path: {empty}\ntrain: images\nval: images\nnc: 2\nnames: [a]\n")
+    with pytest.raises(DistillError, match="nc=2 but 1 names"):
+        train(recipe="cwd", **{**run_kwargs, "data": str(tmp_path / "n.yaml")})
+
+
+def test_corrupt_labels_and_images_are_skipped_and_counted(run_kwargs: dict, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(Path(run_kwargs["data"]).parent, root)
+    (root / "data.yaml").write_text(
+        (root / "data.yaml").read_text().replace(str(Path(run_kwargs["data"]).parent), str(root))
+    )
+    for cache in root.glob("labels/*.cache"):
+        cache.unlink()
+    (root / "labels" / "train" / "0000.txt").write_text("7 0.5 0.5 0.2 0.2\n")  # class 7 of 3
+    (root / "labels" / "train" / "0001.txt").write_text("0 1.7 0.5 0.2 0.2\n")  # x outside the image
+    (root / "images" / "train" / "0002.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="3 of 8 train images skipped"):
+        result = train(recipe="cwd", **{**run_kwargs, "data": str(root / "data.yaml")})
+    assert result.best.is_file()
+
+
+def test_imgsz_not_a_multiple_of_the_stride_is_rounded_up(run_kwargs: dict) -> None:
+    with pytest.warns(UserWarning, match="imgsz 50 is not a multiple of the stride 32; using 64"):
+        result = train(recipe="cwd", **{**run_kwargs, "imgsz": 50})
+    assert torch.load(result.best, weights_only=False)["train_args"]["imgsz"] == 64
