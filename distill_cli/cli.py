@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -130,6 +131,10 @@ def train(
         "layers": parse_layers(layers),
     }
     overrides = {k: v for k, v in options.items() if v is not None} | parse_overrides(set_)
+    if device and "," in device and "WORLD_SIZE" not in os.environ:  # one process per GPU, via torchrun
+        from .dist import launch
+
+        raise typer.Exit(launch(without_option(sys.argv[1:], "--device"), device))
     if resume:
         if overrides:
             raise DistillError(f"--resume continues a run as it was configured; drop {', '.join(sorted(overrides))}")
@@ -217,6 +222,19 @@ def recipes(json_out: bool = JSON) -> None:
                 "recipes", ["name", "terms", "description"], [[r["name"], r["terms"], r["description"]] for r in rows]
             )
         )
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` minus ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
 
 
 def main() -> None:

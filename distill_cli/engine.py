@@ -14,6 +14,7 @@ from torch import nn
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils.torch_utils import ModelEMA
 
+from . import dist
 from .config import RunConfig
 from .distiller import Distiller, Teacher
 from .errors import EXIT_RUNTIME, DistillError
@@ -42,6 +43,7 @@ class TrainState:
     skipped_steps: int = 0
     balance: dict[str, float] = field(default_factory=dict)  # automatic per-term factors (1.0 until calibrated)
     balance_sums: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1
 
     @property
     def distiller(self) -> Distiller:
@@ -96,7 +98,8 @@ def train_one_epoch(
             teacher_out = state.teacher(batch["img"]) if active and state.teacher else None
             det_loss, det_items, terms = state.model(batch, teacher_out, active)
             distill = sum((weights[k] * terms[k] for k in active), torch.zeros((), device=state.device))
-            loss = (det_loss + distill) * batch["img"].shape[0]  # ultralytics scales its loss by the batch size
+            # ultralytics scales its loss by the batch size; x world size, as DDP averages the ranks' gradients
+            loss = (det_loss + distill) * batch["img"].shape[0] * state.world_size
 
         logs = {**{k: v.detach() for k, v in det_items.items()}, "det_loss": det_loss.detach()}
         logs.update({f"{k}_raw": v.detach() for k, v in terms.items()})
@@ -146,7 +149,7 @@ def autocast(state: TrainState) -> contextlib.AbstractContextManager:
 
 def step_is_finite(state: TrainState, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> bool:
     """Skip a step whose loss is NaN/inf, name the bad term, stop after ``max_bad_steps`` in a row."""
-    if torch.isfinite(loss):
+    if dist.all_agree(bool(torch.isfinite(loss)), state.device):  # ranks must skip together or DDP hangs
         state.bad_steps = 0
         return True
     bad = [k for k, v in logs.items() if not torch.isfinite(v).all()] or ["loss"]
@@ -206,13 +209,13 @@ def validate(model: nn.Module, loader, cfg: RunConfig, save_dir: Path, device: t
         "split": cfg.val_split,
         "device": "cpu" if device.type == "cpu" else str(device.index or 0),
         "plots": False,
-        "half": False,
         "verbose": False,
         "save_json": False,
     }
     validator = DetectionValidator(dataloader=loader, save_dir=save_dir, args=args)
     was_training = model.training
-    stats = validator(model=model)
+    with single_process_validation():
+        stats = validator(model=model)
     model.train(was_training)
     return {
         "mAP50-95": float(stats["metrics/mAP50-95(B)"]),
@@ -220,3 +223,21 @@ def validate(model: nn.Module, loader, cfg: RunConfig, save_dir: Path, device: t
         "precision": float(stats["metrics/precision(B)"]),
         "recall": float(stats["metrics/recall(B)"]),
     }
+
+
+@contextlib.contextmanager
+def single_process_validation():
+    """Under torchrun, ultralytics' validator sees RANK from the environment and gathers results from every rank;
+    ours validates on rank 0 alone while the others wait at a barrier, so it must act as a single process."""
+    from ultralytics.engine import validator as base_validator
+    from ultralytics.models.yolo.detect import val as detect_val
+
+    names = ("RANK", "LOCAL_RANK")  # LOCAL_RANK: its torch_distributed_zero_first would call barriers
+    saved = {(m, n): getattr(m, n) for m in (base_validator, detect_val) for n in names if hasattr(m, n)}
+    for module, name in saved:
+        setattr(module, name, -1)
+    try:
+        yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)

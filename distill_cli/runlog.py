@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import yaml
 
 from .config import RunConfig, config_to_dict
@@ -58,31 +55,6 @@ def new_run_dir(project: str | Path, name: str) -> Path:
 def fitness(metrics: dict[str, float]) -> float:
     """ultralytics' model-selection score: 0.1 mAP50 + 0.9 mAP50-95."""
     return 0.1 * metrics.get("mAP50", 0.0) + 0.9 * metrics.get("mAP50-95", 0.0)
-
-
-def capture_rng(loader: Any = None) -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    generator = getattr(loader, "generator", None)
-    if generator is not None:
-        state["loader"] = generator.get_state()
-    return state
-
-
-def restore_rng(state: dict[str, Any], loader: Any = None) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "loader" in state and getattr(loader, "generator", None) is not None:
-        loader.generator.set_state(state["loader"])
 
 
 class RunLog:

@@ -13,15 +13,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 
-from .config import RunConfig, apply_overrides, config_from_dict, load_recipe
+from . import dist
+from .checkpoint import load_resume, restore_state, save_checkpoints
+from .config import RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
 from .engine import TrainState, nominal_accumulate, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
-from .models import class_names, count_params, load_model, read_checkpoint, save_student
-from .runlog import RunLog, TrainResult, capture_rng, new_run_dir, restore_rng
+from .models import class_names, count_params, load_model
+from .runlog import RunLog, TrainResult, new_run_dir
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -139,19 +142,28 @@ def train(
     """Distil ``cfg.student`` from ``cfg.teacher`` on ``cfg.data``; return where the student went and its mAP.
 
     ``callback(event, info)`` receives ``start``, ``step`` (running means), ``epoch`` (the results row) and ``end``.
+    Under ``torchrun`` every rank calls this; rank 0 alone writes files, validates and calls back.
     """
-    checkpoint = None
-    if resume is not None:
-        cfg, checkpoint = load_resume(resume)
-    else:
-        cfg = resolve_config(cfg, recipe, **overrides)
+    cfg, checkpoint = load_resume(resume) if resume is not None else (resolve_config(cfg, recipe, **overrides), None)
     for key in ("teacher", "student", "data") if cfg.recipe.losses else ("student", "data"):
         if not getattr(cfg, key):
             raise DistillError(f"no {key} given; pass --{key}")
     if cfg.batch < 1 or cfg.epochs < 1:
         raise DistillError("--batch and --epochs must be at least 1")
-    device = select_device(cfg.device)
-    init_seeds(cfg.seed, deterministic=cfg.deterministic)
+    info = dist.from_environment()
+    if "," in cfg.device and not info.enabled:
+        raise DistillError(f"--device {cfg.device}: several devices need torchrun (see README, multi-GPU)")
+    device = dist.init(info, cfg.device) if info.enabled else select_device(cfg.device)
+    try:
+        state, log, loaders, hyp, start_epoch = prepare(cfg, checkpoint, callback, info, device)
+        return fit(state, log, *loaders, hyp, start_epoch)
+    finally:
+        dist.shutdown()
+
+
+def prepare(cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, info: dist.DistInfo, device):
+    """Data, models, adapters, optimizer, EMA and the run dir: everything the epoch loop needs."""
+    init_seeds(cfg.seed + info.rank, deterministic=cfg.deterministic)
     # oneDNN's CPU convolutions are not bitwise reproducible across processes (buffer alignment picks kernels):
     # deterministic runs use PyTorch's own kernels, so that a resumed run equals an uninterrupted one bit for bit.
     torch.backends.mkldnn.enabled = not (cfg.deterministic and device.type == "cpu")
@@ -159,9 +171,10 @@ def train(
     teacher_model, student = load_models(cfg, data)
     stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
     cfg = checked_imgsz(cfg, stride)
+    batch = dist.per_rank_batch(cfg.batch, info.world_size)
     hyp = hyperparameters(
         imgsz=cfg.imgsz,
-        batch=cfg.batch,
+        batch=batch,
         close_mosaic=cfg.close_mosaic,
         cache=cfg.cache,
         fraction=cfg.fraction,
@@ -171,155 +184,116 @@ def train(
     )
     student.args = hyp
     terms, pairs = build_terms(student, teacher_model, cfg.recipe, cfg.imgsz) if teacher_model else ({}, {})
-    run_dir = Path(checkpoint["run_dir"]) if checkpoint else new_run_dir(cfg.project, cfg.name)
-    train_loader = build_loader(data, "train", hyp, cfg.batch, cfg.workers, stride, train=True)
-    val_loader = build_loader(data, cfg.val_split, hyp, cfg.batch * 2, cfg.workers, stride, train=False)
+    run_dir = None
+    if info.is_main:
+        run_dir = Path(checkpoint["run_dir"]) if checkpoint else new_run_dir(cfg.project, cfg.name)
+    rank = info.rank if info.enabled else -1
+    train_loader = build_loader(data, "train", hyp, batch, cfg.workers, stride, train=True, rank=rank)
+    val_loader = None
+    if info.is_main:
+        val_loader = build_loader(data, cfg.val_split, hyp, batch * 2, cfg.workers, stride, train=False)
     student = student.to(device)
-    ema = ModelEMA(student) if cfg.ema else None  # before the Distiller hooks the student
+    ema = ModelEMA(student) if cfg.ema and info.is_main else None  # before the Distiller hooks the student
     distiller = Distiller(student, terms, pairs).to(device)
+    model = distiller
+    if info.enabled:  # adapters train inside the wrapped module, so their gradients are averaged too
+        model = DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=bool(terms)
+        )
     amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
     teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
     teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype) if teacher_model else None
-    steps_per_epoch = len(train_loader)
-    iterations = math.ceil(len(train_loader.dataset) / max(cfg.batch, cfg.nbs)) * cfg.epochs  # ultralytics' count
+    iterations = math.ceil(len(train_loader.dataset) * info.world_size / max(cfg.batch, cfg.nbs)) * cfg.epochs
     optimizer, cfg = build_optimizer(distiller, cfg, len(data["names"]), iterations)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = TrainState(
-        cfg, distiller, teacher, optimizer, scaler, ema, device, amp_dtype, steps_per_epoch, accumulate=1
+        cfg,
+        model,
+        teacher,
+        optimizer,
+        scaler,
+        ema,
+        device,
+        amp_dtype,
+        len(train_loader),
+        accumulate=1,
+        world_size=info.world_size,
     )
     state.accumulate = target_accumulate(state)
-    log = RunLog(run_dir, cfg, callback)
+    log = RunLog(run_dir, cfg, callback) if info.is_main else None
     start_epoch = restore_state(state, checkpoint, log, train_loader) if checkpoint else 0
-    log.start(pairs, count_params(student), class_names(student), start_epoch, state)
-    return fit(state, log, train_loader, val_loader, hyp, start_epoch)
+    if checkpoint and not info.is_main:  # rank 0's RNG was saved; the others draw their own streams again
+        init_seeds(cfg.seed + info.rank + 1000 * start_epoch, deterministic=cfg.deterministic)
+    if log:
+        log.start(pairs, count_params(student), class_names(student), start_epoch, state)
+    return state, log, (train_loader, val_loader), hyp, start_epoch
 
 
-def fit(state: TrainState, log: RunLog, train_loader, val_loader, hyp, start_epoch: int) -> TrainResult:
-    cfg = state.cfg
+def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, start_epoch: int) -> TrainResult | None:
+    """The epoch loop: train, validate and save on rank 0, stop cleanly on SIGINT/SIGTERM."""
+    cfg, device = state.cfg, state.device
     start = time.time()
-    stop = _install_signal_handlers()
-    try:
-        if start_epoch == 0:
-            save_checkpoints(
-                state, log, train_loader, epoch=-1, final=False
-            )  # an interrupt in epoch 0 still leaves a last.pt
-        for epoch in range(start_epoch, cfg.epochs):
-            if epoch == max(cfg.epochs - cfg.close_mosaic, 0) or (
-                epoch == start_epoch and epoch > cfg.epochs - cfg.close_mosaic
-            ):
-                train_loader.dataset.close_mosaic(hyp)
-                train_loader.reset()
-            means = train_one_epoch(
-                state, _watch(train_loader, stop), epoch, lambda i, m, epoch=epoch: log.step(epoch, i, m)
-            )
-            due = (epoch + 1) % cfg.val_interval == 0 or epoch == cfg.epochs - 1
-            model = state.ema.ema if state.ema else state.distiller.student
-            metrics = validate(model, val_loader, cfg, log.run_dir, state.device) if due else {}
-            log.epoch(epoch, means, metrics, [g["lr"] for g in state.optimizer.param_groups], state)
-            save_checkpoints(state, log, train_loader, epoch, final=epoch == cfg.epochs - 1)
-    except Interrupted:
-        raise DistillError(
-            f"interrupted; {log.last} holds the last completed epoch. Resume: yolodistill train --resume {log.run_dir}",
-            EXIT_INTERRUPTED,
-        ) from None
-    finally:
-        _restore_signal_handlers(stop)
-    return log.finish(time.time() - start, state.skipped_steps)
-
-
-def save_checkpoints(state: TrainState, log: RunLog, train_loader, epoch: int, final: bool) -> None:
-    """last.pt every epoch (with resume state until the run ends), best.pt when fitness improves."""
-    model = state.ema.ema if state.ema else state.distiller.student
-    meta = log.metadata(epoch)
-    resume = None if final else resume_state(state, epoch, log, train_loader)
-    save_student(log.last, model, log.train_args, meta, resume)
-    if log.improved or not log.best.exists():
-        save_student(log.best, model, log.train_args, meta)
-
-
-def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> dict[str, Any]:
-    return {
-        "epoch": epoch,
-        "step": state.step,
-        "last_opt_step": state.last_opt_step,
-        "accumulate": state.accumulate,
-        "student": state.distiller.student.state_dict(),
-        "terms": state.distiller.terms.state_dict(),
-        "ema": state.ema.ema.state_dict() if state.ema else None,
-        "ema_updates": state.ema.updates if state.ema else 0,
-        "optimizer": state.optimizer.state_dict(),
-        "scaler": state.scaler.state_dict(),
-        "balance": dict(state.balance),
-        "balance_sums": dict(state.balance_sums),
-        "skipped_steps": state.skipped_steps,
-        "run_dir": str(log.run_dir),
-        "history": log.history,
-        "best_fitness": log.best_fitness,
-        "best_epoch": log.best_epoch,
-        "rng": capture_rng(train_loader),
-    }
-
-
-def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
-    path = Path(path)
-    last = path / "weights" / "last.pt" if path.is_dir() else path
-    if not last.is_file():
-        raise DistillError(f"--resume {path}: no last.pt there; give a run dir or its weights/last.pt")
-    ckpt = read_checkpoint(last, "checkpoint to resume", trust=False)
-    resume = ckpt.get("resume")
-    if not resume:
-        raise DistillError(f"--resume {path}: that run finished (its last.pt holds no resume state)")
-    cfg = config_from_dict(ckpt["distill"]["config"])
-    return cfg, {**resume, "run_dir": resume["run_dir"]}
-
-
-def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog, train_loader) -> int:
-    distiller = state.distiller
-    distiller.student.load_state_dict(ckpt["student"])
-    distiller.terms.load_state_dict(ckpt["terms"])
-    if state.ema and ckpt["ema"] is not None:
-        state.ema.ema.load_state_dict(ckpt["ema"])
-        state.ema.updates = ckpt["ema_updates"]
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scaler.load_state_dict(ckpt["scaler"])
-    state.step, state.last_opt_step, state.accumulate = ckpt["step"], ckpt["last_opt_step"], ckpt["accumulate"]
-    state.balance, state.balance_sums = dict(ckpt["balance"]), dict(ckpt["balance_sums"])
-    state.skipped_steps = ckpt["skipped_steps"]
-    log.restore(ckpt["history"], ckpt["best_fitness"], ckpt["best_epoch"])
-    restore_rng(ckpt["rng"], train_loader)
-    return ckpt["epoch"] + 1
-
-
-def _install_signal_handlers() -> dict[str, Any]:
-    stop: dict[str, Any] = {"flag": False, "previous": {}}
-
-    def handler(signum: int, frame: object) -> None:
-        stop["flag"] = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    with StopOnSignal() as stop:
         try:
-            stop["previous"][sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-    return stop
+            if start_epoch == 0 and log:
+                save_checkpoints(state, log, train_loader, epoch=-1, final=False)  # epoch 0 interrupted: last.pt
+            for epoch in range(start_epoch, cfg.epochs):
+                if epoch == max(cfg.epochs - cfg.close_mosaic, 0) or (
+                    epoch == start_epoch and epoch > cfg.epochs - cfg.close_mosaic
+                ):
+                    train_loader.dataset.close_mosaic(hyp)
+                    train_loader.reset()
+                if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
+                    train_loader.sampler.set_epoch(epoch)
+                on_log = (lambda i, m, epoch=epoch: log.step(epoch, i, m)) if log else None
+                means = dist.average(train_one_epoch(state, stop.watch(train_loader, device), epoch, on_log), device)
+                if log:
+                    due = (epoch + 1) % cfg.val_interval == 0 or epoch == cfg.epochs - 1
+                    model = state.ema.ema if state.ema else state.distiller.student
+                    metrics = validate(model, val_loader, cfg, log.run_dir, device) if due else {}
+                    log.epoch(epoch, means, metrics, [g["lr"] for g in state.optimizer.param_groups], state)
+                    save_checkpoints(state, log, train_loader, epoch, final=epoch == cfg.epochs - 1)
+                dist.barrier()  # the other ranks wait for rank 0's validation and saves
+        except Interrupted:
+            where = f"{log.last} holds the last completed epoch. Resume: yolodistill train --resume {log.run_dir}"
+            raise DistillError(f"interrupted; {where if log else 'see rank 0'}", EXIT_INTERRUPTED) from None
+    return log.finish(time.time() - start, state.skipped_steps) if log else None
 
 
-def _restore_signal_handlers(stop: dict[str, Any]) -> None:
-    for sig, previous in stop["previous"].items():
-        signal.signal(sig, previous)
+class StopOnSignal:
+    """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary, on every rank at the same step."""
 
+    def __init__(self) -> None:
+        self.flag = False
+        self.previous: dict[int, Any] = {}
 
-def _watch(loader, stop: dict[str, Any]):
-    """Yield the loader's batches; raise Interrupted at the first step boundary after a signal."""
+    def __enter__(self) -> StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
 
-    class Watched:
-        def __len__(self) -> int:
-            return len(loader)
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
 
-        def __iter__(self):
-            for batch in loader:
-                if stop["flag"]:
-                    raise Interrupted
-                yield batch
+    def _handle(self, signum: int, frame: object) -> None:
+        self.flag = True
 
-    return Watched()
+    def watch(self, loader, device: torch.device):
+        """The loader's batches, stopping with Interrupted at the first step after a signal on any rank."""
+        stop = self
+
+        class Watched:
+            def __len__(self) -> int:
+                return len(loader)
+
+            def __iter__(self):
+                for batch in loader:
+                    if dist.any_rank(stop.flag, device):
+                        raise Interrupted
+                    yield batch
+
+        return Watched()

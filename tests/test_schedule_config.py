@@ -105,3 +105,24 @@ def test_set_overrides_reach_run_recipe_and_method_fields() -> None:
 def test_config_round_trips_through_plain_data() -> None:
     cfg = apply_overrides(RunConfig(recipe=load_recipe("mgd+logits")), {"losses.mgd.alpha": 1e-5})
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_automatic_balance_scales_each_term_to_its_target_share() -> None:
+    import torch
+
+    from distill_cli.engine import TrainState, term_weights, update_balance
+
+    cfg = apply_overrides(
+        RunConfig(recipe=load_recipe("cwd+logits")),
+        {"balance.target": 0.5, "balance.steps": 2, "losses.cwd.weight": 2.0},
+    )
+    state = TrainState(cfg, None, None, None, None, None, torch.device("cpu"), None, steps_per_epoch=10, accumulate=1)
+    for det, cwd, cls in ((4.0, 1.0, 0.1), (2.0, 3.0, 0.3)):
+        terms = {"cwd": torch.tensor(cwd), "cls_kd": torch.tensor(cls), "dfl_kd": torch.tensor(0.0)}
+        update_balance(state, torch.tensor(det), terms, term_weights(state))
+        state.step += 1
+    # mean det 3, mean cwd 2 (x weight 2 = 4): factor 0.5 * 3 / 4; a zero term keeps factor 1
+    assert state.balance["cwd"] == pytest.approx(0.375)
+    assert state.balance["cls_kd"] == pytest.approx(0.5 * 3 / 0.2)
+    assert state.balance["dfl_kd"] == 1.0
+    assert term_weights(state)["cwd"] == pytest.approx(2.0 * 0.375)  # weighted cwd = 0.5 x det
