@@ -65,7 +65,7 @@ def run_ours(args: argparse.Namespace, recipe: str, seed: int) -> dict:
         device=args.device,
         seed=seed,
         project=args.project,
-        name=f"{recipe}-s{seed}",
+        name=f"{Path(recipe).stem}-s{seed}",
         **parse_overrides(args.set),
     )
     return {"weights": str(result.best), "seconds": time.time() - start}
@@ -140,7 +140,7 @@ def markdown(rows: list[dict], teacher: dict[str, float], split: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     runs: dict[str, list[dict]] = {}
-    jobs = [(r, lambda s, r=r: run_ours(args, r, s)) for r in args.recipes]
+    jobs = [(Path(r).stem, lambda s, r=r: run_ours(args, r, s)) for r in args.recipes]
     jobs += [(f"ultralytics-dis{d:g}", lambda s, d=d: run_ultralytics_kd(args, d, s)) for d in args.ultralytics_kd]
     for name, job in jobs:
         for seed in args.seeds:

@@ -103,6 +103,8 @@ def train(
     layers: str | None = typer.Option(None, help="Override the recipe's layers: group or indices."),
     set_: list[str] = typer.Option([], "--set", help="Override any config field: --set losses.cwd.weight=2"),
     resume: str | None = typer.Option(None, help="Continue an interrupted run: its dir or last.pt."),
+    report: bool | None = typer.Option(None, "--report/--no-report", help="Write report.md + plots (default on)."),
+    tensorboard: bool | None = typer.Option(None, "--tensorboard", help="Also log to TensorBoard if installed."),
     json_out: bool = JSON,
     trust_checkpoint: bool = TRUST,
 ) -> None:
@@ -128,6 +130,8 @@ def train(
         "name": name,
         "val_interval": val_interval,
         "trust_checkpoint": trust_checkpoint or None,
+        "report": report,
+        "tensorboard": tensorboard,
         "layers": parse_layers(layers),
     }
     overrides = {k: v for k, v in options.items() if v is not None} | parse_overrides(set_)
@@ -164,6 +168,33 @@ def eval_cmd(
 
     rows = evaluate([*weights, *(more or [])], data, imgsz, batch, device, split, trust_checkpoint)
     print_json(rows) if json_out else print_eval(rows, f"{split} split of {data}")
+
+
+@app.command()
+@handled
+def compare(
+    weights: list[str] = typer.Option(..., help="Models to compare (repeat, or list after the first)."),
+    more: list[str] | None = typer.Argument(None, hidden=True),
+    data: str = typer.Option(..., help="ultralytics data yaml."),
+    imgsz: int = typer.Option(640),
+    batch: int = typer.Option(16),
+    device: str = typer.Option(""),
+    split: str = typer.Option("val"),
+    out: str = typer.Option("runs/compare/exp", help="Report folder (exp2, exp3... if taken)."),
+    samples: int = typer.Option(4, help="Validation images in the predictions grid."),
+    json_out: bool = JSON,
+    trust_checkpoint: bool = TRUST,
+) -> None:
+    """Write a report comparing models: eval table, per-class AP, PR curves, sample predictions side by side."""
+    from .compare import compare as run_compare
+    from .console import console, print_eval, print_json
+
+    result = run_compare([*weights, *(more or [])], data, imgsz, batch, device, split, out, samples, trust_checkpoint)
+    if json_out:
+        print_json(result)
+    else:
+        print_eval(result["table"], f"{split} split of {data}")
+        console.print(f"report: {result['report']}")
 
 
 @app.command()

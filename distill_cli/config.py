@@ -103,6 +103,8 @@ class RunConfig:
     trust_checkpoint: bool = False
     fraction: float = 1.0  # share of the train split to use
     cache: bool = False  # decoded images in RAM
+    report: bool = True  # report.md + plots in the run dir (costs two extra validation passes)
+    tensorboard: bool = False  # also log every scalar to TensorBoard, if it is installed
 
 
 def _strip_optional(tp: Any) -> Any:

@@ -116,13 +116,16 @@ class TrainProgress:
 
     def on_end(self, info: dict[str, Any]) -> None:
         result = info["result"]
+        best = result.best_metrics.get("mAP50-95", float("nan"))
+        start = result.start_metrics.get("mAP50-95")
         rows = [
-            ["best epoch", result.best_epoch],
-            ["best mAP50-95", result.best_metrics.get("mAP50-95", float("nan"))],
-            ["best mAP50", result.best_metrics.get("mAP50", float("nan"))],
-            ["time (s)", round(result.seconds, 1)],
-            ["skipped steps", result.skipped_steps],
+            ["best epoch", str(result.best_epoch)],
+            ["best mAP50-95", f"{best:.4f}"],
+            ["best mAP50", f"{result.best_metrics.get('mAP50', float('nan')):.4f}"],
+            ["change vs the starting student", f"{best - start:+.4f} (from {start:.4f})" if start is not None else "-"],
+            ["time", f"{result.seconds:.1f} s"],
+            ["skipped steps", str(result.skipped_steps)],
             ["best.pt", str(result.best)],
-            ["results", str(result.run_dir)],
+            ["report", str(result.report or "-")],
         ]
         console.print(table("training done", ["", "value"], rows))

@@ -138,12 +138,18 @@ def check_compatible(student: nn.Module, teacher: nn.Module, recipe: Recipe) -> 
     if s_names != t_names:
         if output_terms:
             raise DistillError(
-                f"teacher classes {t_names} differ from student classes {s_names}; output distillation "
+                f"teacher classes {_short(t_names)} differ from student classes {_short(s_names)}; output distillation "
                 f"({', '.join(output_terms)}) needs the same class list: use a teacher trained on this data, "
                 f"or a feature-only recipe"
             )
         warnings.warn(
-            f"teacher classes {t_names} differ from student classes {s_names}; distilling features only", stacklevel=2
+            f"teacher classes {_short(t_names)} differ from student classes {_short(s_names)}; "
+            "distilling features only",
+            stacklevel=2,
         )
     if output_terms and student.model[-1].reg_max != teacher.model[-1].reg_max:
         raise DistillError("teacher and student Detect heads differ in reg_max; output distillation needs the same")
+
+
+def _short(names: list[str]) -> str:
+    return str(names) if len(names) <= 8 else f"{names[:8]}... ({len(names)} in all)"

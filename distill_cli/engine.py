@@ -7,17 +7,16 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
-from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils.torch_utils import ModelEMA
 
 from . import dist
 from .config import RunConfig
 from .distiller import Distiller, Teacher
 from .errors import EXIT_RUNTIME, DistillError
+from .evaluation import Validation, run_validator
 from .schedule import interp, lr_factor, warmup_steps, weight_factor
 
 LOG_EVERY = 10  # steps between reads of loss values from the device (each read is a host-device sync)
@@ -200,44 +199,13 @@ def update_balance(state: TrainState, det_loss: torch.Tensor, terms: dict, weigh
             state.balance[k] = balance.target * sums["det_loss"] / raw if raw > 0 and math.isfinite(raw) else 1.0
 
 
-def validate(model: nn.Module, loader, cfg: RunConfig, save_dir: Path, device: torch.device) -> dict[str, float]:
-    """mAP with ultralytics' DetectionValidator on a copy of ``model`` (the validator fuses what it gets)."""
+def validate(model: nn.Module, loader, cfg: RunConfig, device: torch.device) -> Validation:
+    """mAP of ``model`` on the run's validation loader, with ultralytics' DetectionValidator."""
     args = {
         "data": cfg.data,
         "imgsz": cfg.imgsz,
         "batch": loader.batch_size,
         "split": cfg.val_split,
         "device": "cpu" if device.type == "cpu" else str(device.index or 0),
-        "plots": False,
-        "verbose": False,
-        "save_json": False,
     }
-    validator = DetectionValidator(dataloader=loader, save_dir=save_dir, args=args)
-    was_training = model.training
-    with single_process_validation():
-        stats = validator(model=model)
-    model.train(was_training)
-    return {
-        "mAP50-95": float(stats["metrics/mAP50-95(B)"]),
-        "mAP50": float(stats["metrics/mAP50(B)"]),
-        "precision": float(stats["metrics/precision(B)"]),
-        "recall": float(stats["metrics/recall(B)"]),
-    }
-
-
-@contextlib.contextmanager
-def single_process_validation():
-    """Under torchrun, ultralytics' validator sees RANK from the environment and gathers results from every rank;
-    ours validates on rank 0 alone while the others wait at a barrier, so it must act as a single process."""
-    from ultralytics.engine import validator as base_validator
-    from ultralytics.models.yolo.detect import val as detect_val
-
-    names = ("RANK", "LOCAL_RANK")  # LOCAL_RANK: its torch_distributed_zero_first would call barriers
-    saved = {(m, n): getattr(m, n) for m in (base_validator, detect_val) for n in names if hasattr(m, n)}
-    for module, name in saved:
-        setattr(module, name, -1)
-    try:
-        yield
-    finally:
-        for (module, name), value in saved.items():
-            setattr(module, name, value)
+    return run_validator(model, args, loader)

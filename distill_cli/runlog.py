@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ class TrainResult:
     skipped_steps: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    report: Path | None = None
+    start_metrics: dict[str, float] = field(default_factory=dict)  # the student before training
 
 
 def new_run_dir(project: str | Path, name: str) -> Path:
@@ -57,6 +60,18 @@ def fitness(metrics: dict[str, float]) -> float:
     return 0.1 * metrics.get("mAP50", 0.0) + 0.9 * metrics.get("mAP50-95", 0.0)
 
 
+def tensorboard_writer(run_dir: Path) -> Any:
+    """A SummaryWriter in the run dir, or None with a warning when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn(
+            "--tensorboard needs the tensorboard package (pip install tensorboard); logging to CSV only", stacklevel=3
+        )
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
 class RunLog:
     """Writes the run's files (atomically) and tells the caller what happened through ``callback(event, info)``."""
 
@@ -77,10 +92,14 @@ class RunLog:
             "seed": cfg.seed,
         }
         self.started = time.time()
+        self.steps: list[tuple[int, dict[str, float]]] = []  # (global step, running means) at each log point
+        self.steps_per_epoch = 1
+        self.tensorboard = tensorboard_writer(run_dir) if cfg.tensorboard else None
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
 
     def start(self, pairs: dict[str, list[Pair]], params: int, names: list[str], resumed_from: int, state: Any) -> None:
         """``state`` (the live TrainState) is passed for API users and tests that inspect the models."""
+        self.steps_per_epoch = state.steps_per_epoch
         info = {
             "run_dir": str(self.run_dir),
             "params": params,
@@ -93,7 +112,17 @@ class RunLog:
         self.callback("start", info)
 
     def step(self, epoch: int, index: int, means: dict[str, float]) -> None:
+        step = epoch * self.steps_per_epoch + index
+        self.steps.append((step, means))
+        if self.tensorboard:
+            for key, value in means.items():
+                self.tensorboard.add_scalar(f"train/{key}", value, step)
         self.callback("step", {"epoch": epoch, "index": index, "means": means})
+
+    def step_series(self) -> tuple[list[int], dict[str, list[float]]]:
+        """Each logged value over steps (NaN where a term was not active)."""
+        keys = list(dict.fromkeys(k for _, means in self.steps for k in means))
+        return [s for s, _ in self.steps], {k: [m.get(k, float("nan")) for _, m in self.steps] for k in keys}
 
     def epoch(
         self, epoch: int, means: dict[str, float], metrics: dict[str, float], lrs: list[float], state: Any
@@ -112,6 +141,11 @@ class RunLog:
         if self.improved:
             self.best_fitness, self.best_epoch = fitness(metrics), epoch
         self.write_csv()
+        if self.tensorboard:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"epoch/{key}", value, epoch + 1)
+            self.tensorboard.flush()
         self.callback("epoch", {**row, "epochs": self.cfg.epochs, "improved": self.improved})
 
     def write_csv(self) -> None:
@@ -142,7 +176,9 @@ class RunLog:
         row = next((r for r in self.history if r["epoch"] == epoch + 1), {})
         return {k[4:]: v for k, v in row.items() if k.startswith("val/")}
 
-    def finish(self, seconds: float, skipped_steps: int) -> TrainResult:
+    def finish(
+        self, seconds: float, skipped_steps: int, report: Path | None = None, start_metrics: dict | None = None
+    ) -> TrainResult:
         result = TrainResult(
             self.run_dir,
             self.best,
@@ -154,6 +190,10 @@ class RunLog:
             skipped_steps,
             seconds,
             self.history,
+            report,
+            start_metrics or {},
         )
+        if self.tensorboard:
+            self.tensorboard.close()
         self.callback("end", {"result": result})
         return result

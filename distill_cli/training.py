@@ -23,7 +23,9 @@ from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
 from .engine import TrainState, nominal_accumulate, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
+from .evaluation import Validation
 from .models import class_names, count_params, load_model
+from .report import feature_agreement, measure_baseline, write_report
 from .runlog import RunLog, TrainResult, new_run_dir
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -230,34 +232,54 @@ def prepare(cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, 
 
 
 def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, start_epoch: int) -> TrainResult | None:
-    """The epoch loop: train, validate and save on rank 0, stop cleanly on SIGINT/SIGTERM."""
+    """The epoch loop: train, validate and save on rank 0, stop cleanly on SIGINT/SIGTERM, then the report."""
     cfg, device = state.cfg, state.device
     start = time.time()
+    teacher_model = state.teacher.model if state.teacher else None
+    baseline = measure_baseline(state, teacher_model, val_loader) if log and cfg.report and start_epoch == 0 else None
+    final = None
     with StopOnSignal() as stop:
         try:
             if start_epoch == 0 and log:
                 save_checkpoints(state, log, train_loader, epoch=-1, final=False)  # epoch 0 interrupted: last.pt
             for epoch in range(start_epoch, cfg.epochs):
-                if epoch == max(cfg.epochs - cfg.close_mosaic, 0) or (
-                    epoch == start_epoch and epoch > cfg.epochs - cfg.close_mosaic
-                ):
-                    train_loader.dataset.close_mosaic(hyp)
-                    train_loader.reset()
-                if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
-                    train_loader.sampler.set_epoch(epoch)
+                start_epoch_data(train_loader, hyp, cfg, epoch, start_epoch)
                 on_log = (lambda i, m, epoch=epoch: log.step(epoch, i, m)) if log else None
                 means = dist.average(train_one_epoch(state, stop.watch(train_loader, device), epoch, on_log), device)
                 if log:
-                    due = (epoch + 1) % cfg.val_interval == 0 or epoch == cfg.epochs - 1
-                    model = state.ema.ema if state.ema else state.distiller.student
-                    metrics = validate(model, val_loader, cfg, log.run_dir, device) if due else {}
-                    log.epoch(epoch, means, metrics, [g["lr"] for g in state.optimizer.param_groups], state)
-                    save_checkpoints(state, log, train_loader, epoch, final=epoch == cfg.epochs - 1)
+                    final = end_epoch(state, log, val_loader, train_loader, epoch, means) or final
                 dist.barrier()  # the other ranks wait for rank 0's validation and saves
         except Interrupted:
             where = f"{log.last} holds the last completed epoch. Resume: yolodistill train --resume {log.run_dir}"
             raise DistillError(f"interrupted; {where if log else 'see rank 0'}", EXIT_INTERRUPTED) from None
-    return log.finish(time.time() - start, state.skipped_steps) if log else None
+    if not log:
+        return None
+    report = None
+    if baseline is not None:
+        report = write_report(log.run_dir, state, log, baseline, final, feature_agreement(state, val_loader))
+    before = baseline.before.metrics if baseline else {}
+    return log.finish(time.time() - start, state.skipped_steps, report, before)
+
+
+def start_epoch_data(train_loader, hyp, cfg: RunConfig, epoch: int, start_epoch: int) -> None:
+    """Mosaic off for the last ``close_mosaic`` epochs (also when resuming inside them); a new DDP shuffle."""
+    closing = max(cfg.epochs - cfg.close_mosaic, 0)
+    if epoch == closing or (epoch == start_epoch and epoch > closing):
+        train_loader.dataset.close_mosaic(hyp)
+        train_loader.reset()
+    if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler
+        train_loader.sampler.set_epoch(epoch)
+
+
+def end_epoch(state: TrainState, log: RunLog, val_loader, train_loader, epoch: int, means: dict) -> Validation | None:
+    """Rank 0: validate when due, log the row, save last.pt (and best.pt if it improved)."""
+    cfg = state.cfg
+    due = (epoch + 1) % cfg.val_interval == 0 or epoch == cfg.epochs - 1
+    model = state.ema.ema if state.ema else state.distiller.student
+    result = validate(model, val_loader, cfg, state.device) if due else None
+    log.epoch(epoch, means, result.metrics if result else {}, [g["lr"] for g in state.optimizer.param_groups], state)
+    save_checkpoints(state, log, train_loader, epoch, final=epoch == cfg.epochs - 1)
+    return result
 
 
 class StopOnSignal:

@@ -15,7 +15,7 @@ from distill_cli.cli import app
 from distill_cli.errors import EXIT_USAGE
 
 runner = CliRunner()
-COMMANDS = ["probe-channels", "train", "eval", "export", "demo", "recipes"]
+COMMANDS = ["probe-channels", "train", "eval", "compare", "export", "demo", "recipes"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -1,0 +1,81 @@
+"""Run reports and model comparison: every figure is a real PNG, compare's table equals eval's, CKA behaves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from distill_cli.compare import compare
+from distill_cli.evaluation import evaluate
+from distill_cli.report import linear_cka
+from distill_cli.training import train
+
+FIGURES = ["losses.png", "metrics.png", "schedules.png", "per_class_ap.png", "feature_agreement.png"]
+
+
+def assert_real_png(path: Path, min_side: int = 300) -> None:
+    assert path.is_file() and path.stat().st_size > 5_000, path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= min_side, (path, image.size)
+
+
+def test_linear_cka_self_one_and_independent_near_zero() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4000, 32)
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, 3 * x @ torch.linalg.qr(torch.randn(32, 32))[0] + 1) == pytest.approx(1.0, abs=1e-6)
+    assert linear_cka(x, torch.randn(4000, 48)) < 0.02
+
+
+def test_one_epoch_run_writes_the_report_and_every_figure(run_kwargs: dict) -> None:
+    result = train(recipe="cwd+logits", **{**run_kwargs, "epochs": 2})
+    assert result.report == result.run_dir / "report.md"
+    text = result.report.read_text()
+    for figure in FIGURES:
+        assert f"report/{figure}" in text
+        assert_real_png(result.run_dir / "report" / figure)
+    for section in ("| teacher |", "| student before |", "Per-class AP50-95", "| cwd 15->15 |"):
+        assert section in text
+    assert set(result.start_metrics) >= {"mAP50-95", "mAP50"}
+
+
+def test_no_report_flag_writes_none(run_kwargs: dict) -> None:
+    result = train(recipe="cwd", report=False, **run_kwargs)
+    assert result.report is None and not (result.run_dir / "report.md").exists()
+
+
+def test_tensorboard_is_optional(run_kwargs: dict) -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.warns(UserWarning, match="needs the tensorboard package"):
+            result = train(recipe="cwd", tensorboard=True, report=False, **run_kwargs)
+        assert result.best.is_file()
+    else:
+        result = train(recipe="cwd", tensorboard=True, report=False, **run_kwargs)
+        assert list((result.run_dir / "tensorboard").glob("events.*"))
+
+
+def test_compare_two_checkpoints_matches_eval(
+    run_kwargs: dict, tiny_teacher: Path, synthetic_data: Path, tmp_path: Path
+) -> None:
+    student = train(recipe="cwd", report=False, **run_kwargs).best
+    weights = [str(tiny_teacher), str(student)]
+    out = compare(
+        weights, str(synthetic_data), imgsz=64, batch=4, device="cpu", out=tmp_path / "cmp" / "exp", samples=2
+    )
+    rows = evaluate(weights, str(synthetic_data), imgsz=64, batch=4, device="cpu")
+    for got, expected in zip(out["table"], rows, strict=True):
+        for key in ("mAP50-95", "mAP50", "params", "gflops"):
+            assert got[key] == expected[key], key
+    report = Path(out["report"])
+    text = report.read_text()
+    assert "| teacher |" in text and "| best |" in text
+    for figure in ("per_class_ap.png", "pr_curves.png", "predictions.png"):
+        assert figure in text
+        assert_real_png(report.parent / figure, min_side=250)
