@@ -14,6 +14,7 @@ from torch import nn
 from . import plots
 from .engine import TrainState, preprocess, validate
 from .evaluation import Validation
+from .models import class_names
 from .schedule import weight_factor
 
 AGREEMENT_BATCHES = 2
@@ -76,8 +77,10 @@ class Baseline:
 
 
 def measure_baseline(state: TrainState, teacher_model: torch.nn.Module | None, loader) -> Baseline:
+    """The teacher is validated only when it predicts the student's classes (else its mAP here means nothing)."""
     student = state.ema.ema if state.ema else state.distiller.student
-    teacher = validate(teacher_model, loader, state.cfg, state.device) if teacher_model is not None else None
+    same_classes = teacher_model is not None and class_names(teacher_model) == class_names(student)
+    teacher = validate(teacher_model, loader, state.cfg, state.device) if same_classes else None
     return Baseline(teacher, validate(student, loader, state.cfg, state.device), feature_agreement(state, loader))
 
 
