@@ -1,6 +1,6 @@
 """yolodistill: knowledge distillation for YOLO detectors (teacher -> student), with our own training loop.
 
-The Python API mirrors the commands: ``train``, ``probe_channels``, ``evaluate``, ``export``, ``run_demo``,
+The Python API mirrors the commands: ``train``, ``probe_channels``, ``evaluate``, ``compare``, ``export``, ``run_demo``,
 ``load_recipe``; problems a user can fix raise ``DistillError``. Names load lazily, so that importing the package
 (and ``yolodistill --help``) does not import torch and ultralytics.
 """
@@ -22,6 +22,7 @@ _API = {
     "probe_channels": "probe",
     "evaluate": "evaluation",
     "export": "exporter",
+    "compare": "comparison",
     "run_demo": "demo",
     "make_synthetic_dataset": "data",
 }

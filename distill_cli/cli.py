@@ -186,7 +186,7 @@ def compare(
     trust_checkpoint: bool = TRUST,
 ) -> None:
     """Write a report comparing models: eval table, per-class AP, PR curves, sample predictions side by side."""
-    from .compare import compare as run_compare
+    from .comparison import compare as run_compare
     from .console import console, print_eval, print_json
 
     result = run_compare([*weights, *(more or [])], data, imgsz, batch, device, split, out, samples, trust_checkpoint)

@@ -57,3 +57,21 @@ def run_kwargs(tmp_path: Path, synthetic_data: Path, tiny_teacher: Path) -> dict
         "project": str(tmp_path / "runs"),
         "name": "exp",
     }
+
+
+def train_args(run_kwargs: dict, **options: object) -> list[str]:
+    """``train`` command-line arguments for the tiny run in ``run_kwargs``, with ``options`` added or replaced."""
+    values = {
+        "teacher": run_kwargs["teacher"],
+        "student": "yolov8n.yaml",
+        "data": run_kwargs["data"],
+        "recipe": "cwd",
+        "epochs": 1,
+        "batch": 4,
+        "imgsz": 64,
+        "workers": 0,
+        "device": "cpu",
+        "project": run_kwargs["project"],
+        **options,
+    }
+    return ["train", *(item for key, value in values.items() for item in (f"--{key}", str(value)))]

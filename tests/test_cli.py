@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from distill_cli.cli import app
 from distill_cli.errors import EXIT_USAGE
 
+from .conftest import train_args
+
 runner = CliRunner()
 COMMANDS = ["probe-channels", "train", "eval", "compare", "export", "demo", "recipes"]
 
@@ -129,31 +131,7 @@ def test_recipes_json_lists_descriptions() -> None:
 def test_console_script_train_json_end_to_end(run_kwargs: dict) -> None:
     """The installed ``yolodistill`` entry point, as a shell script would call it."""
     exe = Path(sys.executable).with_name("yolodistill")
-    cmd = [
-        str(exe),
-        "train",
-        "--teacher",
-        run_kwargs["teacher"],
-        "--student",
-        "yolov8n.yaml",
-        "--data",
-        run_kwargs["data"],
-        "--recipe",
-        "cwd",
-        "--epochs",
-        "1",
-        "--batch",
-        "4",
-        "--imgsz",
-        "64",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--project",
-        run_kwargs["project"],
-        "--json",
-    ]
+    cmd = [str(exe), *train_args(run_kwargs), "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout[done.stdout.index("{") :])

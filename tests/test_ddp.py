@@ -17,6 +17,8 @@ from ultralytics import YOLO
 from distill_cli.config import RunConfig, load_recipe
 from distill_cli.errors import DistillError
 
+from .conftest import train_args
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,27 +36,7 @@ def test_torchrun_two_processes_write_one_run(run_kwargs: dict, tmp_path: Path) 
         "--nproc_per_node=2",
         "-m",
         "distill_cli",
-        "train",
-        "--teacher",
-        run_kwargs["teacher"],
-        "--student",
-        "yolov8n.yaml",
-        "--data",
-        run_kwargs["data"],
-        "--recipe",
-        "cwd+logits",
-        "--epochs",
-        "2",
-        "--batch",
-        "4",
-        "--imgsz",
-        "64",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--project",
-        str(project),
+        *train_args(run_kwargs, recipe="cwd+logits", epochs=2, project=project),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

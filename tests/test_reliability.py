@@ -16,6 +16,8 @@ from distill_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DistillError
 from distill_cli.models import load_model, save_student
 from distill_cli.training import train
 
+from .conftest import train_args
+
 DETERMINISTIC = {"deterministic": True, "seed": 3, "ema": True}
 
 
@@ -56,32 +58,7 @@ def test_resume_of_a_finished_run_is_refused(run_kwargs: dict) -> None:
 
 def test_sigterm_in_a_real_process_leaves_a_resumable_last_pt(run_kwargs: dict, tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("yolodistill")
-    cmd = [
-        str(exe),
-        "train",
-        "--teacher",
-        run_kwargs["teacher"],
-        "--student",
-        "yolov8n.yaml",
-        "--data",
-        run_kwargs["data"],
-        "--recipe",
-        "cwd",
-        "--epochs",
-        "50",
-        "--batch",
-        "2",
-        "--imgsz",
-        "64",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--project",
-        str(tmp_path / "runs"),
-        "--name",
-        "sig",
-    ]
+    cmd = [str(exe), *train_args(run_kwargs, epochs=50, batch=2, project=tmp_path / "runs", name="sig")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "runs" / "sig" / "weights" / "last.pt"
     deadline = time.time() + 120

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill_cli.compare import compare
+from distill_cli.comparison import compare
 from distill_cli.evaluation import evaluate
 from distill_cli.report import linear_cka
 from distill_cli.training import train
