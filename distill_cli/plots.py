@@ -24,7 +24,7 @@ def loss_curves(steps: list[int], series: dict[str, list[float]], path: Path) ->
     for name, values in series.items():
         axis = weighted if name.endswith("_w") or name in ("det_loss", "distill_loss") else raw
         axis.plot(steps, values, label=name)
-    for axis, title in ((raw, "raw terms"), (weighted, "weighted terms (sum = total)")):
+    for axis, title in ((raw, "raw terms"), (weighted, "weighted: total = det_loss + distill_loss")):
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.legend(fontsize=7)

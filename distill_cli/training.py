@@ -63,11 +63,12 @@ def select_device(spec: str) -> torch.device:
 
 
 def amp_dtypes(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
-    """(student autocast dtype or None for fp32, teacher dtype): bf16 where supported, else fp16; fp32 on CPU."""
-    if device.type != "cuda":
+    """(student autocast dtype or None, teacher dtype): bf16 where the GPU supports it, else fp16 (with a grad
+    scaler); fp32 on CPU and with --no-amp, where the teacher's features must match the fp32 student's."""
+    if device.type != "cuda" or not cfg.amp:
         return None, torch.float32
     half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return (half if cfg.amp else None), half
+    return half, half
 
 
 def build_optimizer(

@@ -1,0 +1,35 @@
+"""yolodistill: knowledge distillation for YOLO detectors (teacher -> student), with our own training loop.
+
+The Python API mirrors the commands: ``train``, ``probe_channels``, ``evaluate``, ``compare``, ``export``, ``run_demo``,
+``load_recipe``; problems a user can fix raise ``DistillError``. Names load lazily, so that importing the package
+(and ``yolodistill --help``) does not import torch and ultralytics.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import DistillError
+
+__version__ = "0.1.0"
+
+_API = {
+    "train": "training",
+    "TrainResult": "runlog",
+    "RunConfig": "config",
+    "load_recipe": "config",
+    "probe_channels": "probe",
+    "evaluate": "evaluation",
+    "export": "exporter",
+    "compare": "comparison",
+    "run_demo": "demo",
+    "make_synthetic_dataset": "data",
+}
+__all__ = ["DistillError", "__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'distill_cli' has no attribute {name!r}")

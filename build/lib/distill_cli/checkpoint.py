@@ -1,0 +1,105 @@
+"""Checkpoints of a run: student-only files, and the resume state that makes an interrupted run continue exactly."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import RunConfig, config_from_dict
+from .engine import TrainState
+from .errors import DistillError
+from .models import read_checkpoint, save_student
+from .runlog import RunLog
+
+
+def capture_rng(loader: Any = None) -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any], loader: Any = None) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "loader" in state and getattr(loader, "generator", None) is not None:
+        loader.generator.set_state(state["loader"])
+
+
+def save_checkpoints(state: TrainState, log: RunLog, train_loader, epoch: int, final: bool) -> None:
+    """last.pt every epoch (with resume state until the run ends), best.pt when fitness improves."""
+    model = state.ema.ema if state.ema else state.distiller.student
+    meta = log.metadata(epoch)
+    resume = None if final else resume_state(state, epoch, log, train_loader)
+    save_student(log.last, model, log.train_args, meta, resume)
+    if log.improved or not log.best.exists():
+        save_student(log.best, model, log.train_args, meta)
+
+
+def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "step": state.step,
+        "last_opt_step": state.last_opt_step,
+        "accumulate": state.accumulate,
+        "student": state.distiller.student.state_dict(),
+        "terms": state.distiller.terms.state_dict(),
+        "ema": state.ema.ema.state_dict() if state.ema else None,
+        "ema_updates": state.ema.updates if state.ema else 0,
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "balance": dict(state.balance),
+        "balance_sums": dict(state.balance_sums),
+        "skipped_steps": state.skipped_steps,
+        "run_dir": str(log.run_dir),
+        "history": log.history,
+        "best_fitness": log.best_fitness,
+        "best_epoch": log.best_epoch,
+        "rng": capture_rng(train_loader),
+    }
+
+
+def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
+    path = Path(path)
+    last = path / "weights" / "last.pt" if path.is_dir() else path
+    if not last.is_file():
+        raise DistillError(f"--resume {path}: no last.pt there; give a run dir or its weights/last.pt")
+    ckpt = read_checkpoint(last, "checkpoint to resume", trust=False)
+    resume = ckpt.get("resume")
+    if not resume:
+        raise DistillError(f"--resume {path}: that run finished (its last.pt holds no resume state)")
+    cfg = config_from_dict(ckpt["distill"]["config"])
+    return cfg, {**resume, "run_dir": resume["run_dir"]}
+
+
+def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, train_loader) -> int:
+    distiller = state.distiller
+    distiller.student.load_state_dict(ckpt["student"])
+    distiller.terms.load_state_dict(ckpt["terms"])
+    if state.ema and ckpt["ema"] is not None:
+        state.ema.ema.load_state_dict(ckpt["ema"])
+        state.ema.updates = ckpt["ema_updates"]
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scaler.load_state_dict(ckpt["scaler"])
+    state.step, state.last_opt_step, state.accumulate = ckpt["step"], ckpt["last_opt_step"], ckpt["accumulate"]
+    state.balance, state.balance_sums = dict(ckpt["balance"]), dict(ckpt["balance_sums"])
+    state.skipped_steps = ckpt["skipped_steps"]
+    if log is not None:  # rank 0 only
+        log.restore(ckpt["history"], ckpt["best_fitness"], ckpt["best_epoch"])
+    restore_rng(ckpt["rng"], train_loader)
+    return ckpt["epoch"] + 1

@@ -1,0 +1,276 @@
+"""The ``yolodistill`` command: parse, call one library function, print; a DistillError becomes one line + exit code."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from .errors import DistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge distillation for YOLO detectors.")
+STATE = {"verbose": False}
+
+JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+TRUST = typer.Option(False, "--trust-checkpoint", help="Fully unpickle checkpoints (only for files you trust).")
+
+
+@app.callback()
+def main_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Full tracebacks and ultralytics logs."),
+) -> None:
+    STATE["verbose"] = verbose
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for the network
+    os.environ.setdefault("YOLO_VERBOSE", str(verbose))
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    if not verbose:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def handled(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a DistillError (or, without --verbose, any error) into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .console import err_console
+
+        try:
+            return command(*args, **kwargs)
+        except DistillError as e:
+            if STATE["verbose"]:
+                raise
+            err_console.print(f"[red]error:[/] {e.message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:
+            if STATE["verbose"]:
+                raise
+            err_console.print(
+                f"[red]error:[/] {type(e).__name__}: {e} (run with --verbose for details)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command("probe-channels")
+@handled
+def probe_channels_cmd(
+    teacher: str = typer.Option(..., help="Teacher .pt or model yaml."),
+    student: str = typer.Option(..., help="Student .pt or model yaml."),
+    imgsz: int = typer.Option(640, help="Input size of the dummy forward."),
+    layers: str | None = typer.Option(None, help="Group (head_inputs, neck, backbone, all) or indices 15,18,21."),
+    recipe: str | None = typer.Option(None, help="Show the pairing of each feature term of this recipe."),
+    json_out: bool = JSON,
+    trust_checkpoint: bool = TRUST,
+) -> None:
+    """List the distillable layers of both models and the layer pairs + adapters that training will use."""
+    from .console import print_json, print_probe
+    from .features import parse_layers
+    from .probe import probe_channels
+
+    report = probe_channels(teacher, student, imgsz, parse_layers(layers), recipe, trust_checkpoint)
+    print_json(report) if json_out else print_probe(report)
+
+
+@app.command()
+@handled
+def train(
+    teacher: str | None = typer.Option(None, help="Trained teacher .pt."),
+    student: str | None = typer.Option(None, help="Student .pt (fine-tune) or yaml (from scratch)."),
+    data: str | None = typer.Option(None, help="ultralytics data yaml."),
+    recipe: str | None = typer.Option(None, help="Recipe name (see `yolodistill recipes`) or YAML path."),
+    epochs: int | None = typer.Option(None),
+    batch: int | None = typer.Option(None),
+    imgsz: int | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="cpu, 0, cuda:1 ... (default: GPU 0 if present)."),
+    workers: int | None = typer.Option(None),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision on GPU (default on)."),
+    lr0: float | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    project: str | None = typer.Option(None),
+    name: str | None = typer.Option(None),
+    val_interval: int | None = typer.Option(None, help="Validate every N epochs (and after the last)."),
+    layers: str | None = typer.Option(None, help="Override the recipe's layers: group or indices."),
+    set_: list[str] = typer.Option([], "--set", help="Override any config field: --set losses.cwd.weight=2"),
+    resume: str | None = typer.Option(None, help="Continue an interrupted run: its dir or last.pt."),
+    report: bool | None = typer.Option(None, "--report/--no-report", help="Write report.md + plots (default on)."),
+    tensorboard: bool | None = typer.Option(None, "--tensorboard", help="Also log to TensorBoard if installed."),
+    json_out: bool = JSON,
+    trust_checkpoint: bool = TRUST,
+) -> None:
+    """Distil a student from a teacher with our own training loop; writes student-only checkpoints."""
+    from .config import parse_overrides
+    from .console import TrainProgress, print_json
+    from .features import parse_layers
+    from .training import train as run_train
+
+    options = {
+        "teacher": teacher,
+        "student": student,
+        "data": data,
+        "epochs": epochs,
+        "batch": batch,
+        "imgsz": imgsz,
+        "device": device,
+        "workers": workers,
+        "amp": amp,
+        "lr0": lr0,
+        "seed": seed,
+        "project": project,
+        "name": name,
+        "val_interval": val_interval,
+        "trust_checkpoint": trust_checkpoint or None,
+        "report": report,
+        "tensorboard": tensorboard,
+        "layers": parse_layers(layers),
+    }
+    overrides = {k: v for k, v in options.items() if v is not None} | parse_overrides(set_)
+    if device and "," in device and "WORLD_SIZE" not in os.environ:  # one process per GPU, via torchrun
+        from .dist import launch
+
+        raise typer.Exit(launch(without_option(sys.argv[1:], "--device"), device))
+    if resume:
+        if overrides:
+            raise DistillError(f"--resume continues a run as it was configured; drop {', '.join(sorted(overrides))}")
+        result = run_train(resume=resume, callback=None if json_out else TrainProgress())
+    else:
+        result = run_train(recipe=recipe or "default", callback=None if json_out else TrainProgress(), **overrides)
+    if json_out:
+        print_json({k: v for k, v in vars(result).items() if k != "history"})
+
+
+@app.command("eval")
+@handled
+def eval_cmd(
+    weights: list[str] = typer.Option(..., help="Checkpoints to compare (repeat, or list after the first)."),
+    more: list[str] | None = typer.Argument(None, hidden=True),
+    data: str = typer.Option(..., help="ultralytics data yaml."),
+    imgsz: int = typer.Option(640),
+    batch: int = typer.Option(16),
+    device: str = typer.Option(""),
+    split: str = typer.Option("val"),
+    json_out: bool = JSON,
+    trust_checkpoint: bool = TRUST,
+) -> None:
+    """Compare models side by side: params, GFLOPs, mAP50-95, mAP50, ms/img (same numbers as YOLO.val())."""
+    from .console import print_eval, print_json
+    from .evaluation import evaluate
+
+    rows = evaluate([*weights, *(more or [])], data, imgsz, batch, device, split, trust_checkpoint)
+    print_json(rows) if json_out else print_eval(rows, f"{split} split of {data}")
+
+
+@app.command()
+@handled
+def compare(
+    weights: list[str] = typer.Option(..., help="Models to compare (repeat, or list after the first)."),
+    more: list[str] | None = typer.Argument(None, hidden=True),
+    data: str = typer.Option(..., help="ultralytics data yaml."),
+    imgsz: int = typer.Option(640),
+    batch: int = typer.Option(16),
+    device: str = typer.Option(""),
+    split: str = typer.Option("val"),
+    out: str = typer.Option("runs/compare/exp", help="Report folder (exp2, exp3... if taken)."),
+    samples: int = typer.Option(4, help="Validation images in the predictions grid."),
+    json_out: bool = JSON,
+    trust_checkpoint: bool = TRUST,
+) -> None:
+    """Write a report comparing models: eval table, per-class AP, PR curves, sample predictions side by side."""
+    from .comparison import compare as run_compare
+    from .console import console, print_eval, print_json
+
+    result = run_compare([*weights, *(more or [])], data, imgsz, batch, device, split, out, samples, trust_checkpoint)
+    if json_out:
+        print_json(result)
+    else:
+        print_eval(result["table"], f"{split} split of {data}")
+        console.print(f"report: {result['report']}")
+
+
+@app.command()
+@handled
+def export(
+    weights: str = typer.Option(..., help="Student checkpoint."),
+    format: str = typer.Option("onnx", help="Any ultralytics export format; onnx is checked against PyTorch."),
+    imgsz: int = typer.Option(640),
+    output: str | None = typer.Option(None, help="Where to write (default: beside the weights)."),
+    image: str | None = typer.Option(None, help="Image for the parity check (default: a drawn one)."),
+    json_out: bool = JSON,
+    trust_checkpoint: bool = TRUST,
+) -> None:
+    """Export the student (ONNX first) and report the largest difference to the PyTorch output."""
+    from .console import console, print_json
+    from .exporter import export as run_export
+
+    result = run_export(weights, format, imgsz, output, image, trust_checkpoint)
+    if json_out:
+        print_json(result)
+    else:
+        diff = f"  max |onnx - torch| = {result['max_abs_diff']:.2e}" if "max_abs_diff" in result else ""
+        console.print(f"exported {result['file']}{diff}")
+
+
+@app.command()
+@handled
+def demo(
+    out: str = typer.Option("runs/demo", help="Folder for the generated data and the three runs."),
+    epochs: int = typer.Option(10, help="Student epochs (the teacher gets 1.5x as many)."),
+    json_out: bool = JSON,
+) -> None:
+    """No downloads: draw a dataset, train a teacher, distil a student, compare with a plain student."""
+    from .console import console, print_eval, print_json
+    from .demo import run_demo
+
+    report = run_demo(out, epochs, log=None if json_out else console.print)
+    print_json(report) if json_out else print_eval(report["table"], "demo: val split of the drawn dataset")
+    if not json_out:
+        console.print(f"outputs in {report['out']}")
+
+
+@app.command()
+@handled
+def recipes(json_out: bool = JSON) -> None:
+    """List the shipped recipes with a one-line description each."""
+    from .config import describe_recipes
+    from .console import console, print_json, table
+
+    rows = describe_recipes()
+    if json_out:
+        print_json(rows)
+    else:
+        console.print(
+            table(
+                "recipes", ["name", "terms", "description"], [[r["name"], r["terms"], r["description"]] for r in rows]
+            )
+        )
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` minus ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

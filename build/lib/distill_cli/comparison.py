@@ -1,0 +1,148 @@
+"""``compare``: any set of models side by side in a report: eval table, per-class AP, PR curves, sample predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from ultralytics import YOLO
+from ultralytics.data.utils import IMG_FORMATS, img2label_paths
+
+from . import plots
+from .data import load_data
+from .evaluation import evaluate
+from .runlog import new_run_dir
+
+GT_COLOR = (40, 200, 40)
+PRED_COLOR = (230, 60, 40)
+
+
+def compare(
+    weights: list[str],
+    data: str,
+    imgsz: int = 640,
+    batch: int = 16,
+    device: str = "",
+    split: str = "val",
+    out: str | Path = "runs/compare/exp",
+    samples: int = 4,
+    trust_checkpoint: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``weights`` on ``split`` (the same numbers as ``eval``) and write ``report.md`` with plots."""
+    rows = evaluate(weights, data, imgsz, batch, device, split, trust_checkpoint, details=True)
+    out_dir = new_run_dir(Path(out).parent, Path(out).name)
+    labels = model_labels(weights)
+    classes = list(rows[0]["per_class"])
+    plots.grouped_bars(
+        classes,
+        {lab: [r["per_class"].get(c, 0.0) for c in classes] for lab, r in zip(labels, rows, strict=True)},
+        "AP50-95",
+        "per-class AP",
+        out_dir / "per_class_ap.png",
+    )
+    plots.pr_curves(
+        {lab: (r["pr"]["recall"], r["pr"]["precision"]) for lab, r in zip(labels, rows, strict=True)},
+        out_dir / "pr_curves.png",
+    )
+    images = sample_images(load_data(data, split)[split], samples)
+    if images:
+        grid = [[draw_ground_truth(path)] + [draw_predictions(path, w, imgsz) for w in weights] for path in images]
+        plots.image_grid(grid, ["ground truth", *labels], out_dir / "predictions.png")
+    table = [{k: v for k, v in r.items() if k not in ("per_class", "pr")} for r in rows]
+    report = out_dir / "report.md"
+    report.write_text(markdown(table, labels, classes, rows, data, split, imgsz, bool(images)))
+    return {"out": str(out_dir), "report": str(report), "table": table}
+
+
+def model_labels(weights: list[str]) -> list[str]:
+    """Short, unique names: the file stem, with its run folder when stems repeat (best, best, ...)."""
+    stems = [Path(w).stem for w in weights]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [
+        f"{Path(w).parent.parent.name}/{Path(w).stem}" if Path(w).parent.name == "weights" else str(w) for w in weights
+    ]
+
+
+def sample_images(source: str | list[str], count: int) -> list[Path]:
+    folders = source if isinstance(source, list) else [source]
+    files: list[Path] = []
+    for folder in map(Path, folders):
+        if folder.is_dir():
+            files += sorted(p for p in folder.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
+    return files[:count]
+
+
+def draw_ground_truth(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    height, width = image.shape[:2]
+    label = Path(img2label_paths([str(path)])[0])
+    lines = label.read_text().split("\n") if label.is_file() else []
+    for line in filter(None, (raw.split() for raw in lines)):
+        cls, x, y, w, h = int(float(line[0])), *map(float, line[1:5])
+        top_left = (int((x - w / 2) * width), int((y - h / 2) * height))
+        bottom_right = (int((x + w / 2) * width), int((y + h / 2) * height))
+        cv2.rectangle(image, top_left, bottom_right, GT_COLOR, 2)
+        cv2.putText(
+            image, str(cls), (top_left[0], max(top_left[1] - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, GT_COLOR, 1
+        )
+    return image[:, :, ::-1]
+
+
+def draw_predictions(path: Path, weights: str, imgsz: int) -> np.ndarray:
+    """Boxes of one model (conf >= 0.25) drawn with OpenCV's built-in font: nothing is downloaded."""
+    image = cv2.imread(str(path))
+    result = YOLO(weights, task="detect").predict(str(path), imgsz=imgsz, conf=0.25, device="cpu", verbose=False)[0]
+    for box, cls, conf in zip(
+        result.boxes.xyxy.tolist(), result.boxes.cls.tolist(), result.boxes.conf.tolist(), strict=True
+    ):
+        x1, y1, x2, y2 = map(int, box)
+        cv2.rectangle(image, (x1, y1), (x2, y2), PRED_COLOR, 2)
+        cv2.putText(
+            image, f"{int(cls)} {conf:.2f}", (x1, max(y1 - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, PRED_COLOR, 1
+        )
+    return image[:, :, ::-1]
+
+
+def markdown(
+    table: list[dict],
+    labels: list[str],
+    classes: list[str],
+    rows: list[dict],
+    data: str,
+    split: str,
+    imgsz: int,
+    with_samples: bool,
+) -> str:
+    lines = [
+        f"# Model comparison on the {split} split of `{data}` (imgsz {imgsz})",
+        "",
+        "| model | params | GFLOPs | mAP50-95 | mAP50 | ms/img |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {lab} | {r['params']:,} | {r['gflops']:.2f} | {r['mAP50-95']:.4f} | {r['mAP50']:.4f} | "
+        f"{r['ms_per_img']:.2f} |"
+        for lab, r in zip(labels, table, strict=True)
+    ]
+    lines += [
+        "",
+        "## Per-class AP50-95",
+        "",
+        "![per-class AP](per_class_ap.png)",
+        "",
+        "| class | " + " | ".join(labels) + " |",
+        "|---" * (len(labels) + 1) + "|",
+    ]
+    lines += [f"| {c} | " + " | ".join(f"{r['per_class'].get(c, 0.0):.4f}" for r in rows) + " |" for c in classes]
+    lines += ["", "## Precision-recall (IoU 0.5, mean over classes)", "", "![PR curves](pr_curves.png)", ""]
+    if with_samples:
+        lines += [
+            "## Sample predictions (green: ground truth, red: predictions with conf >= 0.25)",
+            "",
+            "![predictions](predictions.png)",
+            "",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""One epoch of distillation and one validation pass: the training step, top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from ultralytics.utils.torch_utils import ModelEMA
+
+from . import dist
+from .config import RunConfig
+from .distiller import Distiller, Teacher
+from .errors import EXIT_RUNTIME, DistillError
+from .evaluation import Validation, run_validator
+from .schedule import interp, lr_factor, warmup_steps, weight_factor
+
+LOG_EVERY = 10  # steps between reads of loss values from the device (each read is a host-device sync)
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training; what ``last.pt`` must hold to resume exactly."""
+
+    cfg: RunConfig
+    model: nn.Module  # the Distiller, possibly wrapped in DDP
+    teacher: Teacher | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: fp32
+    steps_per_epoch: int
+    accumulate: int
+    step: int = 0  # global step, across epochs
+    last_opt_step: int = -1
+    bad_steps: int = 0  # consecutive non-finite steps
+    skipped_steps: int = 0
+    balance: dict[str, float] = field(default_factory=dict)  # automatic per-term factors (1.0 until calibrated)
+    balance_sums: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1
+
+    @property
+    def distiller(self) -> Distiller:
+        return getattr(self.model, "module", self.model)
+
+
+def term_weights(state: TrainState) -> dict[str, float]:
+    """Each term's weight at the current step: recipe weight x schedule x automatic balance factor."""
+    cfg = state.cfg
+    return {
+        name: spec.weight
+        * weight_factor(spec.schedule, state.step, cfg.epochs, state.steps_per_epoch)
+        * state.balance.get(name, 1.0)
+        for name, spec in cfg.recipe.losses.items()
+    }
+
+
+def set_learning_rate(state: TrainState, epoch: int) -> None:
+    """Warm-up (bias LR falls from warmup_bias_lr, others rise from 0; momentum rises), then the epoch schedule."""
+    cfg, ni = state.cfg, state.step
+    nw = warmup_steps(cfg, state.steps_per_epoch)
+    for group in state.optimizer.param_groups:
+        target = group["initial_lr"] * lr_factor(cfg, epoch)
+        if nw and ni <= nw:
+            start = cfg.warmup_bias_lr if group.get("param_group") == "bias" else 0.0
+            group["lr"] = interp(ni, nw, start, target)
+            if "momentum" in group:
+                group["momentum"] = interp(ni, nw, cfg.warmup_momentum, cfg.momentum)
+            elif "betas" in group:
+                group["betas"] = (interp(ni, nw, cfg.warmup_momentum, cfg.momentum), group["betas"][1])
+        else:
+            group["lr"] = target
+
+
+def train_one_epoch(
+    state: TrainState, loader, epoch: int, on_log: Callable[[int, dict[str, float]], None] | None = None
+) -> dict[str, float]:
+    """Train one epoch; returns the epoch's mean of every logged value (detection items, raw and weighted terms)."""
+    state.model.train()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    nw = warmup_steps(state.cfg, state.steps_per_epoch)
+    for i, batch in enumerate(loader):
+        set_learning_rate(state, epoch)
+        if nw and state.step <= nw:  # accumulate ramps up with the warm-up, as in ultralytics
+            state.accumulate = max(1, round(interp(state.step, nw, 1, target_accumulate(state))))
+        batch = preprocess(batch, state.device)
+        weights = term_weights(state)
+        active = tuple(name for name, w in weights.items() if w > 0)
+
+        with autocast(state):
+            teacher_out = state.teacher(batch["img"]) if active and state.teacher else None
+            det_loss, det_items, terms = state.model(batch, teacher_out, active)
+            distill = sum((weights[k] * terms[k] for k in active), torch.zeros((), device=state.device))
+            # ultralytics scales its loss by the batch size; x world size, as DDP averages the ranks' gradients
+            loss = (det_loss + distill) * batch["img"].shape[0] * state.world_size
+
+        logs = {**{k: v.detach() for k, v in det_items.items()}, "det_loss": det_loss.detach()}
+        logs.update({f"{k}_raw": v.detach() for k, v in terms.items()})
+        logs.update({f"{k}_w": (weights[k] * v).detach() for k, v in terms.items()})
+        logs["distill_loss"] = distill.detach()
+        if not step_is_finite(state, loss, logs):
+            state.step += 1
+            continue
+        state.scaler.scale(loss).backward()
+        if state.step - state.last_opt_step >= state.accumulate:
+            optimizer_step(state)
+            state.last_opt_step = state.step
+        update_balance(state, det_loss, terms, weights)
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0) + v.float()
+        count += 1
+        state.step += 1
+        if on_log and (i % LOG_EVERY == 0 or i == len(loader) - 1):
+            on_log(i, {k: float(v) / count for k, v in sums.items()})
+    return {k: float(v) / max(count, 1) for k, v in sums.items()}
+
+
+def nominal_accumulate(cfg: RunConfig) -> int:
+    """Steps whose gradients add up before an optimizer step: the nominal batch ``nbs`` over the batch size."""
+    return max(round(cfg.nbs / cfg.batch), 1)
+
+
+def target_accumulate(state: TrainState) -> int:
+    """The nominal accumulation, capped at the run's length so that short runs still step."""
+    return min(nominal_accumulate(state.cfg), state.steps_per_epoch * state.cfg.epochs)
+
+
+def preprocess(batch: dict, device: torch.device) -> dict:
+    batch["img"] = batch["img"].to(device, non_blocking=True).float() / 255
+    if device.type == "cuda":
+        batch["img"] = batch["img"].contiguous(memory_format=torch.channels_last)
+    for key in ("cls", "bboxes", "batch_idx"):
+        batch[key] = batch[key].to(device, non_blocking=True)
+    return batch
+
+
+def autocast(state: TrainState) -> contextlib.AbstractContextManager:
+    if state.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=state.device.type, dtype=state.amp_dtype)
+
+
+def step_is_finite(state: TrainState, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> bool:
+    """Skip a step whose loss is NaN/inf, name the bad term, stop after ``max_bad_steps`` in a row."""
+    if dist.all_agree(bool(torch.isfinite(loss)), state.device):  # ranks must skip together or DDP hangs
+        state.bad_steps = 0
+        return True
+    bad = [k for k, v in logs.items() if not torch.isfinite(v).all()] or ["loss"]
+    state.bad_steps += 1
+    state.skipped_steps += 1
+    state.optimizer.zero_grad(set_to_none=True)
+    warnings.warn(
+        f"step {state.step}: non-finite {', '.join(bad)}; step skipped ({state.skipped_steps} so far)", stacklevel=2
+    )
+    if state.bad_steps >= state.cfg.max_bad_steps:
+        raise DistillError(
+            f"{state.bad_steps} consecutive non-finite steps (last bad: {', '.join(bad)}); stopped. "
+            f"The last good checkpoint is kept; lower lr0 or the distillation weights, or try --no-amp",
+            EXIT_RUNTIME,
+        )
+    return False
+
+
+def optimizer_step(state: TrainState) -> None:
+    """Unscale, clip, step (skipped when gradients are non-finite), update the EMA of the student."""
+    state.scaler.unscale_(state.optimizer)
+    params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    norm = nn.utils.clip_grad_norm_(params, max_norm=state.cfg.grad_clip)
+    if not torch.isfinite(norm) and not state.scaler.is_enabled():
+        state.skipped_steps += 1
+        warnings.warn(f"step {state.step}: non-finite gradients; optimizer step skipped", stacklevel=2)
+    else:
+        state.scaler.step(state.optimizer)  # with fp16 the scaler itself skips inf/NaN gradients
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.update(state.distiller.student)
+
+
+def update_balance(state: TrainState, det_loss: torch.Tensor, terms: dict, weights: dict[str, float]) -> None:
+    """Automatic balance: average the detection loss and each raw term over the first N steps, then fix each term's
+    factor so that its weighted value is ``target`` x the detection loss."""
+    balance = state.cfg.recipe.balance
+    if balance.target <= 0 or state.step >= balance.steps or not terms:
+        return
+    sums = state.balance_sums
+    sums["det_loss"] = sums.get("det_loss", 0.0) + float(det_loss)
+    for k, v in terms.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    if state.step == balance.steps - 1:
+        for k in terms:
+            raw = sums[k] * state.cfg.recipe.losses[k].weight
+            state.balance[k] = balance.target * sums["det_loss"] / raw if raw > 0 and math.isfinite(raw) else 1.0
+
+
+def validate(model: nn.Module, loader, cfg: RunConfig, device: torch.device) -> Validation:
+    """mAP of ``model`` on the run's validation loader, with ultralytics' DetectionValidator."""
+    args = {
+        "data": cfg.data,
+        "imgsz": cfg.imgsz,
+        "batch": loader.batch_size,
+        "split": cfg.val_split,
+        "device": "cpu" if device.type == "cpu" else str(device.index or 0),
+    }
+    return run_validator(model, args, loader)

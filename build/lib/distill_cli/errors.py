@@ -1,0 +1,21 @@
+"""The one error type the library raises for problems a user can fix."""
+
+from __future__ import annotations
+
+# Stable exit codes: scripts and CI branch on these.
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad input: files, options, recipes, data
+EXIT_RUNTIME = 3  # the run itself failed (non-finite losses, disk full, ...)
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: last.pt written, resumable
+
+
+class DistillError(Exception):
+    """A problem the user can fix, told in one line: what is wrong and what to do.
+
+    The CLI prints ``message`` and exits with ``exit_code``; the Python API lets it propagate.
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code

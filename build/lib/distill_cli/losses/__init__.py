@@ -1,0 +1,28 @@
+"""Distillation losses, registered by name. Importing this package registers every method."""
+
+from . import feature, output  # noqa: F401  (registration side effect)
+from .registry import (
+    LOSSES,
+    SCHEDULE_KINDS,
+    DistillContext,
+    DistillLoss,
+    FeatureLoss,
+    OutputLoss,
+    build_loss,
+    check_loss_spec,
+    loss_params,
+    register,
+)
+
+__all__ = [
+    "LOSSES",
+    "SCHEDULE_KINDS",
+    "DistillContext",
+    "DistillLoss",
+    "FeatureLoss",
+    "OutputLoss",
+    "build_loss",
+    "check_loss_spec",
+    "loss_params",
+    "register",
+]

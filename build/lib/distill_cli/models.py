@@ -1,0 +1,139 @@
+"""Load teachers and students (checkpoint or yaml) safely; write student-only checkpoints atomically."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from copy import deepcopy
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from ultralytics import __version__ as ULTRALYTICS_VERSION
+from ultralytics.nn.tasks import DetectionModel, guess_model_task, torch_safe_load
+
+from . import __version__
+from .errors import EXIT_RUNTIME, DistillError
+
+
+def load_model(spec: str | Path, role: str = "model", nc: int | None = None, trust: bool = False) -> DetectionModel:
+    """A float32 detection model from an ultralytics checkpoint (``.pt``) or a model yaml (``yolov8n.yaml``).
+
+    Checkpoints load with ``torch.load(weights_only=True)`` against ultralytics' allow-list of model classes, so a
+    crafted pickle cannot run code; ``trust=True`` opts into a full (unsafe) load.
+    """
+    spec = str(spec)
+    if spec.endswith((".yaml", ".yml")):
+        return _build_from_yaml(spec, role, nc)
+    path = Path(spec)
+    if not path.is_file():
+        raise DistillError(f"{role} '{spec}' not found; give a .pt checkpoint or a model yaml such as yolov8n.yaml")
+    if path.suffix != ".pt":
+        raise DistillError(f"{role} '{spec}' is not a .pt checkpoint or a .yaml model definition")
+    ckpt = read_checkpoint(path, role, trust)
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if not isinstance(model, nn.Module):
+        raise DistillError(f"{role} '{spec}' holds no model; is it an ultralytics checkpoint?")
+    if type(model) is not DetectionModel:  # Segmentation/Pose/OBB models subclass DetectionModel
+        task = getattr(model, "task", None) or guess_model_task(model)
+        raise DistillError(f"{role} '{spec}' is a {task} model; yolodistill distils detection models (task=detect)")
+    model = model.float()
+    model.args = {**ckpt.get("train_args", {})} if isinstance(ckpt.get("train_args"), dict) else {}
+    model.criterion = None
+    return model
+
+
+def read_checkpoint(path: Path, role: str, trust: bool) -> Any:
+    if trust:
+        warnings.warn(
+            f"loading {role} '{path}' with a full unpickle (--trust-checkpoint): it can run code", stacklevel=3
+        )
+    if not zipfile.is_zipfile(path):
+        raise DistillError(
+            f"{role} '{path}' is not a checkpoint (not a torch zip archive: truncated, text or another format)"
+        )
+    try:
+        return torch_safe_load(str(path), safe_only=not trust)[0]
+    except TypeError as e:
+        if "outside the supported" in str(e):
+            raise DistillError(
+                f"{role} '{path}' references code outside the ultralytics/torch model classes and was not loaded; "
+                f"if you trust its author, pass --trust-checkpoint"
+            ) from e
+        raise DistillError(f"{role} '{path}' is not a loadable checkpoint: {str(e).splitlines()[0]}") from e
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ModuleNotFoundError) as e:
+        raise DistillError(f"{role} '{path}' is not a loadable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _build_from_yaml(spec: str, role: str, nc: int | None) -> DetectionModel:
+    try:
+        model = DetectionModel(spec, nc=nc, verbose=False)
+    except FileNotFoundError as e:
+        raise DistillError(f"{role} yaml '{spec}' not found; ultralytics knows e.g. yolov8n.yaml, yolo11s.yaml") from e
+    except Exception as e:  # ultralytics raises many kinds for a malformed model yaml
+        raise DistillError(f"{role} yaml '{spec}' does not build a model: {type(e).__name__}: {e}") from e
+    if type(model) is not DetectionModel or getattr(model, "task", "detect") != "detect":
+        raise DistillError(f"{role} yaml '{spec}' is not a detection model")
+    model.args = {}
+    return model
+
+
+def class_names(model: nn.Module) -> list[str]:
+    names = getattr(model, "names", None) or {}
+    return [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise DistillError(
+            f"could not write '{path}' ({e.strerror or e}); the previous file is intact", EXIT_RUNTIME
+        ) from e
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_student(
+    path: Path, model: nn.Module, train_args: dict, distill_meta: dict, resume: dict | None = None
+) -> None:
+    """A standard ultralytics checkpoint holding only the student (fp16), loadable with ``YOLO(path)``.
+
+    ``train_args`` and ``distill_meta`` (teacher, recipe, our version, metrics) are plain data; ``resume`` (optimizer,
+    adapters, EMA counters, RNG) is only present in an unfinished run's ``last.pt``.
+    """
+    student = deepcopy(model).half()
+    student.criterion = None
+    student.args = dict(train_args)
+    ckpt = {
+        "date": datetime.now(timezone.utc).isoformat(),
+        "version": ULTRALYTICS_VERSION,
+        "model": student,
+        "train_args": dict(train_args),
+        "distill": {**distill_meta, "yolodistill_version": __version__},
+    }
+    if resume is not None:
+        ckpt["resume"] = resume
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())

@@ -1,0 +1,48 @@
+"""``probe-channels``: the layers of both models and the pairing + adapters a recipe will use."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from .config import load_recipe
+from .features import pair_layers, probe_layers
+from .losses import LOSSES
+from .models import load_model
+
+
+def probe_channels(
+    teacher: str,
+    student: str,
+    imgsz: int = 640,
+    layers: str | list[int] | None = None,
+    recipe: str | None = None,
+    trust_checkpoint: bool = False,
+) -> dict[str, Any]:
+    """Every candidate layer of both models (index, module, C x H x W, stride) and the layer pairs with adapters.
+
+    The pairing is that of ``layers`` (a group or student indices), else of each feature term of ``recipe``, else
+    the default: the maps feeding the Detect head, matched by stride.
+    """
+    teacher_model = load_model(teacher, "teacher", trust=trust_checkpoint)
+    student_model = load_model(student, "student", trust=trust_checkpoint)
+    teacher_infos, student_infos = probe_layers(teacher_model, imgsz), probe_layers(student_model, imgsz)
+    selections: dict[str, str | list[int]] = {"default": layers or "head_inputs"}
+    if recipe is not None and layers is None:
+        spec = load_recipe(recipe)
+        selections = {
+            name: term.layers if term.layers is not None else spec.layers
+            for name, term in spec.losses.items()
+            if LOSSES[term.type].level == "feature"
+        }
+    pairings = {
+        name: [p.as_dict() for p in pair_layers(student_model, teacher_model, student_infos, teacher_infos, sel)]
+        for name, sel in selections.items()
+    }
+    return {
+        "imgsz": imgsz,
+        "teacher": {"model": str(teacher), "layers": [asdict(i) for i in teacher_infos]},
+        "student": {"model": str(student), "layers": [asdict(i) for i in student_infos]},
+        "selection": {k: v for k, v in selections.items()},
+        "pairs": pairings,
+    }

@@ -1,0 +1,201 @@
+"""What distillation did, per run: report.md with loss, mAP, schedule, per-class AP and feature-agreement plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import plots
+from .engine import TrainState, preprocess, validate
+from .evaluation import Validation
+from .models import class_names
+from .schedule import weight_factor
+
+AGREEMENT_BATCHES = 2
+AGREEMENT_ROWS = 4096  # positions sampled per pair: CKA needs a few thousand, not every pixel
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment (Kornblith et al., ICML 2019) of (n, p) and (n, q) representations:
+    ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` after centring columns. 1 = same up to rotation and scale."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = (y.T @ x).norm() ** 2
+    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()).clamp(min=1e-12))
+
+
+def as_rows(feature: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C): each position is a sample, channels its features."""
+    return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+
+
+@torch.no_grad()
+def feature_agreement(state: TrainState, loader) -> dict[str, float]:
+    """CKA between each adapted student map and its teacher map on a few validation batches, keyed 'term s->t'."""
+    distiller = state.distiller
+    feature_terms = {n: m for n, m in distiller.terms.items() if isinstance(m, nn.ModuleList) and len(m)}
+    if state.teacher is None or not feature_terms:
+        return {}
+    student, was_training = distiller.student, distiller.student.training
+    student.eval()
+    pairs: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for batch in islice(loader, AGREEMENT_BATCHES):
+            images = preprocess(batch, state.device)["img"]
+            teacher = state.teacher(images)
+            student(images)
+            feats = distiller.hooks.pop()
+            for name, losses in feature_terms.items():
+                for loss, pair in zip(losses, distiller.pairs[name], strict=True):
+                    s, t = (
+                        as_rows(loss.adapter(feats[pair.student]).float()),
+                        as_rows(teacher.feats[pair.teacher].float()),
+                    )
+                    keep = torch.randperm(len(s), generator=generator)[:AGREEMENT_ROWS].to(s.device)
+                    bucket = pairs.setdefault(f"{name} {pair.student}->{pair.teacher}", ([], []))
+                    bucket[0].append(s[keep].cpu())
+                    bucket[1].append(t[keep].cpu())
+    finally:
+        student.train(was_training)
+    return {key: linear_cka(torch.cat(s), torch.cat(t)) for key, (s, t) in pairs.items()}
+
+
+@dataclass
+class Baseline:
+    """Measured before the first step: teacher and starting student on the validation split, feature agreement."""
+
+    teacher: Validation | None
+    before: Validation
+    agreement: dict[str, float] = field(default_factory=dict)
+
+
+def measure_baseline(state: TrainState, teacher_model: torch.nn.Module | None, loader) -> Baseline:
+    """The teacher is validated only when it predicts the student's classes (else its mAP here means nothing)."""
+    student = state.ema.ema if state.ema else state.distiller.student
+    same_classes = teacher_model is not None and class_names(teacher_model) == class_names(student)
+    teacher = validate(teacher_model, loader, state.cfg, state.device) if same_classes else None
+    return Baseline(teacher, validate(student, loader, state.cfg, state.device), feature_agreement(state, loader))
+
+
+def write_report(
+    run_dir: Path,
+    state: TrainState,
+    log: Any,
+    baseline: Baseline,
+    final: Validation | None,
+    agreement_after: dict[str, float],
+) -> Path:
+    """report.md and its PNGs in the run dir; returns the report's path."""
+    figures = run_dir / "report"
+    figures.mkdir(exist_ok=True)
+    cfg, history = state.cfg, log.history
+    lines = [
+        f"# Distillation report: {run_dir.name}",
+        "",
+        f"teacher `{cfg.teacher or '-'}` -> student `{cfg.student}`, recipe `{cfg.recipe_name}`, data `{cfg.data}`, "
+        f"{cfg.epochs} epochs at imgsz {cfg.imgsz}, batch {cfg.batch}",
+        "",
+    ]
+    lines += summary_table(baseline, final, log)
+    steps, series = log.step_series()
+    if steps:
+        plots.loss_curves(steps, series, figures / "losses.png")
+        lines += ["## Loss terms", "", "![losses](report/losses.png)", ""]
+    validated = [row for row in history if "val/mAP50-95" in row]
+    if validated:
+        teacher = baseline.teacher.metrics if baseline.teacher else {}
+        plots.metric_curves(
+            [r["epoch"] for r in validated],
+            {k: [r[f"val/{k}"] for r in validated] for k in ("mAP50-95", "mAP50")},
+            teacher,
+            figures / "metrics.png",
+        )
+        lines += ["## Validation mAP", "", "![metrics](report/metrics.png)", ""]
+    if cfg.recipe.losses:
+        plots.schedules(*schedule_series(state), state.steps_per_epoch, figures / "schedules.png")
+        lines += ["## Distillation weights", "", "![schedules](report/schedules.png)", ""]
+    lines += per_class_section(baseline, final, figures)
+    lines += agreement_section(baseline.agreement, agreement_after, figures)
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def summary_table(baseline: Baseline, final: Validation | None, log: Any) -> list[str]:
+    rows = [("teacher", baseline.teacher), ("student before", baseline.before), ("student after (last epoch)", final)]
+    lines = ["| model | mAP50-95 | mAP50 |", "|---|---|---|"]
+    lines += [f"| {name} | {v.metrics['mAP50-95']:.4f} | {v.metrics['mAP50']:.4f} |" for name, v in rows if v]
+    lines += ["", f"Best epoch {log.best_epoch + 1} (fitness {log.best_fitness:.4f}); `weights/best.pt`.", ""]
+    return lines
+
+
+def schedule_series(state: TrainState) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    cfg = state.cfg
+    steps = np.arange(cfg.epochs * state.steps_per_epoch)
+    weights = {
+        name: np.array(
+            [
+                spec.weight
+                * state.balance.get(name, 1.0)
+                * weight_factor(spec.schedule, int(s), cfg.epochs, state.steps_per_epoch)
+                for s in steps
+            ]
+        )
+        for name, spec in cfg.recipe.losses.items()
+    }
+    return steps, weights
+
+
+def per_class_section(baseline: Baseline, final: Validation | None, figures: Path) -> list[str]:
+    runs = {"teacher": baseline.teacher, "student before": baseline.before, "student after": final}
+    runs = {k: v for k, v in runs.items() if v is not None and v.per_class}
+    if not runs:
+        return []
+    names = list(next(iter(runs.values())).per_class)
+    plots.grouped_bars(
+        names,
+        {k: [v.per_class.get(n, 0.0) for n in names] for k, v in runs.items()},
+        "AP50-95",
+        "per-class AP",
+        figures / "per_class_ap.png",
+    )
+    lines = [
+        "## Per-class AP50-95",
+        "",
+        "![per-class AP](report/per_class_ap.png)",
+        "",
+        "| class | " + " | ".join(runs) + " |",
+        "|---" * (len(runs) + 1) + "|",
+    ]
+    lines += [f"| {n} | " + " | ".join(f"{v.per_class.get(n, 0.0):.4f}" for v in runs.values()) + " |" for n in names]
+    return [*lines, ""]
+
+
+def agreement_section(before: dict[str, float], after: dict[str, float], figures: Path) -> list[str]:
+    if not before:
+        return []
+    keys = list(before)
+    plots.grouped_bars(
+        keys,
+        {"before": [before[k] for k in keys], "after": [after.get(k, 0.0) for k in keys]},
+        "linear CKA",
+        "adapted student vs teacher features",
+        figures / "feature_agreement.png",
+    )
+    lines = [
+        "## Feature agreement (linear CKA, adapted student vs teacher)",
+        "",
+        "![feature agreement](report/feature_agreement.png)",
+        "",
+        "| pair | before | after |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {before[k]:.4f} | {after.get(k, float('nan')):.4f} |" for k in keys]
+    return [*lines, ""]

@@ -1,0 +1,199 @@
+"""A run's directory: config.yaml, results.csv, checkpoint metadata, best tracking, RNG state for resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RunConfig, config_to_dict
+from .errors import DistillError
+from .features import Pair
+from .models import atomic_write_text
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best: Path
+    last: Path
+    best_epoch: int
+    best_metrics: dict[str, float]
+    final_metrics: dict[str, float]
+    epochs_done: int
+    skipped_steps: int
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    report: Path | None = None
+    start_metrics: dict[str, float] = field(default_factory=dict)  # the student before training
+
+
+def new_run_dir(project: str | Path, name: str) -> Path:
+    """``project/name``, or ``name2``, ``name3``... if taken: an earlier run is never overwritten."""
+    project = Path(project)
+    try:
+        project.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10000):
+            candidate = project / (name if n == 1 else f"{name}{n}")
+            try:
+                candidate.mkdir()
+                (candidate / "weights").mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise DistillError(
+            f"cannot create the run directory under '{project}' ({e.strerror}); use --project DIR"
+        ) from e
+    raise DistillError(f"no free run name '{name}N' under '{project}'; use --name")
+
+
+def fitness(metrics: dict[str, float]) -> float:
+    """ultralytics' model-selection score: 0.1 mAP50 + 0.9 mAP50-95."""
+    return 0.1 * metrics.get("mAP50", 0.0) + 0.9 * metrics.get("mAP50-95", 0.0)
+
+
+def tensorboard_writer(run_dir: Path) -> Any:
+    """A SummaryWriter in the run dir, or None with a warning when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn(
+            "--tensorboard needs the tensorboard package (pip install tensorboard); logging to CSV only", stacklevel=3
+        )
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+class RunLog:
+    """Writes the run's files (atomically) and tells the caller what happened through ``callback(event, info)``."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, callback: Callable[[str, dict], None] | None) -> None:
+        self.run_dir, self.cfg, self.callback = run_dir, cfg, callback or (lambda event, info: None)
+        self.last, self.best = run_dir / "weights" / "last.pt", run_dir / "weights" / "best.pt"
+        self.history: list[dict[str, Any]] = []
+        self.best_fitness, self.best_epoch, self.improved = -1.0, -1, False
+        self.config = config_to_dict(cfg)
+        self.train_args = {
+            "task": "detect",
+            "mode": "train",
+            "model": cfg.student,
+            "data": cfg.data,
+            "imgsz": cfg.imgsz,
+            "epochs": cfg.epochs,
+            "batch": cfg.batch,
+            "seed": cfg.seed,
+        }
+        self.started = time.time()
+        self.steps: list[tuple[int, dict[str, float]]] = []  # (global step, running means) at each log point
+        self.steps_per_epoch = 1
+        self.tensorboard = tensorboard_writer(run_dir) if cfg.tensorboard else None
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+
+    def start(self, pairs: dict[str, list[Pair]], params: int, names: list[str], resumed_from: int, state: Any) -> None:
+        """``state`` (the live TrainState) is passed for API users and tests that inspect the models."""
+        self.steps_per_epoch = state.steps_per_epoch
+        info = {
+            "run_dir": str(self.run_dir),
+            "params": params,
+            "names": names,
+            "resumed_from": resumed_from,
+            "pairs": {k: [p.as_dict() for p in v] for k, v in pairs.items()},
+            "epochs": self.cfg.epochs,
+            "state": state,
+        }
+        self.callback("start", info)
+
+    def step(self, epoch: int, index: int, means: dict[str, float]) -> None:
+        step = epoch * self.steps_per_epoch + index
+        self.steps.append((step, means))
+        if self.tensorboard:
+            for key, value in means.items():
+                self.tensorboard.add_scalar(f"train/{key}", value, step)
+        self.callback("step", {"epoch": epoch, "index": index, "means": means})
+
+    def step_series(self) -> tuple[list[int], dict[str, list[float]]]:
+        """Each logged value over steps (NaN where a term was not active)."""
+        keys = list(dict.fromkeys(k for _, means in self.steps for k in means))
+        return [s for s, _ in self.steps], {k: [m.get(k, float("nan")) for _, m in self.steps] for k in keys}
+
+    def epoch(
+        self, epoch: int, means: dict[str, float], metrics: dict[str, float], lrs: list[float], state: Any
+    ) -> None:
+        row = {
+            "epoch": epoch + 1,
+            "time": round(time.time() - self.started, 2),
+            **{k: round(v, 6) for k, v in means.items()},
+        }
+        row.update({f"val/{k}": round(v, 5) for k, v in metrics.items()})
+        row.update({f"lr/pg{i}": lr for i, lr in enumerate(lrs)})
+        row.update({f"balance/{k}": round(v, 6) for k, v in state.balance.items()})
+        row["skipped_steps"] = state.skipped_steps
+        self.history.append(row)
+        self.improved = bool(metrics) and fitness(metrics) > self.best_fitness
+        if self.improved:
+            self.best_fitness, self.best_epoch = fitness(metrics), epoch
+        self.write_csv()
+        if self.tensorboard:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"epoch/{key}", value, epoch + 1)
+            self.tensorboard.flush()
+        self.callback("epoch", {**row, "epochs": self.cfg.epochs, "improved": self.improved})
+
+    def write_csv(self) -> None:
+        columns: list[str] = []
+        for row in self.history:
+            columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir / "results.csv", buffer.getvalue())
+
+    def metadata(self, epoch: int) -> dict[str, Any]:
+        metrics = {k[4:]: v for k, v in (self.history[-1] if self.history else {}).items() if k.startswith("val/")}
+        return {
+            "teacher": self.cfg.teacher,
+            "recipe": self.cfg.recipe_name,
+            "config": self.config,
+            "epoch": epoch + 1,
+            "metrics": metrics,
+            "best_fitness": self.best_fitness,
+        }
+
+    def restore(self, history: list[dict[str, Any]], best_fitness: float, best_epoch: int) -> None:
+        self.history, self.best_fitness, self.best_epoch = list(history), best_fitness, best_epoch
+
+    def metrics_of(self, epoch: int) -> dict[str, float]:
+        row = next((r for r in self.history if r["epoch"] == epoch + 1), {})
+        return {k[4:]: v for k, v in row.items() if k.startswith("val/")}
+
+    def finish(
+        self, seconds: float, skipped_steps: int, report: Path | None = None, start_metrics: dict | None = None
+    ) -> TrainResult:
+        result = TrainResult(
+            self.run_dir,
+            self.best,
+            self.last,
+            self.best_epoch + 1,
+            self.metrics_of(self.best_epoch),
+            self.metrics_of(len(self.history) - 1),
+            len(self.history),
+            skipped_steps,
+            seconds,
+            self.history,
+            report,
+            start_metrics or {},
+        )
+        if self.tensorboard:
+            self.tensorboard.close()
+        self.callback("end", {"result": result})
+        return result

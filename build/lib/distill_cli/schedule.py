@@ -1,0 +1,54 @@
+"""Schedules as plain functions of the global step: distillation weights and the learning rate."""
+
+from __future__ import annotations
+
+import math
+
+from .config import RunConfig, Schedule
+
+
+def stop_step(schedule: Schedule, epochs: int, steps_per_epoch: int) -> int:
+    """First global step with no distillation (``stop_epoch``; negative counts from the end)."""
+    if schedule.stop_epoch is None:
+        return epochs * steps_per_epoch
+    stop = schedule.stop_epoch if schedule.stop_epoch >= 0 else epochs + schedule.stop_epoch
+    return max(0, stop) * steps_per_epoch
+
+
+def weight_factor(schedule: Schedule, step: int, epochs: int, steps_per_epoch: int) -> float:
+    """Multiplier in [0, 1] on a term's weight at global ``step`` (0-based, counted across epochs).
+
+    Linear ramp 0 -> 1 over ``warmup_epochs``; then constant, linear or cosine decay from 1 to ``final`` between the
+    end of warm-up and the stop step; 0 from the stop step on.
+    """
+    stop = stop_step(schedule, epochs, steps_per_epoch)
+    if step >= stop:
+        return 0.0
+    warm = schedule.warmup_epochs * steps_per_epoch
+    ramp = min(1.0, step / warm) if warm > 0 else 1.0
+    progress = min(1.0, max(0.0, (step - warm) / max(stop - warm, 1)))
+    if schedule.kind == "linear":
+        decay = 1.0 - (1.0 - schedule.final) * progress
+    elif schedule.kind == "cosine":
+        decay = schedule.final + (1.0 - schedule.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0
+    return ramp * decay
+
+
+def lr_factor(cfg: RunConfig, epoch: int) -> float:
+    """Epoch-level LR multiplier: linear or cosine from 1 to ``lrf`` over the run (as ultralytics)."""
+    if cfg.cos_lr:
+        return ((1 - math.cos(epoch * math.pi / cfg.epochs)) / 2) * (cfg.lrf - 1) + 1
+    return max(1 - epoch / cfg.epochs, 0) * (1.0 - cfg.lrf) + cfg.lrf
+
+
+def warmup_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """Warm-up length in steps, leaving at least the final epoch for regular training."""
+    epochs = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0))
+    return round(epochs * steps_per_epoch) if epochs > 0 else 0
+
+
+def interp(x: float, x1: float, y0: float, y1: float) -> float:
+    """Linear from (0, y0) to (x1, y1)."""
+    return y0 + (y1 - y0) * min(1.0, x / x1) if x1 > 0 else y1

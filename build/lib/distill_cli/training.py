@@ -1,0 +1,322 @@
+"""Build everything a distillation run needs, loop over epochs, validate, checkpoint, resume."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from ultralytics.utils.torch_utils import ModelEMA, init_seeds
+
+from . import dist
+from .checkpoint import load_resume, restore_state, save_checkpoints
+from .config import RunConfig, apply_overrides, load_recipe
+from .data import build_loader, hyperparameters, load_data
+from .distiller import Distiller, Teacher, build_terms
+from .engine import TrainState, nominal_accumulate, target_accumulate, train_one_epoch, validate
+from .errors import EXIT_INTERRUPTED, DistillError
+from .evaluation import Validation
+from .models import class_names, count_params, load_model
+from .report import feature_agreement, measure_baseline, write_report
+from .runlog import RunLog, TrainResult, new_run_dir
+
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the loop stops after the current step."""
+
+
+def resolve_config(cfg: RunConfig | None = None, recipe: str | None = None, **overrides: Any) -> RunConfig:
+    """A RunConfig from an optional base, a recipe name/path and field overrides (``epochs=5``,
+    ``**{"losses.cwd.weight": 2}``)."""
+    cfg = cfg or RunConfig()
+    if recipe is not None:
+        cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=recipe)
+    elif not cfg.recipe.losses and cfg.recipe_name:
+        cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def select_device(spec: str) -> torch.device:
+    spec = str(spec).strip().lower()
+    if spec in ("", "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if "," in spec:
+        raise DistillError(f"--device {spec}: several devices need torchrun (see README, multi-GPU)")
+    index = 0 if spec in ("cuda", "gpu") else spec.removeprefix("cuda:")
+    if not str(index).isdigit():
+        raise DistillError(f"--device '{spec}' not understood; use cpu, cuda, 0, 1, ...")
+    if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
+        raise DistillError(f"--device {spec}: no such CUDA device on this machine; use --device cpu")
+    return torch.device(f"cuda:{index}")
+
+
+def amp_dtypes(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
+    """(student autocast dtype or None, teacher dtype): bf16 where the GPU supports it, else fp16 (with a grad
+    scaler); fp32 on CPU and with --no-amp, where the teacher's features must match the fp32 student's."""
+    if device.type != "cuda" or not cfg.amp:
+        return None, torch.float32
+    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return half, half
+
+
+def build_optimizer(
+    model: Distiller, cfg: RunConfig, nc: int, iterations: int
+) -> tuple[torch.optim.Optimizer, RunConfig]:
+    """ultralytics' recipe: weight decay on conv/linear weights only; ``auto`` picks AdamW with a fitted LR for short
+    runs and SGD for long ones. Adapters and generators are in the optimizer with the student."""
+    if cfg.optimizer == "auto":
+        long_run = iterations > 10000
+        lr = 0.01 if long_run else round(0.002 * 5 / (4 + nc), 6)
+        cfg = replace(cfg, optimizer="SGD" if long_run else "AdamW", lr0=lr, momentum=0.9, warmup_bias_lr=0.0)
+    decay, no_decay, biases = [], [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if name == "bias":
+                biases.append(param)
+            elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    weight_decay = cfg.weight_decay * cfg.batch * nominal_accumulate(cfg) / cfg.nbs
+    if cfg.optimizer == "AdamW":
+        optimizer_cls, options = torch.optim.AdamW, {"betas": (cfg.momentum, 0.999)}
+    elif cfg.optimizer == "SGD":
+        optimizer_cls, options = torch.optim.SGD, {"momentum": cfg.momentum, "nesterov": True}
+    else:
+        raise DistillError(f"optimizer '{cfg.optimizer}' unknown; valid: auto, SGD, AdamW")
+    groups = [
+        {"params": biases, "weight_decay": 0.0, "param_group": "bias"},
+        {"params": decay, "weight_decay": weight_decay, "param_group": "weight"},
+        {"params": no_decay, "weight_decay": 0.0, "param_group": "bn"},
+    ]
+    optimizer = optimizer_cls(groups, lr=cfg.lr0, **options)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", cfg.lr0)
+    return optimizer, cfg
+
+
+def load_models(cfg: RunConfig, data: dict) -> tuple[nn.Module | None, nn.Module]:
+    """(teacher or None when the recipe distils nothing, student with the data's class names)."""
+    names = data["names"]
+    teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if cfg.recipe.losses else None
+    student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
+    if student.model[-1].nc != len(names):
+        raise DistillError(
+            f"student has {student.model[-1].nc} classes but the data has {len(names)}; "
+            f"start from a yaml (e.g. yolov8n.yaml) or a checkpoint trained on these classes"
+        )
+    student.names = dict(enumerate(names.values() if isinstance(names, dict) else names))
+    for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
+        param.requires_grad_(".dfl" not in name)
+    if teacher is not None and str(cfg.teacher).endswith((".yaml", ".yml")):
+        warnings.warn("the teacher is built from a yaml, so it is untrained; give its trained .pt", stacklevel=2)
+    return teacher, student
+
+
+def checked_imgsz(cfg: RunConfig, stride: int) -> RunConfig:
+    size = max(stride, math.ceil(cfg.imgsz / stride) * stride)
+    if size != cfg.imgsz:
+        warnings.warn(f"imgsz {cfg.imgsz} is not a multiple of the stride {stride}; using {size}", stacklevel=2)
+    return replace(cfg, imgsz=size)
+
+
+def train(
+    cfg: RunConfig | None = None,
+    *,
+    recipe: str | None = None,
+    resume: str | Path | None = None,
+    callback: Callback | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Distil ``cfg.student`` from ``cfg.teacher`` on ``cfg.data``; return where the student went and its mAP.
+
+    ``callback(event, info)`` receives ``start``, ``step`` (running means), ``epoch`` (the results row) and ``end``.
+    Under ``torchrun`` every rank calls this; rank 0 alone writes files, validates and calls back.
+    """
+    cfg, checkpoint = load_resume(resume) if resume is not None else (resolve_config(cfg, recipe, **overrides), None)
+    for key in ("teacher", "student", "data") if cfg.recipe.losses else ("student", "data"):
+        if not getattr(cfg, key):
+            raise DistillError(f"no {key} given; pass --{key}")
+    if cfg.batch < 1 or cfg.epochs < 1:
+        raise DistillError("--batch and --epochs must be at least 1")
+    info = dist.from_environment()
+    if "," in cfg.device and not info.enabled:
+        raise DistillError(f"--device {cfg.device}: several devices need torchrun (see README, multi-GPU)")
+    device = dist.init(info, cfg.device) if info.enabled else select_device(cfg.device)
+    try:
+        state, log, loaders, hyp, start_epoch = prepare(cfg, checkpoint, callback, info, device)
+        return fit(state, log, *loaders, hyp, start_epoch)
+    finally:
+        dist.shutdown()
+
+
+def prepare(cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, info: dist.DistInfo, device):
+    """Data, models, adapters, optimizer, EMA and the run dir: everything the epoch loop needs."""
+    init_seeds(cfg.seed + info.rank, deterministic=cfg.deterministic)
+    # oneDNN's CPU convolutions are not bitwise reproducible across processes (buffer alignment picks kernels):
+    # deterministic runs use PyTorch's own kernels, so that a resumed run equals an uninterrupted one bit for bit.
+    torch.backends.mkldnn.enabled = not (cfg.deterministic and device.type == "cpu")
+    data = load_data(cfg.data, cfg.val_split)
+    teacher_model, student = load_models(cfg, data)
+    stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
+    cfg = checked_imgsz(cfg, stride)
+    batch = dist.per_rank_batch(cfg.batch, info.world_size)
+    hyp = hyperparameters(
+        imgsz=cfg.imgsz,
+        batch=batch,
+        close_mosaic=cfg.close_mosaic,
+        cache=cfg.cache,
+        fraction=cfg.fraction,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        deterministic=cfg.deterministic,
+    )
+    student.args = hyp
+    terms, pairs = build_terms(student, teacher_model, cfg.recipe, cfg.imgsz) if teacher_model else ({}, {})
+    run_dir = None
+    if info.is_main:
+        run_dir = Path(checkpoint["run_dir"]) if checkpoint else new_run_dir(cfg.project, cfg.name)
+    rank = info.rank if info.enabled else -1
+    train_loader = build_loader(data, "train", hyp, batch, cfg.workers, stride, train=True, rank=rank)
+    val_loader = None
+    if info.is_main:
+        val_loader = build_loader(data, cfg.val_split, hyp, batch * 2, cfg.workers, stride, train=False)
+    student = student.to(device)
+    ema = ModelEMA(student) if cfg.ema and info.is_main else None  # before the Distiller hooks the student
+    distiller = Distiller(student, terms, pairs).to(device)
+    model = distiller
+    if info.enabled:  # adapters train inside the wrapped module, so their gradients are averaged too
+        model = DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=bool(terms)
+        )
+    amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
+    teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
+    teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype) if teacher_model else None
+    iterations = math.ceil(len(train_loader.dataset) * info.world_size / max(cfg.batch, cfg.nbs)) * cfg.epochs
+    optimizer, cfg = build_optimizer(distiller, cfg, len(data["names"]), iterations)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    state = TrainState(
+        cfg,
+        model,
+        teacher,
+        optimizer,
+        scaler,
+        ema,
+        device,
+        amp_dtype,
+        len(train_loader),
+        accumulate=1,
+        world_size=info.world_size,
+    )
+    state.accumulate = target_accumulate(state)
+    log = RunLog(run_dir, cfg, callback) if info.is_main else None
+    start_epoch = restore_state(state, checkpoint, log, train_loader) if checkpoint else 0
+    if checkpoint and not info.is_main:  # rank 0's RNG was saved; the others draw their own streams again
+        init_seeds(cfg.seed + info.rank + 1000 * start_epoch, deterministic=cfg.deterministic)
+    if log:
+        log.start(pairs, count_params(student), class_names(student), start_epoch, state)
+    return state, log, (train_loader, val_loader), hyp, start_epoch
+
+
+def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, start_epoch: int) -> TrainResult | None:
+    """The epoch loop: train, validate and save on rank 0, stop cleanly on SIGINT/SIGTERM, then the report."""
+    cfg, device = state.cfg, state.device
+    start = time.time()
+    teacher_model = state.teacher.model if state.teacher else None
+    baseline = measure_baseline(state, teacher_model, val_loader) if log and cfg.report and start_epoch == 0 else None
+    final = None
+    with StopOnSignal() as stop:
+        try:
+            if start_epoch == 0 and log:
+                save_checkpoints(state, log, train_loader, epoch=-1, final=False)  # epoch 0 interrupted: last.pt
+            for epoch in range(start_epoch, cfg.epochs):
+                start_epoch_data(train_loader, hyp, cfg, epoch, start_epoch)
+                on_log = (lambda i, m, epoch=epoch: log.step(epoch, i, m)) if log else None
+                means = dist.average(train_one_epoch(state, stop.watch(train_loader, device), epoch, on_log), device)
+                if log:
+                    final = end_epoch(state, log, val_loader, train_loader, epoch, means) or final
+                dist.barrier()  # the other ranks wait for rank 0's validation and saves
+        except Interrupted:
+            where = f"{log.last} holds the last completed epoch. Resume: yolodistill train --resume {log.run_dir}"
+            raise DistillError(f"interrupted; {where if log else 'see rank 0'}", EXIT_INTERRUPTED) from None
+    if not log:
+        return None
+    report = None
+    if baseline is not None:
+        report = write_report(log.run_dir, state, log, baseline, final, feature_agreement(state, val_loader))
+    before = baseline.before.metrics if baseline else {}
+    return log.finish(time.time() - start, state.skipped_steps, report, before)
+
+
+def start_epoch_data(train_loader, hyp, cfg: RunConfig, epoch: int, start_epoch: int) -> None:
+    """Mosaic off for the last ``close_mosaic`` epochs (also when resuming inside them); a new DDP shuffle."""
+    closing = max(cfg.epochs - cfg.close_mosaic, 0)
+    if epoch == closing or (epoch == start_epoch and epoch > closing):
+        train_loader.dataset.close_mosaic(hyp)
+        train_loader.reset()
+    if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler
+        train_loader.sampler.set_epoch(epoch)
+
+
+def end_epoch(state: TrainState, log: RunLog, val_loader, train_loader, epoch: int, means: dict) -> Validation | None:
+    """Rank 0: validate when due, log the row, save last.pt (and best.pt if it improved)."""
+    cfg = state.cfg
+    due = (epoch + 1) % cfg.val_interval == 0 or epoch == cfg.epochs - 1
+    model = state.ema.ema if state.ema else state.distiller.student
+    result = validate(model, val_loader, cfg, state.device) if due else None
+    log.epoch(epoch, means, result.metrics if result else {}, [g["lr"] for g in state.optimizer.param_groups], state)
+    save_checkpoints(state, log, train_loader, epoch, final=epoch == cfg.epochs - 1)
+    return result
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary, on every rank at the same step."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.flag = True
+
+    def watch(self, loader, device: torch.device):
+        """The loader's batches, stopping with Interrupted at the first step after a signal on any rank."""
+        stop = self
+
+        class Watched:
+            def __len__(self) -> int:
+                return len(loader)
+
+            def __iter__(self):
+                for batch in loader:
+                    if dist.any_rank(stop.flag, device):
+                        raise Interrupted
+                    yield batch
+
+        return Watched()
