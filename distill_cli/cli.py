@@ -224,7 +224,7 @@ def export(
 @handled
 def demo(
     out: str = typer.Option("runs/demo", help="Folder for the generated data and the three runs."),
-    epochs: int = typer.Option(10, help="Student epochs (the teacher gets 1.5x as many)."),
+    epochs: int = typer.Option(20, help="Student epochs (the teacher gets 1.5x as many)."),
     json_out: bool = JSON,
 ) -> None:
     """No downloads: draw a dataset, train a teacher, distil a student, compare with a plain student."""

@@ -86,10 +86,7 @@ def test_eval_json_from_the_cli(trained: Path, synthetic_data: Path) -> None:
 
 def test_demo_end_to_end_small(tmp_path: Path) -> None:
     report = run_demo(tmp_path / "demo", epochs=1, n_train=8, n_val=4, imgsz=64)
-    assert [row["model"].split(":")[0] for row in report["table"]] == [
-        "teacher",
-        "student (plain)",
-        "student (distilled)",
-    ]
+    assert [row["model"] for row in report["table"]] == ["teacher", "student (plain)", "student (distilled)"]
     for row in report["table"]:
-        assert Path(row["model"].split(": ")[1]).is_file()
+        assert Path(row["weights"]).is_file()
+    assert (Path(report["out"]) / "student_distilled" / "report.md").is_file()
