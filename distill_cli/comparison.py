@@ -16,7 +16,7 @@ from .evaluation import evaluate
 from .runlog import new_run_dir
 
 GT_COLOR = (40, 200, 40)
-PRED_COLOR = (230, 60, 40)
+PRED_COLOR = (40, 60, 230)  # BGR: red
 
 
 def compare(
@@ -79,30 +79,30 @@ def draw_ground_truth(path: Path) -> np.ndarray:
     image = cv2.imread(str(path))
     height, width = image.shape[:2]
     label = Path(img2label_paths([str(path)])[0])
-    lines = label.read_text().split("\n") if label.is_file() else []
-    for line in filter(None, (raw.split() for raw in lines)):
-        cls, x, y, w, h = int(float(line[0])), *map(float, line[1:5])
-        top_left = (int((x - w / 2) * width), int((y - h / 2) * height))
-        bottom_right = (int((x + w / 2) * width), int((y + h / 2) * height))
-        cv2.rectangle(image, top_left, bottom_right, GT_COLOR, 2)
-        cv2.putText(
-            image, str(cls), (top_left[0], max(top_left[1] - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, GT_COLOR, 1
-        )
-    return image[:, :, ::-1]
+    rows = [line.split() for line in label.read_text().splitlines() if line.strip()] if label.is_file() else []
+    boxes = [
+        ((x - w / 2) * width, (y - h / 2) * height, (x + w / 2) * width, (y + h / 2) * height)
+        for x, y, w, h in (map(float, row[1:5]) for row in rows)
+    ]
+    return annotate(image, boxes, [str(int(float(row[0]))) for row in rows], GT_COLOR)
 
 
 def draw_predictions(path: Path, weights: str, imgsz: int) -> np.ndarray:
-    """Boxes of one model (conf >= 0.25) drawn with OpenCV's built-in font: nothing is downloaded."""
-    image = cv2.imread(str(path))
+    """Boxes of one model (conf >= 0.25)."""
     result = YOLO(weights, task="detect").predict(str(path), imgsz=imgsz, conf=0.25, device="cpu", verbose=False)[0]
-    for box, cls, conf in zip(
-        result.boxes.xyxy.tolist(), result.boxes.cls.tolist(), result.boxes.conf.tolist(), strict=True
-    ):
-        x1, y1, x2, y2 = map(int, box)
-        cv2.rectangle(image, (x1, y1), (x2, y2), PRED_COLOR, 2)
-        cv2.putText(
-            image, f"{int(cls)} {conf:.2f}", (x1, max(y1 - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, PRED_COLOR, 1
-        )
+    texts = [f"{int(c)} {p:.2f}" for c, p in zip(result.boxes.cls.tolist(), result.boxes.conf.tolist(), strict=True)]
+    return annotate(cv2.imread(str(path)), result.boxes.xyxy.tolist(), texts, PRED_COLOR)
+
+
+def annotate(image: np.ndarray, boxes: list, texts: list[str], color: tuple[int, int, int]) -> np.ndarray:
+    """Draw xyxy boxes with OpenCV's built-in font (nothing downloaded); small images are enlarged first so that
+    the labels stay readable. Returns RGB."""
+    scale = max(1, round(320 / max(image.shape[:2])))
+    image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    for (x1, y1, x2, y2), text in zip(boxes, texts, strict=True):
+        top_left = (int(x1 * scale), int(y1 * scale))
+        cv2.rectangle(image, top_left, (int(x2 * scale), int(y2 * scale)), color, 2)
+        cv2.putText(image, text, (top_left[0], max(top_left[1] - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1)
     return image[:, :, ::-1]
 
 
