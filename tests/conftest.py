@@ -60,7 +60,8 @@ def run_kwargs(tmp_path: Path, synthetic_data: Path, tiny_teacher: Path) -> dict
 
 
 def train_args(run_kwargs: dict, **options: object) -> list[str]:
-    """``train`` command-line arguments for the tiny run in ``run_kwargs``, with ``options`` added or replaced."""
+    """``train`` command-line arguments for the tiny run in ``run_kwargs``, with ``options`` added or replaced
+    (a value of None gives a bare flag: ``**{"no-report": None}``)."""
     values = {
         "teacher": run_kwargs["teacher"],
         "student": "yolov8n.yaml",
@@ -74,4 +75,5 @@ def train_args(run_kwargs: dict, **options: object) -> list[str]:
         "project": run_kwargs["project"],
         **options,
     }
-    return ["train", *(item for key, value in values.items() for item in (f"--{key}", str(value)))]
+    pairs = ([f"--{key}"] if value is None else [f"--{key}", str(value)] for key, value in values.items())
+    return ["train", *(item for pair in pairs for item in pair)]

@@ -105,6 +105,24 @@ def test_class_mismatch_for_output_distillation(tmp_path: Path, run_kwargs: dict
     assert not Path(run_kwargs["project"]).exists()
 
 
+@pytest.mark.parametrize("yaml", ["yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolov8n-obb.yaml"])
+def test_segment_pose_obb_checkpoints_are_refused(yaml: str, tmp_path: Path) -> None:
+    from ultralytics.nn.tasks import OBBModel, PoseModel, SegmentationModel
+
+    cls = {"seg": SegmentationModel, "pose": PoseModel, "obb": OBBModel}[yaml.split("-")[1].split(".")[0]]
+    path = tmp_path / "model.pt"
+    torch.save({"model": cls(yaml, verbose=False)}, path)
+    result = runner.invoke(app, ["probe-channels", "--teacher", str(path), "--student", "yolov8n.yaml"])
+    assert_one_line_error(result, "yolodistill distils detection models")
+
+
+def test_several_gpus_without_gpus(run_kwargs: dict) -> None:
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has GPUs: the launcher would start a real run")
+    result = runner.invoke(app, train_args(run_kwargs, device="0,1"))
+    assert_one_line_error(result, "--device 0,1: this machine has")
+
+
 def test_unknown_recipe_and_cuda_without_gpu(run_kwargs: dict) -> None:
     base = ["train", "--teacher", run_kwargs["teacher"], "--student", "yolov8n.yaml", "--data", run_kwargs["data"]]
     assert_one_line_error(runner.invoke(app, [*base, "--recipe", "bogus"]), "valid recipes: at, cwd")

@@ -161,3 +161,36 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Pa
     assert "terms.cwd.0.adapter.weight" in single["params"]  # the adapters are part of the compared weights
     for name, value in single["params"].items():
         torch.testing.assert_close(rank0["params"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_torchrun_run_interrupted_then_resumed(run_kwargs: dict, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    project = tmp_path / "runs"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distill_cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*base, *train_args(run_kwargs, epochs=40, project=project, **{"no-report": None})],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    results = project / "exp" / "results.csv"
+    deadline = time.time() + 300
+    while not (results.exists() and len(results.read_text().splitlines()) >= 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks, which stop at the same step
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    done_before = len(results.read_text().splitlines()) - 1
+    assert 2 <= done_before < 40
+    resumed = subprocess.run(
+        [*base, "train", "--resume", str(project / "exp")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epochs = [int(line.split(",")[0]) for line in results.read_text().splitlines()[1:]]
+    assert epochs == list(range(1, 41))  # every epoch once, none lost or repeated
+    assert YOLO(str(project / "exp" / "weights" / "best.pt")).names[0] == "circle"
