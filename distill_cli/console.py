@@ -70,6 +70,7 @@ class TrainProgress:
     def __init__(self) -> None:
         self.progress: Progress | None = None
         self.task = None
+        self.balance_shown = False
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         getattr(self, f"on_{event}")(info)
@@ -113,6 +114,10 @@ class TrainProgress:
             f"epoch {info['epoch']}/{info['epochs']}  loss {info.get('det_loss', 0):.4f} "
             f"distill {info.get('distill_loss', 0):.4f}  {metrics}{mark}"
         )
+        factors = {k.removeprefix("balance/"): v for k, v in info.items() if k.startswith("balance/")}
+        if factors and not self.balance_shown:
+            self.balance_shown = True
+            console.print("automatic balance chose: " + ", ".join(f"{k} x{v:.4g}" for k, v in factors.items()))
 
     def on_end(self, info: dict[str, Any]) -> None:
         result = info["result"]
