@@ -73,7 +73,9 @@ def run_ours(args: argparse.Namespace, recipe: str, seed: int) -> dict:
 
 def run_ultralytics_kd(args: argparse.Namespace, dis: float, seed: int) -> dict:
     from ultralytics import YOLO
+    from ultralytics.engine import trainer
 
+    trainer.check_amp = lambda model: True  # its AMP self-check downloads a model; offline here
     start = time.time()
     model = YOLO(args.student)
     model.train(
