@@ -46,6 +46,18 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | None = None, **ov
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
+def terms_can_pause(cfg: RunConfig) -> bool:
+    """Whether some step may skip a term (weight 0 at a warm-up start, after stop_epoch, at a decay to 0): its
+    adapters then get no gradient, which DDP must be told about (it costs a graph traversal per step otherwise)."""
+    return any(
+        spec.weight == 0
+        or spec.schedule.warmup_epochs > 0
+        or spec.schedule.stop_epoch is not None
+        or (spec.schedule.kind != "constant" and spec.schedule.final == 0)
+        for spec in cfg.recipe.losses.values()
+    )
+
+
 def select_device(spec: str) -> torch.device:
     spec = str(spec).strip().lower()
     if spec in ("", "auto"):
@@ -201,7 +213,9 @@ def prepare(cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, 
     model = distiller
     if info.enabled:  # adapters train inside the wrapped module, so their gradients are averaged too
         model = DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=bool(terms)
+            distiller,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=terms_can_pause(cfg),
         )
     amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
     teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
