@@ -13,6 +13,7 @@ from ultralytics.data.utils import IMG_FORMATS, img2label_paths
 from . import plots
 from .data import load_data
 from .evaluation import evaluate
+from .report import per_class_markdown
 from .runlog import new_run_dir
 
 GT_COLOR = (40, 200, 40)
@@ -34,14 +35,6 @@ def compare(
     rows = evaluate(weights, data, imgsz, batch, device, split, trust_checkpoint, details=True)
     out_dir = new_run_dir(Path(out).parent, Path(out).name)
     labels = model_labels(weights)
-    classes = list(rows[0]["per_class"])
-    plots.grouped_bars(
-        classes,
-        {lab: [r["per_class"].get(c, 0.0) for c in classes] for lab, r in zip(labels, rows, strict=True)},
-        "AP50-95",
-        "per-class AP",
-        out_dir / "per_class_ap.png",
-    )
     plots.pr_curves(
         {lab: (r["pr"]["recall"], r["pr"]["precision"]) for lab, r in zip(labels, rows, strict=True)},
         out_dir / "pr_curves.png",
@@ -52,7 +45,7 @@ def compare(
         plots.image_grid(grid, ["ground truth", *labels], out_dir / "predictions.png")
     table = [{k: v for k, v in r.items() if k not in ("per_class", "pr")} for r in rows]
     report = out_dir / "report.md"
-    report.write_text(markdown(table, labels, classes, rows, data, split, imgsz, bool(images)))
+    report.write_text(markdown(table, labels, rows, data, split, imgsz, bool(images), out_dir))
     return {"out": str(out_dir), "report": str(report), "table": table}
 
 
@@ -109,12 +102,12 @@ def annotate(image: np.ndarray, boxes: list, texts: list[str], color: tuple[int,
 def markdown(
     table: list[dict],
     labels: list[str],
-    classes: list[str],
     rows: list[dict],
     data: str,
     split: str,
     imgsz: int,
     with_samples: bool,
+    out_dir: Path,
 ) -> str:
     lines = [
         f"# Model comparison on the {split} split of `{data}` (imgsz {imgsz})",
@@ -127,16 +120,8 @@ def markdown(
         f"{r['ms_per_img']:.2f} |"
         for lab, r in zip(labels, table, strict=True)
     ]
-    lines += [
-        "",
-        "## Per-class AP50-95",
-        "",
-        "![per-class AP](per_class_ap.png)",
-        "",
-        "| class | " + " | ".join(labels) + " |",
-        "|---" * (len(labels) + 1) + "|",
-    ]
-    lines += [f"| {c} | " + " | ".join(f"{r['per_class'].get(c, 0.0):.4f}" for r in rows) + " |" for c in classes]
+    per_class = {lab: r["per_class"] for lab, r in zip(labels, rows, strict=True)}
+    lines += ["", *per_class_markdown(per_class, out_dir / "per_class_ap.png", "per_class_ap.png")]
     lines += ["", "## Precision-recall (IoU 0.5, mean over classes)", "", "![PR curves](pr_curves.png)", ""]
     if with_samples:
         lines += [

@@ -155,26 +155,24 @@ def schedule_series(state: TrainState) -> tuple[np.ndarray, dict[str, np.ndarray
 
 def per_class_section(baseline: Baseline, final: Validation | None, figures: Path) -> list[str]:
     runs = {"teacher": baseline.teacher, "student before": baseline.before, "student after": final}
-    runs = {k: v for k, v in runs.items() if v is not None and v.per_class}
-    if not runs:
-        return []
-    names = list(next(iter(runs.values())).per_class)
-    plots.grouped_bars(
-        names,
-        {k: [v.per_class.get(n, 0.0) for n in names] for k, v in runs.items()},
-        "AP50-95",
-        "per-class AP",
-        figures / "per_class_ap.png",
-    )
+    per_class = {k: v.per_class for k, v in runs.items() if v is not None and v.per_class}
+    return per_class_markdown(per_class, figures / "per_class_ap.png", "report/per_class_ap.png") if per_class else []
+
+
+def per_class_markdown(per_class: dict[str, dict[str, float]], figure: Path, link: str) -> list[str]:
+    """Bars (written to ``figure``) and a table of per-class AP50-95, one column per model."""
+    classes = list(next(iter(per_class.values())))
+    series = {model: [aps.get(c, 0.0) for c in classes] for model, aps in per_class.items()}
+    plots.grouped_bars(classes, series, "AP50-95", "per-class AP", figure)
     lines = [
         "## Per-class AP50-95",
         "",
-        "![per-class AP](report/per_class_ap.png)",
+        f"![per-class AP]({link})",
         "",
-        "| class | " + " | ".join(runs) + " |",
-        "|---" * (len(runs) + 1) + "|",
+        "| class | " + " | ".join(per_class) + " |",
+        "|---" * (len(per_class) + 1) + "|",
     ]
-    lines += [f"| {n} | " + " | ".join(f"{v.per_class.get(n, 0.0):.4f}" for v in runs.values()) + " |" for n in names]
+    lines += [f"| {c} | " + " | ".join(f"{aps.get(c, 0.0):.4f}" for aps in per_class.values()) + " |" for c in classes]
     return [*lines, ""]
 
 
