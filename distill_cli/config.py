@@ -160,10 +160,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return tp(value)
     if tp is str:
         return str(value)
-    # str | list[int] (layer selections)
-    if isinstance(value, (str, list)):
+    # str | list[int]: a layer group or a list of layer indices
+    if isinstance(value, str) or isinstance(value, list) and all(type(i) is int for i in value):
         return value
-    raise DistillError(f"'{where}' has an unsupported value {value!r}")
+    raise DistillError(f"'{where}' must be a layer group name or a list of layer indices, got {value!r}")
 
 
 def _loss_entry(name: str, value: Any) -> dict[str, Any]:

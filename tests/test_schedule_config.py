@@ -126,3 +126,9 @@ def test_automatic_balance_scales_each_term_to_its_target_share() -> None:
     assert state.balance["cls_kd"] == pytest.approx(0.5 * 3 / 0.2)
     assert state.balance["dfl_kd"] == 1.0
     assert term_weights(state)["cwd"] == pytest.approx(2.0 * 0.375)  # weighted cwd = 0.5 x det
+
+
+def test_layer_lists_must_hold_indices() -> None:
+    assert config_from_dict({"recipe": {"layers": [15, 18]}}).recipe.layers == [15, 18]
+    with pytest.raises(DistillError, match="'layers' must be a layer group name or a list of layer indices"):
+        config_from_dict({"recipe": {"layers": [15, "x"]}})
