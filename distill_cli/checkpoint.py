@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from .config import RunConfig, config_from_dict
 from .engine import TrainState
 from .errors import DistillError
 from .models import read_checkpoint, save_student
+from .report import Baseline
 from .runlog import RunLog
 
 
@@ -70,6 +72,7 @@ def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> di
         "history": log.history,
         "best_fitness": log.best_fitness,
         "best_epoch": log.best_epoch,
+        "baseline": asdict(log.baseline) if log.baseline else None,
         "rng": capture_rng(train_loader),
     }
 
@@ -100,6 +103,7 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, t
     state.balance, state.balance_sums = dict(ckpt["balance"]), dict(ckpt["balance_sums"])
     state.skipped_steps = ckpt["skipped_steps"]
     if log is not None:  # rank 0 only
-        log.restore(ckpt["history"], ckpt["best_fitness"], ckpt["best_epoch"])
+        baseline = Baseline.from_dict(ckpt["baseline"]) if ckpt.get("baseline") else None
+        log.restore(ckpt["history"], ckpt["best_fitness"], ckpt["best_epoch"], baseline)
     restore_rng(ckpt["rng"], train_loader)
     return ckpt["epoch"] + 1

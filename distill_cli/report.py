@@ -75,6 +75,12 @@ class Baseline:
     before: Validation
     agreement: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Baseline:
+        """Back from ``dataclasses.asdict`` (as stored in last.pt for a resumed run's report)."""
+        teacher = Validation(**data["teacher"]) if data["teacher"] else None
+        return cls(teacher, Validation(**data["before"]), dict(data["agreement"]))
+
 
 def measure_baseline(state: TrainState, teacher_model: torch.nn.Module | None, loader) -> Baseline:
     """The teacher is validated only when it predicts the student's classes (else its mAP here means nothing)."""

@@ -94,6 +94,7 @@ class RunLog:
         self.started = time.time()
         self.steps: list[tuple[int, dict[str, float]]] = []  # (global step, running means) at each log point
         self.steps_per_epoch = 1
+        self.baseline: Any = None  # report.Baseline, measured before the first step when the report is on
         self.tensorboard = tensorboard_writer(run_dir) if cfg.tensorboard else None
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
 
@@ -169,8 +170,9 @@ class RunLog:
             "best_fitness": self.best_fitness,
         }
 
-    def restore(self, history: list[dict[str, Any]], best_fitness: float, best_epoch: int) -> None:
+    def restore(self, history: list[dict[str, Any]], best_fitness: float, best_epoch: int, baseline: Any) -> None:
         self.history, self.best_fitness, self.best_epoch = list(history), best_fitness, best_epoch
+        self.baseline = baseline
 
     def metrics_of(self, epoch: int) -> dict[str, float]:
         row = next((r for r in self.history if r["epoch"] == epoch + 1), {})

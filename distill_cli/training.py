@@ -251,7 +251,9 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
     cfg, device = state.cfg, state.device
     start = time.time()
     teacher_model = state.teacher.model if state.teacher else None
-    baseline = measure_baseline(state, teacher_model, val_loader) if log and cfg.report and start_epoch == 0 else None
+    if log and cfg.report and log.baseline is None:  # a resumed run brings the baseline it measured at its start
+        log.baseline = measure_baseline(state, teacher_model, val_loader)
+    baseline = log.baseline if log else None
     final = None
     with StopOnSignal() as stop:
         try:

@@ -79,3 +79,20 @@ def test_compare_two_checkpoints_matches_eval(
     for figure in ("per_class_ap.png", "pr_curves.png", "predictions.png"):
         assert figure in text
         assert_real_png(report.parent / figure, min_side=250)
+
+
+def test_a_resumed_run_still_writes_its_report(run_kwargs: dict) -> None:
+    import os
+    import signal
+
+    from distill_cli.errors import DistillError
+
+    def stop_after_first_epoch(event: str, info: dict) -> None:
+        if event == "epoch" and info["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(DistillError, match="interrupted"):
+        train(recipe="cwd", callback=stop_after_first_epoch, **{**run_kwargs, "epochs": 2})
+    resumed = train(resume=f"{run_kwargs['project']}/exp")
+    assert resumed.report is not None and "| student before |" in resumed.report.read_text()
+    assert resumed.start_metrics
