@@ -88,15 +88,15 @@ class TrainProgress:
     def on_step(self, info: dict[str, Any]) -> None:
         if self.progress is None:
             self.progress = Progress(
-                TextColumn("epoch {task.fields[epoch]}"),
-                BarColumn(),
+                TextColumn("epoch {task.fields[epoch]}", style="bold"),
+                BarColumn(bar_width=20),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
                 TextColumn("{task.description}"),
                 console=console,
             )
             self.progress.start()
-            self.task = self.progress.add_task("", total=None, epoch=info["epoch"] + 1)
+            self.task = self.progress.add_task("", total=info.get("total"), epoch=info["epoch"] + 1)
         means = info["means"]
         shown = {k: v for k, v in means.items() if k.endswith("_loss") or k.endswith("_w")}
         text = " ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in shown.items())

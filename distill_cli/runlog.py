@@ -118,7 +118,7 @@ class RunLog:
         if self.tensorboard:
             for key, value in means.items():
                 self.tensorboard.add_scalar(f"train/{key}", value, step)
-        self.callback("step", {"epoch": epoch, "index": index, "means": means})
+        self.callback("step", {"epoch": epoch, "index": index, "means": means, "total": self.steps_per_epoch})
 
     def step_series(self) -> tuple[list[int], dict[str, list[float]]]:
         """Each logged value over steps (NaN where a term was not active)."""
