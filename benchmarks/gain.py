@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_ours(args: argparse.Namespace, recipe: str, seed: int) -> dict:
+def run_ours(args: argparse.Namespace, recipe: str, seed: int, **extra: object) -> dict:
+    """Our loop: ``args`` gives teacher, student, data, imgsz, epochs, batch, workers, device, project and ``set``."""
     from distill_cli.config import parse_overrides
 
     start = time.time()
@@ -66,12 +67,13 @@ def run_ours(args: argparse.Namespace, recipe: str, seed: int) -> dict:
         seed=seed,
         project=args.project,
         name=f"{Path(recipe).stem}-s{seed}",
-        **parse_overrides(args.set),
+        **{**parse_overrides(args.set), **extra},
     )
     return {"weights": str(result.best), "seconds": time.time() - start}
 
 
-def run_ultralytics_kd(args: argparse.Namespace, dis: float, seed: int) -> dict:
+def run_ultralytics_kd(args: argparse.Namespace, dis: float, seed: int, **extra: object) -> dict:
+    """ultralytics' own trainer with its built-in KD (``distill_model=``, weight ``dis``), same settings as ours."""
     from ultralytics import YOLO
     from ultralytics.engine import trainer
 
@@ -92,6 +94,7 @@ def run_ultralytics_kd(args: argparse.Namespace, dis: float, seed: int) -> dict:
         name=f"ultralytics-dis{dis:g}-s{seed}",
         plots=False,
         amp=True,
+        **extra,
     )
     return {"weights": str(Path(model.trainer.best)), "seconds": time.time() - start}
 

@@ -173,45 +173,14 @@ def print_table(results: dict, floor: float, args: argparse.Namespace) -> None:
 
 def end_to_end(args: argparse.Namespace) -> dict:
     """img/s of N epochs: our train (default recipe) against ultralytics' built-in KD, same data/batch/imgsz."""
-    from ultralytics import YOLO
+    from gain import run_ours, run_ultralytics_kd  # benchmarks/ is on sys.path when this script runs
 
     from distill_cli.data import load_data
-    from distill_cli.training import train
 
     with tempfile.TemporaryDirectory() as scratch:
-        start = time.time()
-        train(
-            recipe="default",
-            teacher=args.teacher,
-            student=args.student,
-            data=args.data,
-            imgsz=args.imgsz,
-            batch=args.batch,
-            workers=args.workers,
-            device=args.device,
-            epochs=args.end_to_end,
-            project=scratch,
-            name="ours",
-            report=False,
-            val_interval=10**6,
-        )
-        ours_s = time.time() - start
-        start = time.time()
-        model = YOLO(args.student)
-        model.train(
-            data=args.data,
-            imgsz=args.imgsz,
-            batch=args.batch,
-            workers=args.workers,
-            epochs=args.end_to_end,
-            device=args.device or None,
-            distill_model=args.teacher,
-            project=scratch,
-            name="ultralytics",
-            plots=False,
-            val=False,
-        )
-        theirs_s = time.time() - start
+        runs = argparse.Namespace(**{**vars(args), "epochs": args.end_to_end, "project": scratch, "set": []})
+        ours_s = run_ours(runs, "default", seed=0, report=False, val_interval=10**6)["seconds"]
+        theirs_s = run_ultralytics_kd(runs, dis=6.0, seed=0, val=False)["seconds"]  # 6.0: ultralytics' default
     images = len(list(Path(load_data(args.data)["train"]).glob("*"))) * args.end_to_end
     print(
         f"\nend to end, {args.end_to_end} epochs: ours {images / ours_s:.1f} img/s ({ours_s:.1f} s), ultralytics KD "

@@ -81,9 +81,6 @@ class Distiller(nn.Module):
                 )
         return det_loss, det_items, terms
 
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        return list(self.terms.parameters())
-
 
 def detection_loss(student: nn.Module, preds: dict, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
     """ultralytics' own detection loss (per image, unscaled), its items, and the assigner's positive anchors."""
