@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,8 @@ def test_sigterm_in_a_real_process_leaves_a_resumable_last_pt(run_kwargs: dict, 
     assert "resume" in torch.load(last, map_location="cpu", weights_only=False)
 
 
-def test_nan_in_a_teacher_feature_skips_steps_then_stops(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def poison_teacher(monkeypatch: pytest.MonkeyPatch, bad_call: Callable[[int], bool], value: float) -> None:
+    """Fill every teacher feature with ``value`` on the teacher calls (1-based) for which ``bad_call`` holds."""
     from distill_cli import distiller
 
     original = distiller.Teacher.__call__
@@ -80,11 +82,15 @@ def test_nan_in_a_teacher_feature_skips_steps_then_stops(run_kwargs: dict, monke
     def poisoned(self, images):
         out = original(self, images)
         calls["n"] += 1
-        if calls["n"] > 2:  # the first two steps are fine, then every teacher feature is NaN
-            out.feats = {k: torch.full_like(v, float("nan")) for k, v in out.feats.items()}
+        if bad_call(calls["n"]):
+            out.feats = {k: torch.full_like(v, value) for k, v in out.feats.items()}
         return out
 
     monkeypatch.setattr(distiller.Teacher, "__call__", poisoned)
+
+
+def test_nan_in_a_teacher_feature_skips_steps_then_stops(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    poison_teacher(monkeypatch, lambda n: n > 2, float("nan"))  # two good steps, then NaN features for good
     kwargs = {**run_kwargs, "epochs": 3, "batch": 2, "max_bad_steps": 3}
     with pytest.warns(UserWarning, match="non-finite cwd_raw"), pytest.raises(DistillError) as stopped:
         train(recipe="cwd", **kwargs)
@@ -95,19 +101,7 @@ def test_nan_in_a_teacher_feature_skips_steps_then_stops(run_kwargs: dict, monke
 
 
 def test_a_single_bad_step_is_skipped_and_counted(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    from distill_cli import distiller
-
-    original = distiller.Teacher.__call__
-    calls = {"n": 0}
-
-    def once(self, images):
-        out = original(self, images)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            out.feats = {k: torch.full_like(v, float("inf")) for k, v in out.feats.items()}
-        return out
-
-    monkeypatch.setattr(distiller.Teacher, "__call__", once)
+    poison_teacher(monkeypatch, lambda n: n == 2, float("inf"))
     with pytest.warns(UserWarning, match="step skipped"):
         result = train(recipe="cwd", **{**run_kwargs, "batch": 2})
     assert result.skipped_steps == 1 and result.history[-1]["skipped_steps"] == 1
