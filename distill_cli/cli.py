@@ -234,7 +234,9 @@ def demo(
     report = run_demo(out, epochs, log=None if json_out else console.print)
     print_json(report) if json_out else print_eval(report["table"], "demo: val split of the drawn dataset")
     if not json_out:
-        console.print(f"outputs in {report['out']}")
+        for row in report["table"]:
+            console.print(f"{row['model']}: {row['weights']}")
+        console.print(f"outputs in {report['out']} (each run has its report.md)")
 
 
 @app.command()
