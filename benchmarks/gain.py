@@ -1,14 +1,19 @@
-"""Accuracy gain benchmark: the same student, data, epochs and seeds, trained by our loop without distillation and
-with each recipe (and optionally by ultralytics' built-in KD), evaluated on the same split.
+"""Accuracy gain benchmark: in each setting, the same student, data, epochs and seeds trained by our loop without
+distillation and with each recipe, beside the student as given, the teacher, and ultralytics' own trainer (plain
+fine-tune, and optionally its built-in KD); best.pt of every run evaluated on the val and test splits.
 
-CPU-sized check (about 20 minutes on 2 cores per recipe pair; see benchmarks/RESULTS.md):
+Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see benchmarks/RESULTS.md):
+  shared     fine-tune yolov8n-bccd.pt, imgsz 256, 8 epochs, batch 16 (the setting of issue #14's target)
+  finetune2  fine-tune yolov8n-bccd.pt, imgsz 352, 5 epochs, batch 8 (other imgsz, epochs and batch)
+  scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
+  yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
 
-    python benchmarks/gain.py --teacher ../shared/models/bccd/yolov8s-bccd.pt \\
-        --student ../shared/models/bccd/yolov8n-bccd.pt --data ../shared/data/bccd/bccd.yaml \\
-        --imgsz 256 --epochs 8 --batch 16 --seeds 0 --recipes none default --device cpu
+    python benchmarks/gain.py --settings shared finetune2 scratch --seeds 0 1 2 --recipes none default \\
+        --ultralytics-plain --out benchmarks/results/gain.json
 
-Prints a markdown table (mean and spread over seeds, change against the no-distillation run, share of the
-teacher-student gap closed, wall time, img/s) and writes the same as JSON (``--out``).
+Runs already in ``--out`` are not run again (delete the file to start over). Prints a markdown table per setting and
+split: mean ± half-range over seeds, each seed, change against ``none``, share of the teacher-student gap closed
+(run - none) / (teacher - none), wall time.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -28,29 +33,49 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 from distill_cli.evaluation import evaluate  # noqa: E402
 from distill_cli.training import train  # noqa: E402
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+BCCD = str(SHARED / "data" / "bccd" / "bccd.yaml")
+TEACHER = str(SHARED / "models" / "bccd" / "yolov8s-bccd.pt")
+STUDENT = str(SHARED / "models" / "bccd" / "yolov8n-bccd.pt")
+
+
+@dataclass
+class Setting:
+    student: str
+    teacher: str
+    imgsz: int
+    epochs: int
+    batch: int
+    data: str = BCCD
+    teacher_epochs: int = 0  # > 0: the teacher is a yaml, trained here first with recipe none
+
+
+SETTINGS = {
+    "shared": Setting(STUDENT, TEACHER, 256, 8, 16),
+    "finetune2": Setting(STUDENT, TEACHER, 352, 5, 8),
+    "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
+    "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),
+}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--student", required=True, help="yaml (from scratch) or .pt (fine-tune)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--imgsz", type=int, default=640)
-    p.add_argument("--epochs", type=int, default=80)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--device", default="")
+    p.add_argument("--settings", nargs="+", default=["shared"], choices=sorted(SETTINGS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--recipes", nargs="+", default=["none", "default"], help="'none' is the no-distillation run")
-    p.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, key=value")
-    p.add_argument("--splits", nargs="+", default=["val"], help="splits to report (val to choose, test to confirm)")
-    p.add_argument("--ultralytics-kd", type=float, nargs="*", default=[], help="also run YOLO.train(dis=...)")
+    p.add_argument("--set", nargs="*", default=[], help="extra overrides for every run of ours, key=value")
+    p.add_argument("--splits", nargs="+", default=["val", "test"])
+    p.add_argument("--ultralytics-plain", action="store_true", help="also YOLO(student).train() without KD")
+    p.add_argument("--ultralytics-kd", type=float, nargs="*", default=[], help="also YOLO.train(dis=...)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--project", default="runs/bench-gain")
     p.add_argument("--out", default="benchmarks/results/gain.json")
     return p.parse_args(argv)
 
 
 def run_ours(args: argparse.Namespace, recipe: str, seed: int, **extra: object) -> dict:
-    """Our loop: ``args`` gives teacher, student, data, imgsz, epochs, batch, workers, device, project and ``set``."""
+    """Our loop; ``args`` gives teacher, student, data, imgsz, epochs, batch, workers, device, project and ``set``."""
     from distill_cli.config import parse_overrides
 
     start = time.time()
@@ -72,14 +97,16 @@ def run_ours(args: argparse.Namespace, recipe: str, seed: int, **extra: object) 
     return {"weights": str(result.best), "seconds": time.time() - start}
 
 
-def run_ultralytics_kd(args: argparse.Namespace, dis: float, seed: int, **extra: object) -> dict:
-    """ultralytics' own trainer with its built-in KD (``distill_model=``, weight ``dis``), same settings as ours."""
+def run_ultralytics(args: argparse.Namespace, dis: float | None, seed: int, **extra: object) -> dict:
+    """ultralytics' own trainer, plain (``dis`` None) or with its built-in KD (``distill_model=``, weight ``dis``)."""
     from ultralytics import YOLO
     from ultralytics.engine import trainer
 
-    trainer.check_amp = lambda model: True  # its AMP self-check downloads a model; offline here
+    # its AMP self-check downloads a model on a GPU (offline here); on a CPU it answers no, as for any user
+    trainer.check_amp = lambda model: next(model.parameters()).device.type not in ("cpu", "mps")
     start = time.time()
     model = YOLO(args.student)
+    kd = {"distill_model": args.teacher, "dis": dis} if dis is not None else {}
     model.train(
         data=args.data,
         imgsz=args.imgsz,
@@ -88,88 +115,115 @@ def run_ultralytics_kd(args: argparse.Namespace, dis: float, seed: int, **extra:
         workers=args.workers,
         device=args.device or None,
         seed=seed,
-        distill_model=args.teacher,
-        dis=dis,
         project=args.project,
-        name=f"ultralytics-dis{dis:g}-s{seed}",
+        name=f"ultralytics-{'plain' if dis is None else f'dis{dis:g}'}-s{seed}",
         plots=False,
         amp=True,
+        **kd,
         **extra,
     )
     return {"weights": str(Path(model.trainer.best)), "seconds": time.time() - start}
 
 
-def summarise(
-    runs: dict[str, list[dict]], teacher: dict[str, float], split: str, images: int, epochs: int
-) -> list[dict]:
-    base = statistics.mean(r[split]["mAP50-95"] for r in runs["none"]) if "none" in runs else None
+def setting_args(cli: argparse.Namespace, name: str, setting: Setting) -> argparse.Namespace:
+    project = str(Path(cli.project) / name)
+    return argparse.Namespace(
+        **{**vars(setting), **{k: getattr(cli, k) for k in ("workers", "device", "set")}}, project=project
+    )
+
+
+def prepared_teacher(args: argparse.Namespace, setting: Setting, results: dict) -> str:
+    """The setting's teacher checkpoint; a yaml teacher is first trained here (once, cached in ``results``)."""
+    if not setting.teacher_epochs:
+        return setting.teacher
+    if "teacher_weights" not in results:
+        plain = argparse.Namespace(**{**vars(args), "student": setting.teacher, "epochs": setting.teacher_epochs})
+        results["teacher_weights"] = run_ours(plain, "none", seed=0)["weights"]
+    return results["teacher_weights"]
+
+
+def jobs(cli: argparse.Namespace):
+    """(label, function(args, seed)) for every run of a setting."""
+    out = [(Path(r).stem, lambda a, s, r=r: run_ours(a, r, s)) for r in cli.recipes]
+    if cli.ultralytics_plain:
+        out.append(("ultralytics plain", lambda a, s: run_ultralytics(a, None, s)))
+    out += [(f"ultralytics KD dis={d:g}", lambda a, s, d=d: run_ultralytics(a, d, s)) for d in cli.ultralytics_kd]
+    return out
+
+
+def summarise(runs: dict[str, list[dict]], reference: dict[str, dict], split: str) -> list[dict]:
+    base = statistics.mean(r[split] for r in runs["none"]) if runs.get("none") else None
+    teacher = reference["teacher"][split]
     rows = []
     for name, seeds in runs.items():
-        maps = [r[split]["mAP50-95"] for r in seeds]
-        map50 = [r[split]["mAP50"] for r in seeds]
+        maps = [r[split] for r in seeds]
         mean = statistics.mean(maps)
-        seconds = statistics.mean(r["seconds"] for r in seeds)
-        gap = teacher["mAP50-95"] - base if base is not None else None
+        gap = teacher - base if base is not None else None
         rows.append(
             {
                 "run": name,
                 "mAP50-95": mean,
                 "spread": (max(maps) - min(maps)) / 2,
-                "mAP50": statistics.mean(map50),
                 "per_seed": maps,
                 "delta": None if base is None else mean - base,
                 "gap_closed": None if not gap else (mean - base) / gap,
-                "seconds": seconds,
-                "img_per_s": images * epochs / seconds,
+                "seconds": statistics.mean(r["seconds"] for r in seeds),
             }
         )
     return rows
 
 
-def markdown(rows: list[dict], teacher: dict[str, float], split: str) -> str:
+def markdown(name: str, rows: list[dict], reference: dict[str, dict], split: str) -> str:
     lines = [
-        f"| run ({split}) | mAP50-95 (± half-range) | mAP50 | Δ vs none | gap closed | wall s | img/s |",
-        "|---|---|---|---|---|---|---|",
-        f"| teacher | {teacher['mAP50-95']:.4f} | {teacher['mAP50']:.4f} | | | | |",
+        f"| {name} ({split}) | mAP50-95 (± half-range) | per seed | Δ vs none | gap closed | wall s |",
+        "|---|---|---|---|---|---|",
     ]
+    lines += [f"| {label} | {ref[split]:.4f} | | | | |" for label, ref in reference.items()]
     for r in rows:
         delta = "" if r["delta"] is None else f"{r['delta']:+.4f}"
         gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
+        seeds = " / ".join(f"{m:.4f}" for m in r["per_seed"])
         lines.append(
-            f"| {r['run']} | {r['mAP50-95']:.4f} ± {r['spread']:.4f} | {r['mAP50']:.4f} | {delta} | {gap} "
-            f"| {r['seconds']:.0f} | {r['img_per_s']:.1f} |"
+            f"| {r['run']} | {r['mAP50-95']:.4f} ± {r['spread']:.4f} | {seeds} | {delta} | {gap} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    runs: dict[str, list[dict]] = {}
-    jobs = [(Path(r).stem, lambda s, r=r: run_ours(args, r, s)) for r in args.recipes]
-    jobs += [(f"ultralytics-dis{d:g}", lambda s, d=d: run_ultralytics_kd(args, d, s)) for d in args.ultralytics_kd]
-    for name, job in jobs:
-        for seed in args.seeds:
-            run = job(seed)
-            for split in args.splits:
-                run[split] = evaluate([run["weights"]], args.data, args.imgsz, args.batch, args.device, split)[0]
-            runs.setdefault(name, []).append(run)
-            print(f"{name} seed {seed}: " + ", ".join(f"{s} {run[s]['mAP50-95']:.4f}" for s in args.splits), flush=True)
-    from distill_cli.data import load_data
+def scores(weights: str, args: argparse.Namespace, splits: list[str]) -> dict[str, float]:
+    return {s: evaluate([weights], args.data, args.imgsz, 16, args.device, s)[0]["mAP50-95"] for s in splits}
 
-    images = len(list(Path(load_data(args.data)["train"]).glob("*")))
-    report = {
-        "date": datetime.now(timezone.utc).isoformat(),
-        "command": " ".join(sys.argv),
-        "args": vars(args),
-        "tables": {},
-    }
-    for split in args.splits:
-        teacher = evaluate([args.teacher], args.data, args.imgsz, args.batch, args.device, split)[0]
-        rows = summarise(runs, teacher, split, images, args.epochs)
-        report["tables"][split] = {"teacher": teacher, "rows": rows, "markdown": markdown(rows, teacher, split)}
-        print(report["tables"][split]["markdown"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+
+def main(argv: list[str] | None = None) -> None:
+    cli = parse_args(argv)
+    out = Path(cli.out)
+    report = json.loads(out.read_text()) if out.is_file() else {"command": " ".join(sys.argv), "settings": {}}
+    for name in cli.settings:
+        setting = SETTINGS[name]
+        args = setting_args(cli, name, setting)
+        results = report["settings"].setdefault(name, {"setting": vars(setting), "runs": {}})
+        args.teacher = prepared_teacher(args, setting, results)
+        reference = {"teacher": scores(args.teacher, args, cli.splits)}
+        if setting.student.endswith(".pt"):
+            reference["student as given"] = scores(setting.student, args, cli.splits)
+        for label, job in jobs(cli):
+            for seed in cli.seeds:
+                done = results["runs"].setdefault(label, {})
+                if str(seed) not in done:
+                    run = job(args, seed)
+                    done[str(seed)] = {**run, **scores(run["weights"], args, cli.splits)}
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(report, indent=1))
+                print(
+                    f"{name} {label} seed {seed}: " + ", ".join(f"{s} {done[str(seed)][s]:.4f}" for s in cli.splits),
+                    flush=True,
+                )
+        runs = {label: [results["runs"][label][str(s)] for s in cli.seeds] for label, _ in jobs(cli)}
+        results["reference"] = reference
+        for split in cli.splits:
+            rows = summarise(runs, reference, split)
+            results[f"markdown_{split}"] = markdown(name, rows, reference, split)
+            print(results[f"markdown_{split}"], flush=True)
+        out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,30 +1,29 @@
-"""Speed benchmark: the distillation step against its floor (student step + teacher forward), and the data rate.
+"""Speed benchmark: the distillation step against its fp32 floor, the data rate, and (``--end-to-end N``) whole runs.
 
-In one process, same batch, imgsz and device, after warm-up, median over many steps:
-  1. student train step alone (forward, detection loss, backward, optimizer step): recipe ``none``;
-  2. teacher forward alone, as the loop runs it (eval, no grad, bf16/fp16 on GPU);
-  3. the full distillation step for each recipe;
-  4. images/s the dataloader delivers alone (configured workers and augmentation).
-Prints ms/step, img/s, overhead = 3 / (1 + 2), data rate vs step rate, peak memory; writes JSON with ``--out``.
-
-``--end-to-end N`` adds N epochs of our ``train`` and of ``YOLO(student).train(distill_model=teacher)`` on the same
-data, and their img/s ratio.
+In one process, same batch, imgsz and device, after warm-up, median over ``--steps`` steps:
+  1. student train step alone in fp32 (forward, detection loss, backward, optimizer step): recipe ``none``, --no-amp;
+  2. teacher forward alone in fp32, unfused, eval, no grad (how a plain loop runs it);
+  floor = 1 + 2; then, with the run's default precision (AMP: bf16 on CPUs that have it, fp16 on GPU):
+  3. the student step and the teacher forward as our loop runs them (teacher Conv+BN-fused, low precision);
+  4. the full distillation step for each recipe, as a ratio of the floor;
+  5. images/s the dataloader delivers alone (configured workers and augmentation).
+``--end-to-end N`` adds N epochs (validation every epoch) of: plain ultralytics training (no distillation), our
+``train`` with the default recipe, and ultralytics' built-in KD (``dis=1``), on the same data, imgsz, batch, workers;
+with wall time, img/s and peak memory (RSS of the process, or CUDA max allocated) of each.
 
 CPU (documented in benchmarks/RESULTS.md):
-    python benchmarks/speed.py --teacher ../shared/models/bccd/yolov8s-bccd.pt \\
-        --student ../shared/models/bccd/yolov8n-bccd.pt --data ../shared/data/bccd/bccd.yaml \\
-        --imgsz 256 --batch 16 --steps 10 --device cpu
+    python benchmarks/speed.py --imgsz 256 --batch 16 --workers 2 --steps 10 --device cpu --end-to-end 3
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -33,31 +32,65 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
 import torch  # noqa: E402
+from gain import BCCD, STUDENT, TEACHER, run_ours, run_ultralytics  # noqa: E402  (benchmarks/ is on sys.path)
 
-from distill_cli import dist  # noqa: E402
+from distill_cli.data import build_loader, hyperparameters, load_data  # noqa: E402
 from distill_cli.engine import preprocess, train_one_epoch  # noqa: E402
-from distill_cli.training import prepare, resolve_config, select_device  # noqa: E402
+from distill_cli.training import train  # noqa: E402
+
+RECIPES = ["cwd", "mgd", "pkd", "logits", "bckd", "crosskd", "sl2", "at", "default"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--student", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--teacher", default=TEACHER)
+    p.add_argument("--student", default=STUDENT)
+    p.add_argument("--data", default=BCCD)
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--device", default="")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument(
-        "--recipes",
-        nargs="+",
-        default=["cwd", "mgd", "pkd", "logits", "cwd+logits", "mgd+logits", "sl2", "at", "default"],
-    )
+    p.add_argument("--recipes", nargs="+", default=RECIPES)
     p.add_argument("--end-to-end", type=int, default=0, metavar="EPOCHS")
     p.add_argument("--out", default="")
     return p.parse_args(argv)
+
+
+class Built(Exception):
+    """Raised by the start callback: the state is built, no step has run (and no run folder is left)."""
+
+
+def build(args: argparse.Namespace, recipe: str, scratch: str, **options: object):
+    """The TrainState our loop would train with (one epoch, no warm-up, so that every step is a full step)."""
+    box = {}
+
+    def capture(event: str, info: dict) -> None:
+        if event == "start":
+            box["state"] = info["state"]
+            raise Built
+
+    try:
+        train(
+            recipe=recipe,
+            teacher=args.teacher,
+            student=args.student,
+            data=args.data,
+            imgsz=args.imgsz,
+            batch=args.batch,
+            workers=args.workers,
+            device=args.device,
+            epochs=1,
+            warmup_epochs=0.0,
+            project=scratch,
+            report=False,
+            callback=capture,
+            **options,
+        )
+    except Built:
+        pass
+    return box["state"]
 
 
 def sync(device: torch.device) -> None:
@@ -65,60 +98,36 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(args: argparse.Namespace, recipe: str, scratch: str):
-    cfg = resolve_config(
-        recipe=recipe,
-        teacher=args.teacher,
-        student=args.student,
-        data=args.data,
-        imgsz=args.imgsz,
-        batch=args.batch,
-        workers=args.workers,
-        device=args.device,
-        epochs=1,
-        warmup_epochs=0.0,
-        project=scratch,
-        report=False,
-        ema=True,
-    )
-    device = select_device(cfg.device)
-    state, _, (train_loader, _), hyp, _ = prepare(cfg, None, None, dist.DistInfo(), device)
-    return state, train_loader, hyp
+def median_ms(fn, device: torch.device, args: argparse.Namespace) -> float:
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        fn(i)
+        sync(device)
+        if i >= args.warmup:
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
 
 
-def timed_steps(state, batches: list[dict], args: argparse.Namespace) -> list[float]:
+def step_ms(state, batches: list[dict], args: argparse.Namespace) -> float:
     """ms per step of the loop's own step (train_one_epoch over one batch at a time)."""
-    times = []
-    for i in range(args.warmup + args.steps):
-        batch = dict(batches[i % len(batches)])  # preprocess replaces keys, the cached uint8 batch stays
-        sync(state.device)
-        start = time.perf_counter()
-        train_one_epoch(state, [batch], epoch=0)
-        sync(state.device)
-        if i >= args.warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    return times
+    return median_ms(lambda i: train_one_epoch(state, [dict(batches[i % len(batches)])], epoch=0), state.device, args)
 
 
-def timed_teacher(state, batches: list[dict], args: argparse.Namespace) -> list[float]:
-    images = [preprocess(dict(b), state.device)["img"] for b in batches]
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync(state.device)
-        start = time.perf_counter()
-        state.teacher(images[i % len(images)])
-        sync(state.device)
-        if i >= args.warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    return times
+def teacher_ms(forward, device: torch.device, batches: list[dict], args: argparse.Namespace) -> float:
+    images = [preprocess(dict(b), device)["img"] for b in batches]
+    return median_ms(lambda i: forward(images[i % len(images)]), device, args)
 
 
-def data_rate(args: argparse.Namespace, hyp) -> float:
-    """img/s of a fresh loader over one epoch (a used one has batches prefetched while the steps ran)."""
-    from distill_cli.data import build_loader, load_data
+def loader_for(args: argparse.Namespace):
+    hyp = hyperparameters(imgsz=args.imgsz, batch=args.batch, workers=args.workers)
+    return build_loader(load_data(args.data), "train", hyp, args.batch, args.workers, 32, train=True)
 
-    loader = build_loader(load_data(args.data), "train", hyp, args.batch, args.workers, 32, train=True)
-    iterator = iter(loader)
+
+def data_rate(args: argparse.Namespace) -> float:
+    """img/s of a fresh loader over one epoch."""
+    iterator = iter(loader_for(args))
     next(iterator)  # workers started
     start = time.perf_counter()
     count = sum(len(b["img"]) for b in iterator)
@@ -131,62 +140,88 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def steps_table(args: argparse.Namespace, scratch: str) -> dict:
+    batches = list(islice(iter(loader_for(args)), 4))
+    fp32 = build(args, "cwd", scratch, amp=False)
+    device = fp32.device
+    unfused = copy.deepcopy(fp32.teacher.model).eval()
+    results = {
+        "student step fp32": step_ms(build(args, "none", scratch, amp=False), batches, args),
+        "teacher forward fp32 (unfused)": teacher_ms(torch.no_grad()(unfused), device, batches, args),
+    }
+    floor = results["student step fp32"] + results["teacher forward fp32 (unfused)"]
+    amp = build(args, "cwd", scratch)
+    results["student step (run precision)"] = step_ms(build(args, "none", scratch), batches, args)
+    results["teacher forward (run precision, fused)"] = teacher_ms(amp.teacher, device, batches, args)
+    for recipe in args.recipes:
+        results[recipe] = step_ms(build(args, recipe, scratch), batches, args)
+    return {"ms": results, "floor_ms": floor, "precision": str(amp.amp_dtype), "peak_memory_mb": peak_memory_mb(device)}
+
+
+def print_steps(table: dict, args: argparse.Namespace) -> None:
+    print(
+        f"| measurement (batch {args.batch}, imgsz {args.imgsz}, {table['precision']}) | ms/step | img/s | vs floor |"
+    )
+    print("|---|---|---|---|")
+    for name, ms in table["ms"].items():
+        print(f"| {name} | {ms:.1f} | {args.batch * 1000 / ms:.1f} | {ms / table['floor_ms']:.2f}x |")
+    print(
+        f"\nfloor (fp32 student step + fp32 teacher forward) {table['floor_ms']:.1f} ms; "
+        f"data {table['data_img_s']:.1f} img/s with {args.workers} workers; "
+        f"peak memory {table['peak_memory_mb']:.0f} MB"
+    )
+
+
+def end_to_end(args: argparse.Namespace, scratch: str) -> dict:
+    """Wall time of N epochs: plain ultralytics, ours (default recipe), ultralytics' built-in KD; each in a fresh
+    process so that its peak memory is its own."""
+    import subprocess
+
+    rows = {}
+    for label in ("ultralytics plain", "ours default", "ultralytics KD dis=1"):
+        cmd = [sys.executable, __file__, "--one-run", label, *sys.argv[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SPEED_SCRATCH": scratch})
+        rows[label] = json.loads(done.stdout.strip().splitlines()[-1])
+    images = len(loader_for(args).dataset) * args.end_to_end
+    print(f"\n| end to end, {args.end_to_end} epochs | wall s | img/s | vs plain ultralytics | peak MB |")
+    print("|---|---|---|---|---|")
+    plain = rows["ultralytics plain"]["seconds"]
+    for label, row in rows.items():
+        print(
+            f"| {label} | {row['seconds']:.1f} | {images / row['seconds']:.1f} | {row['seconds'] / plain:.2f}x "
+            f"| {row['peak_mb']:.0f} |"
+        )
+    return rows
+
+
+def one_run(label: str, args: argparse.Namespace) -> None:
+    """One end-to-end run in this process; prints its wall time and peak memory as JSON."""
+    runs = argparse.Namespace(
+        **{**vars(args), "epochs": args.end_to_end, "project": os.environ["SPEED_SCRATCH"], "set": []}
+    )
+    if label == "ours default":
+        seconds = run_ours(runs, "default", seed=0)["seconds"]
+    else:
+        seconds = run_ultralytics(runs, 1.0 if "KD" in label else None, seed=0)["seconds"]
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_memory_mb(torch.device(args.device or "cpu"))}))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--one-run":
+        return one_run(argv[1], parse_args(argv[2:]))
     args = parse_args(argv)
-    results: dict = {"args": vars(args), "steps": {}}
+    import tempfile
+
     with tempfile.TemporaryDirectory() as scratch:
-        state, loader, hyp = build(args, "none", scratch)
-        device = state.device
-        results["data_img_s"] = data_rate(args, hyp)
-        batches = list(islice(iter(loader), min(len(loader), 4)))
-        student = statistics.median(timed_steps(state, batches, args))
-        teacher_state, _, _ = build(args, "cwd", scratch)
-        teacher = statistics.median(timed_teacher(teacher_state, batches, args))
-        floor = student + teacher
-        results["steps"]["student step"] = student
-        results["steps"]["teacher forward"] = teacher
-        for recipe in args.recipes:
-            recipe_state, _, _ = build(args, recipe, scratch)
-            results["steps"][recipe] = statistics.median(timed_steps(recipe_state, batches, args))
-        results["peak_memory_mb"] = peak_memory_mb(device)
-    print_table(results, floor, args)
-    if args.end_to_end:
-        results["end_to_end"] = end_to_end(args)
+        table = steps_table(args, scratch)
+        table["data_img_s"] = data_rate(args)
+        print_steps(table, args)
+        if args.end_to_end:
+            table["end_to_end"] = end_to_end(args, scratch)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-
-
-def print_table(results: dict, floor: float, args: argparse.Namespace) -> None:
-    print(f"| measurement (batch {args.batch}, imgsz {args.imgsz}) | ms/step | img/s | vs floor (1 + 2) |")
-    print("|---|---|---|---|")
-    for name, ms in results["steps"].items():
-        ratio = f"{ms / floor:.2f}x" if name not in ("student step", "teacher forward") else ""
-        print(f"| {name} | {ms:.1f} | {args.batch * 1000 / ms:.1f} | {ratio} |")
-    step_rate = args.batch * 1000 / results["steps"].get("default", floor)
-    print(
-        f"\ndata: {results['data_img_s']:.1f} img/s with {args.workers} workers "
-        f"({results['data_img_s'] / step_rate:.2f}x the default recipe's step rate); "
-        f"peak memory {results['peak_memory_mb']:.0f} MB"
-    )
-
-
-def end_to_end(args: argparse.Namespace) -> dict:
-    """img/s of N epochs: our train (default recipe) against ultralytics' built-in KD, same data/batch/imgsz."""
-    from gain import run_ours, run_ultralytics_kd  # benchmarks/ is on sys.path when this script runs
-
-    from distill_cli.data import load_data
-
-    with tempfile.TemporaryDirectory() as scratch:
-        runs = argparse.Namespace(**{**vars(args), "epochs": args.end_to_end, "project": scratch, "set": []})
-        ours_s = run_ours(runs, "default", seed=0, report=False, val_interval=10**6)["seconds"]
-        theirs_s = run_ultralytics_kd(runs, dis=6.0, seed=0, val=False)["seconds"]  # 6.0: ultralytics' default
-    images = len(list(Path(load_data(args.data)["train"]).glob("*"))) * args.end_to_end
-    print(
-        f"\nend to end, {args.end_to_end} epochs: ours {images / ours_s:.1f} img/s ({ours_s:.1f} s), ultralytics KD "
-        f"{images / theirs_s:.1f} img/s ({theirs_s:.1f} s): {theirs_s / ours_s:.2f}x"
-    )
-    return {"ours_s": ours_s, "ultralytics_kd_s": theirs_s, "speedup": theirs_s / ours_s, "images": images}
+        Path(args.out).write_text(json.dumps({"args": vars(args), **table}, indent=2))
 
 
 if __name__ == "__main__":

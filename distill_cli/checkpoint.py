@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import shutil
+import signal
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -11,11 +14,12 @@ import numpy as np
 import torch
 
 from .config import RunConfig, config_from_dict
+from .data import loader_state, restore_loader
 from .engine import TrainState
-from .errors import DistillError
+from .errors import EXIT_INTERRUPTED, DistillError
 from .models import read_checkpoint, save_student
 from .report import Baseline
-from .runlog import RunLog
+from .runlog import RunLog, check_creatable, first_missing, new_run_dir
 
 
 def capture_rng(loader: Any = None) -> dict[str, Any]:
@@ -44,12 +48,13 @@ def restore_rng(state: dict[str, Any], loader: Any = None) -> None:
 
 
 def save_checkpoints(state: TrainState, log: RunLog, train_loader, epoch: int, final: bool) -> None:
-    """last.pt every epoch (with resume state until the run ends), best.pt when fitness improves."""
+    """last.pt every epoch (with resume state until the run ends), best.pt when fitness improves (not before the
+    first epoch: epoch -1 is the resumable start of an epoch 0 that may be interrupted)."""
     model = state.ema.ema if state.ema else state.distiller.student
     meta = log.metadata(epoch)
     resume = None if final else resume_state(state, epoch, log, train_loader)
     save_student(log.last, model, log.train_args, meta, resume)
-    if log.improved or not log.best.exists():
+    if epoch >= 0 and (log.improved or not log.best.exists()):
         save_student(log.best, model, log.train_args, meta)
 
 
@@ -74,6 +79,7 @@ def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> di
         "best_epoch": log.best_epoch,
         "baseline": asdict(log.baseline) if log.baseline else None,
         "rng": capture_rng(train_loader),
+        "loader": loader_state(train_loader),
     }
 
 
@@ -105,5 +111,68 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, t
     if log is not None:  # rank 0 only
         baseline = Baseline.from_dict(ckpt["baseline"]) if ckpt.get("baseline") else None
         log.restore(ckpt["history"], ckpt["best_fitness"], ckpt["best_epoch"], baseline)
+    restore_loader(train_loader, ckpt.get("loader"), ckpt["epoch"] + 1)
     restore_rng(ckpt["rng"], train_loader)
     return ckpt["epoch"] + 1
+
+
+def resumable(last: Path) -> bool:
+    """Whether ``last`` is an unfinished run's last.pt (it holds the resume state)."""
+    try:
+        return last.is_file() and bool(read_checkpoint(last, "checkpoint", trust=False).get("resume"))
+    except DistillError:
+        return False
+
+
+class RunGuard:
+    """The run directory of a new run appears once the run is ready to train, and goes away again if the run fails
+    before its first checkpoint: nothing half-made is left. During start-up SIGTERM interrupts as SIGINT does; an
+    interruption before the first checkpoint says that nothing was saved. A resumed run's directory stays."""
+
+    def __init__(self, cfg: RunConfig, checkpoint: dict[str, Any] | None) -> None:
+        self.project = None if checkpoint else cfg.project
+        self.run_dir: Path | None = Path(checkpoint["run_dir"]) if checkpoint else None
+        self.created, self.made = False, None
+        self.previous: Any = None
+
+    def create(self, project: str, name: str) -> Path:
+        self.made = first_missing(Path(project))  # the project folder too, if this run creates it
+        self.run_dir, self.created = new_run_dir(project, name), True
+        return self.run_dir
+
+    def __enter__(self) -> RunGuard:
+        if self.project is not None:
+            check_creatable(self.project)
+        try:
+            self.previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        if exc_type is None or self.run_dir is None:
+            return self._interrupted(None) if exc_type and issubclass(exc_type, KeyboardInterrupt) else False
+        last = self.run_dir / "weights" / "last.pt"
+        if self.created and not last.is_file():
+            shutil.rmtree(self.made or self.run_dir, ignore_errors=True)
+            return self._interrupted(None) if issubclass(exc_type, KeyboardInterrupt) else False
+        can_resume = resumable(last)
+        if issubclass(exc_type, KeyboardInterrupt):
+            return self._interrupted(self.run_dir if can_resume else None, finished=not can_resume)
+        if can_resume and not (isinstance(exc, DistillError) and exc.exit_code == EXIT_INTERRUPTED):
+            warnings.warn(f"{last} is kept; resume: yolodistill train --resume {self.run_dir}", stacklevel=2)
+        return False
+
+    def _interrupted(self, resume_dir: Path | None, finished: bool = False) -> bool:
+        if resume_dir is not None:
+            message = f"interrupted; resume: yolodistill train --resume {resume_dir}"
+        elif finished:
+            message = f"interrupted after the last epoch; the weights in {self.run_dir}/weights are complete"
+        else:
+            message = (
+                "interrupted before the first checkpoint: nothing was saved (no run folder is left); "
+                "start again with the same command"
+            )
+        raise DistillError(message, EXIT_INTERRUPTED) from None

@@ -10,14 +10,47 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
-from .errors import DistillError
+from .config import DEFAULT_RECIPE, CompareOptions, DemoOptions, EvalOptions, ExportOptions, ProbeOptions, RunConfig
+from .errors import EXIT_INTERRUPTED, DistillError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge distillation for YOLO detectors.")
 STATE = {"verbose": False}
+USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError (typer may vendor click)
+
+
+class Commands(TyperGroup):
+    """A command line typer cannot parse (a missing option, 'abc' for a number) is bad input like any other: one
+    'error:' line and exit code 2."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USAGE_ERROR as e:
+            if STATE["verbose"]:
+                raise
+            from .console import err_console
+
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            err_console.print(f"[red]error:[/] {e.format_message()}{where}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+
+app = typer.Typer(
+    cls=Commands, add_completion=False, no_args_is_help=True, help="Knowledge distillation for YOLO detectors."
+)
 
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 TRUST = typer.Option(False, "--trust-checkpoint", help="Fully unpickle checkpoints (only for files you trust).")
+ANY_GPU = "GPU 0 if present, else cpu"
+MISMATCH = typer.Option(
+    False, "--allow-class-mismatch", help="Evaluate although the data yaml's class list differs from the weights'."
+)
+
+
+def config_option(name: str, text: str = "") -> Any:
+    """A train option that overrides config field ``name`` when given; its help shows the config's default."""
+    return typer.Option(None, help=text or None, show_default=str(getattr(RunConfig, name)))
 
 
 @app.callback()
@@ -25,7 +58,8 @@ def main_options(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Full tracebacks and ultralytics logs."),
 ) -> None:
     STATE["verbose"] = verbose
-    os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for the network
+    # The network is used for one thing only: an ultralytics model name (yolo26n.pt) with no local file is fetched
+    # with ultralytics' own helper, unless YOLO_OFFLINE=1 (models.fetch_named_model).
     os.environ.setdefault("YOLO_VERBOSE", str(verbose))
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     if not verbose:
@@ -49,6 +83,11 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(e.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt:
+            if STATE["verbose"]:
+                raise
+            err_console.print("[red]error:[/] interrupted", highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as e:
             if STATE["verbose"]:
                 raise
@@ -67,7 +106,7 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
 def probe_channels_cmd(
     teacher: str = typer.Option(..., help="Teacher .pt or model yaml."),
     student: str = typer.Option(..., help="Student .pt or model yaml."),
-    imgsz: int = typer.Option(640, help="Input size of the dummy forward."),
+    imgsz: int = typer.Option(ProbeOptions.imgsz, help="Input size of the dummy forward."),
     layers: str | None = typer.Option(None, help="Group (head_inputs, neck, backbone, all) or indices 15,18,21."),
     recipe: str | None = typer.Option(None, help="Show the pairing of each feature term of this recipe."),
     json_out: bool = JSON,
@@ -85,25 +124,31 @@ def probe_channels_cmd(
 @app.command()
 @handled
 def train(
-    teacher: str | None = typer.Option(None, help="Trained teacher .pt."),
+    teacher: str | None = typer.Option(
+        None, help="The teacher's trained .pt (a model yaml is untrained: --set allow_untrained_teacher=true)."
+    ),
     student: str | None = typer.Option(None, help="Student .pt (fine-tune) or yaml (from scratch)."),
     data: str | None = typer.Option(None, help="ultralytics data yaml."),
-    recipe: str | None = typer.Option(None, help="Recipe name (see `yolodistill recipes`) or YAML path."),
-    epochs: int | None = typer.Option(None),
-    batch: int | None = typer.Option(None),
-    imgsz: int | None = typer.Option(None),
-    device: str | None = typer.Option(None, help="cpu, 0, cuda:1 ... (default: GPU 0 if present)."),
-    workers: int | None = typer.Option(None),
-    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision on GPU (default on)."),
-    lr0: float | None = typer.Option(None),
-    seed: int | None = typer.Option(None),
-    project: str | None = typer.Option(None),
-    name: str | None = typer.Option(None),
-    val_interval: int | None = typer.Option(None, help="Validate every N epochs (and after the last)."),
+    recipe: str | None = typer.Option(
+        None, help="Recipe name (see `yolodistill recipes`) or YAML path.", show_default=DEFAULT_RECIPE
+    ),
+    epochs: int | None = config_option("epochs"),
+    batch: int | None = config_option("batch", "Global batch size."),
+    imgsz: int | None = config_option("imgsz", "Train and val image size."),
+    device: str | None = typer.Option(None, help="cpu, 0, cuda:1 ...", show_default=ANY_GPU),
+    workers: int | None = config_option("workers", "Dataloader processes."),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision.", show_default="on"),
+    lr0: float | None = config_option("lr0", "Initial LR (optimizer auto fits its own)."),
+    seed: int | None = config_option("seed"),
+    project: str | None = config_option("project", "Folder of the run folders."),
+    name: str | None = config_option("name", "Run folder name (name2, name3... if taken)."),
+    val_interval: int | None = config_option("val_interval", "Validate every N epochs."),
     layers: str | None = typer.Option(None, help="Override the recipe's layers: group or indices."),
     set_: list[str] = typer.Option([], "--set", help="Override any config field: --set losses.cwd.weight=2"),
     resume: str | None = typer.Option(None, help="Continue an interrupted run: its dir or last.pt."),
-    report: bool | None = typer.Option(None, "--report/--no-report", help="Write report.md + plots (default on)."),
+    report: bool | None = typer.Option(
+        None, "--report/--no-report", help="Write report.md + plots.", show_default="on"
+    ),
     tensorboard: bool | None = typer.Option(None, "--tensorboard", help="Also log to TensorBoard if installed."),
     json_out: bool = JSON,
     trust_checkpoint: bool = TRUST,
@@ -155,10 +200,11 @@ def eval_cmd(
     weights: list[str] = typer.Option(..., help="Checkpoints to compare (repeat, or list after the first)."),
     more: list[str] | None = typer.Argument(None, hidden=True),
     data: str = typer.Option(..., help="ultralytics data yaml."),
-    imgsz: int = typer.Option(640),
-    batch: int = typer.Option(16),
-    device: str = typer.Option(""),
-    split: str = typer.Option("val"),
+    imgsz: int = typer.Option(EvalOptions.imgsz),
+    batch: int = typer.Option(EvalOptions.batch),
+    device: str = typer.Option(EvalOptions.device, help="cpu, 0, cuda:1 ...", show_default=ANY_GPU),
+    split: str = typer.Option(EvalOptions.split),
+    allow_class_mismatch: bool = MISMATCH,
     json_out: bool = JSON,
     trust_checkpoint: bool = TRUST,
 ) -> None:
@@ -166,7 +212,10 @@ def eval_cmd(
     from .console import print_eval, print_json
     from .evaluation import evaluate
 
-    rows = evaluate([*weights, *(more or [])], data, imgsz, batch, device, split, trust_checkpoint)
+    models = [*weights, *(more or [])]
+    rows = evaluate(
+        models, data, imgsz, batch, device, split, trust_checkpoint, allow_class_mismatch=allow_class_mismatch
+    )
     print_json(rows) if json_out else print_eval(rows, f"{split} split of {data}")
 
 
@@ -176,12 +225,13 @@ def compare(
     weights: list[str] = typer.Option(..., help="Models to compare (repeat, or list after the first)."),
     more: list[str] | None = typer.Argument(None, hidden=True),
     data: str = typer.Option(..., help="ultralytics data yaml."),
-    imgsz: int = typer.Option(640),
-    batch: int = typer.Option(16),
-    device: str = typer.Option(""),
-    split: str = typer.Option("val"),
-    out: str = typer.Option("runs/compare/exp", help="Report folder (exp2, exp3... if taken)."),
-    samples: int = typer.Option(4, help="Validation images in the predictions grid."),
+    imgsz: int = typer.Option(CompareOptions.imgsz),
+    batch: int = typer.Option(CompareOptions.batch),
+    device: str = typer.Option(CompareOptions.device, help="cpu, 0, cuda:1 ...", show_default=ANY_GPU),
+    split: str = typer.Option(CompareOptions.split),
+    out: str = typer.Option(CompareOptions.out, help="Report folder (exp2, exp3... if taken)."),
+    samples: int = typer.Option(CompareOptions.samples, help="Validation images in the predictions grid."),
+    allow_class_mismatch: bool = MISMATCH,
     json_out: bool = JSON,
     trust_checkpoint: bool = TRUST,
 ) -> None:
@@ -189,7 +239,10 @@ def compare(
     from .comparison import compare as run_compare
     from .console import console, print_eval, print_json
 
-    result = run_compare([*weights, *(more or [])], data, imgsz, batch, device, split, out, samples, trust_checkpoint)
+    models = [*weights, *(more or [])]
+    result = run_compare(
+        models, data, imgsz, batch, device, split, out, samples, trust_checkpoint, allow_class_mismatch
+    )
     if json_out:
         print_json(result)
     else:
@@ -201,8 +254,10 @@ def compare(
 @handled
 def export(
     weights: str = typer.Option(..., help="Student checkpoint."),
-    format: str = typer.Option("onnx", help="Any ultralytics export format; onnx is checked against PyTorch."),
-    imgsz: int = typer.Option(640),
+    format: str = typer.Option(
+        ExportOptions.format, help="Any ultralytics export format; onnx is checked against PyTorch."
+    ),
+    imgsz: int = typer.Option(ExportOptions.imgsz),
     output: str | None = typer.Option(None, help="Where to write (default: beside the weights)."),
     image: str | None = typer.Option(None, help="Image for the parity check (default: a drawn one)."),
     json_out: bool = JSON,
@@ -223,8 +278,8 @@ def export(
 @app.command()
 @handled
 def demo(
-    out: str = typer.Option("runs/demo", help="Folder for the generated data and the three runs."),
-    epochs: int = typer.Option(20, help="Student epochs (the teacher gets 1.5x as many)."),
+    out: str = typer.Option(DemoOptions.out, help="Folder for the generated data and the three runs."),
+    epochs: int = typer.Option(DemoOptions.epochs, help="Student epochs (the teacher gets 1.5x as many)."),
     json_out: bool = JSON,
 ) -> None:
     """No downloads: draw a dataset, train a teacher, distil a student, compare with a plain student."""

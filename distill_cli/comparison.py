@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,12 @@ from ultralytics import YOLO
 from ultralytics.data.utils import IMG_FORMATS, img2label_paths
 
 from . import plots
+from .config import CompareOptions, EvalOptions
 from .data import load_data
 from .evaluation import evaluate
 from .report import per_class_markdown
-from .runlog import new_run_dir
+from .rules import validated
+from .runlog import check_creatable, output_dir
 
 GT_COLOR = (40, 200, 40)
 PRED_COLOR = (40, 60, 230)  # BGR: red
@@ -23,29 +26,37 @@ PRED_COLOR = (40, 60, 230)  # BGR: red
 def compare(
     weights: list[str],
     data: str,
-    imgsz: int = 640,
-    batch: int = 16,
-    device: str = "",
-    split: str = "val",
-    out: str | Path = "runs/compare/exp",
-    samples: int = 4,
+    imgsz: int = CompareOptions.imgsz,
+    batch: int = CompareOptions.batch,
+    device: str = CompareOptions.device,
+    split: str = CompareOptions.split,
+    out: str | Path = CompareOptions.out,
+    samples: int = CompareOptions.samples,
     trust_checkpoint: bool = False,
+    allow_class_mismatch: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``weights`` on ``split`` (the same numbers as ``eval``) and write ``report.md`` with plots."""
-    rows = evaluate(weights, data, imgsz, batch, device, split, trust_checkpoint, details=True)
-    out_dir = new_run_dir(Path(out).parent, Path(out).name)
-    labels = model_labels(weights)
-    plots.pr_curves(
-        {lab: (r["pr"]["recall"], r["pr"]["precision"]) for lab, r in zip(labels, rows, strict=True)},
-        out_dir / "pr_curves.png",
-    )
-    images = sample_images(load_data(data, split)[split], samples)
-    if images:
-        grid = [[draw_ground_truth(path)] + [draw_predictions(path, w, imgsz) for w in weights] for path in images]
-        plots.image_grid(grid, ["ground truth", *labels], out_dir / "predictions.png")
+    """Evaluate ``weights`` on ``split`` (the same numbers as ``eval``) and write ``report.md`` with plots into a new
+    folder ``out`` (or ``out2``...), which appears only when the report is complete."""
+    opts = validated(CompareOptions, locals())
+    target = Path(opts.out)
+    check_creatable(target.parent, "the report folder", "--out DIR")
+    rows = evaluate(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(EvalOptions)}, details=True)
+    labels = model_labels(opts.weights)
+    images = sample_images(load_data(opts.data, opts.split)[opts.split], opts.samples)
     table = [{k: v for k, v in r.items() if k not in ("per_class", "pr")} for r in rows]
-    report = out_dir / "report.md"
-    report.write_text(markdown(table, labels, rows, data, split, imgsz, bool(images), out_dir))
+    with output_dir(target.parent, target.name, "the report folder", "--out DIR") as out_dir:
+        plots.pr_curves(
+            {lab: (r["pr"]["recall"], r["pr"]["precision"]) for lab, r in zip(labels, rows, strict=True)},
+            out_dir / "pr_curves.png",
+        )
+        if images:
+            grid = [
+                [draw_ground_truth(path)] + [draw_predictions(path, w, opts.imgsz) for w in opts.weights]
+                for path in images
+            ]
+            plots.image_grid(grid, ["ground truth", *labels], out_dir / "predictions.png")
+        report = out_dir / "report.md"
+        report.write_text(markdown(table, labels, rows, opts.data, opts.split, opts.imgsz, bool(images), out_dir))
     return {"out": str(out_dir), "report": str(report), "table": table}
 
 
@@ -72,12 +83,20 @@ def draw_ground_truth(path: Path) -> np.ndarray:
     image = cv2.imread(str(path))
     height, width = image.shape[:2]
     label = Path(img2label_paths([str(path)])[0])
-    rows = [line.split() for line in label.read_text().splitlines() if line.strip()] if label.is_file() else []
+    rows = [parsed for line in label.read_text().splitlines() if (parsed := box_row(line))] if label.is_file() else []
     boxes = [
-        ((x - w / 2) * width, (y - h / 2) * height, (x + w / 2) * width, (y + h / 2) * height)
-        for x, y, w, h in (map(float, row[1:5]) for row in rows)
+        ((x - w / 2) * width, (y - h / 2) * height, (x + w / 2) * width, (y + h / 2) * height) for _, x, y, w, h in rows
     ]
-    return annotate(image, boxes, [str(int(float(row[0]))) for row in rows], GT_COLOR)
+    return annotate(image, boxes, [str(int(row[0])) for row in rows], GT_COLOR)
+
+
+def box_row(line: str) -> tuple[float, ...] | None:
+    """``class x y w h`` of a label line, or None for a line the validator skips too (wrong count, not numbers)."""
+    try:
+        values = tuple(float(v) for v in line.split())
+    except ValueError:
+        return None
+    return values if len(values) == 5 else None
 
 
 def draw_predictions(path: Path, weights: str, imgsz: int) -> np.ndarray:

@@ -1,14 +1,16 @@
-"""The typed run and recipe schema: every default lives here, unknown keys are errors.
+"""The typed schema of runs, recipes and command options: every default and every valid range lives here.
 
 A run is a :class:`RunConfig`; its ``recipe`` field is a :class:`Recipe` (what to distil, how hard and when).
-Recipes are YAML files in ``recipes/`` (or any path); ``--set key=value`` overrides any field of either.
+Recipes are YAML files in ``recipes/`` (or any path); ``--set key=value`` overrides any field of either. Each field's
+valid values sit in its metadata (``ranged(default, ge=1)``, see :mod:`rules`); building a config or a command's
+options (:func:`rules.validated`) checks them all, so unknown keys, wrong types and out-of-range values are errors
+before any command reads or writes a file. A loss method's parameters carry their rules on the method
+(``param_rules``), checked by ``losses.check_loss_spec``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,47 @@ from typing import Any
 import yaml
 
 from .errors import DistillError
+from .rules import Rule, build, device_problem, layers_problem, rule
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "default"
+SCHEDULE_KINDS = ("constant", "linear", "cosine")
+MAX_IMGSZ = 16384
+
+
+def ranged(default: Any, **kwargs: Any) -> Any:
+    """A schema field with its default and its valid values (see :class:`rules.Rule`)."""
+    return field(default=default, metadata=rule(**kwargs))
+
+
+def imgsz_field(default: int) -> Any:
+    return ranged(default, ge=32, le=MAX_IMGSZ)
+
+
+def _optimizers() -> tuple[str, ...]:
+    from .optimizer import OPTIMIZERS  # late: the list lives with build_optimizer, which needs torch
+
+    return ("auto", *OPTIMIZERS)
+
+
+def _text(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _checkpoint(value: str) -> str | None:
+    return None if value.endswith(".pt") else "must be a .pt checkpoint (a model yaml would be untrained)"
+
+
+def _checkpoints(value: list[str]) -> str | None:
+    return next(filter(None, map(_checkpoint, value)), None) if value else "must name at least one checkpoint"
+
+
+def _out_name(value: str) -> str | None:
+    return Rule(name=True).problem(Path(value).name) if value.strip() else "must not be empty"
+
+
+LAYERS = rule(check=layers_problem, text="a layer group or a list of layer indices")
 
 
 @dataclass
@@ -31,19 +70,19 @@ class Schedule:
     and 0 from ``stop_epoch`` on (negative: counted from the end, ``-10`` = the last 10 epochs).
     """
 
-    kind: str = "constant"
-    final: float = 1.0
-    warmup_epochs: float = 0.0
-    stop_epoch: int | None = None
+    kind: str = ranged("constant", choices=SCHEDULE_KINDS)
+    final: float = ranged(1.0, ge=0)
+    warmup_epochs: float = ranged(0.0, ge=0)
+    stop_epoch: int | None = None  # any epoch; negative: counted from the end
 
 
 @dataclass
 class LossSpec:
     """One weighted distillation term. ``type`` defaults to the term's name in the recipe."""
 
-    type: str = ""
-    weight: float = 1.0
-    layers: str | list[int] | None = None  # None: the recipe's layers
+    type: str = ""  # checked against the registry (losses.check_loss_spec), with the method's parameters
+    weight: float = ranged(1.0, ge=0)
+    layers: str | list[int] | None = field(default=None, metadata=LAYERS)  # None: the recipe's layers
     schedule: Schedule = field(default_factory=Schedule)
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -53,14 +92,14 @@ class Balance:
     """Automatic loss balance: after ``steps`` steps, scale each term so that its weighted value is ``target`` x the
     detection loss (averaged over those steps). The chosen factors are logged and saved with the run."""
 
-    target: float = 0.0  # 0 = off
-    steps: int = 50
+    target: float = ranged(0.0, ge=0)  # 0 = off
+    steps: int = ranged(50, ge=1)
 
 
 @dataclass
 class Recipe:
     description: str = ""
-    layers: str | list[int] = "head_inputs"
+    layers: str | list[int] = field(default="head_inputs", metadata=LAYERS)
     losses: dict[str, LossSpec] = field(default_factory=dict)
     balance: Balance = field(default_factory=Balance)
 
@@ -74,96 +113,105 @@ class RunConfig:
     data: str = ""
     recipe: Recipe = field(default_factory=Recipe)
     recipe_name: str = DEFAULT_RECIPE
-    epochs: int = 100
-    batch: int = 16
-    imgsz: int = 640
-    device: str = ""  # "" = cuda:0 if available else cpu; "cpu", "0", "0,1"
-    workers: int = 8
+    epochs: int = ranged(100, ge=1)
+    batch: int = ranged(16, ge=1)
+    imgsz: int = imgsz_field(640)
+    device: str = ranged("", check=device_problem, text="cpu, cuda, 0, cuda:1 or 0,1")  # "" = cuda:0 if any, else cpu
+    workers: int = ranged(8, ge=0)
     amp: bool = True
-    optimizer: str = "auto"  # auto | SGD | AdamW
-    lr0: float = 0.01
-    lrf: float = 0.01
-    momentum: float = 0.937
-    weight_decay: float = 0.0005
-    warmup_epochs: float = 3.0
-    warmup_momentum: float = 0.8
-    warmup_bias_lr: float = 0.1
+    amp_dtype: str = ranged("auto", choices=("auto", "fp16", "bf16"))  # auto: fp16 on GPU, bf16 on CPUs that have it
+    # BatchNorm running statistics while training: frozen (eval mode) keeps a trained student's statistics, which
+    # short fine-tunes otherwise wreck in the first epoch; auto = frozen for a .pt student, update for a yaml one
+    bn_stats: str = ranged("auto", choices=("auto", "update", "frozen"))
+    optimizer: str = ranged("auto", choices=_optimizers, ignore_case=True, text="auto or an ultralytics optimizer")
+    lr0: float = ranged(0.01, gt=0)
+    lrf: float = ranged(0.01, ge=0, le=1)  # final LR as a fraction of lr0
+    momentum: float = ranged(0.937, ge=0, lt=1)
+    weight_decay: float = ranged(0.0005, ge=0)
+    warmup_epochs: float = ranged(3.0, ge=0)
+    warmup_momentum: float = ranged(0.8, ge=0, lt=1)
+    warmup_bias_lr: float = ranged(0.1, ge=0)
     cos_lr: bool = False
-    nbs: int = 64  # nominal batch size: gradients accumulate to it, as in ultralytics
-    grad_clip: float = 10.0
-    close_mosaic: int = 10
+    nbs: int = ranged(64, ge=1)  # nominal batch size: gradients accumulate to it, as in ultralytics
+    grad_clip: float = ranged(10.0, gt=0)  # max norm of the gradient
+    close_mosaic: int = ranged(10, ge=0)
     ema: bool = True
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=2**31 - 1)
     deterministic: bool = False
-    val_interval: int = 1
-    val_split: str = "val"
-    project: str = "runs/distill"
-    name: str = "exp"
-    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    val_interval: int = ranged(1, ge=1)
+    val_split: str = ranged("val", name=True)
+    project: str = ranged("runs/distill", check=_text, text="a folder")
+    name: str = ranged("exp", name=True)  # a folder inside project, never a path
+    max_bad_steps: int = ranged(20, ge=1)  # consecutive non-finite steps before the run stops
     trust_checkpoint: bool = False
-    fraction: float = 1.0  # share of the train split to use
+    fraction: float = ranged(1.0, gt=0, le=1)  # share of the train split to use
     cache: bool = False  # decoded images in RAM
     report: bool = True  # report.md + plots in the run dir (costs two extra validation passes)
+    allow_untrained_teacher: bool = False  # a teacher built from a model yaml: only for smoke tests
     tensorboard: bool = False  # also log every scalar to TensorBoard, if it is installed
 
 
-def _strip_optional(tp: Any) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return tp
+@dataclass
+class ProbeOptions:
+    """``probe-channels`` / :func:`probe.probe_channels`."""
+
+    teacher: str
+    student: str
+    imgsz: int = imgsz_field(640)
+    layers: str | list[int] | None = field(default=None, metadata=LAYERS)
+    recipe: str | None = None
+    trust_checkpoint: bool = False
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types with the key's path."""
-    if isinstance(data, cls):
-        return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise DistillError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise DistillError(f"unknown key '{_join(where, unknown[0])}'; valid keys: {', '.join(names)}")
-    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
-    return cls(**kwargs)
+@dataclass
+class EvalOptions:
+    """``eval`` / :func:`evaluation.evaluate`."""
+
+    weights: list[str] = field(metadata=rule(check=_checkpoints, text="one or more .pt checkpoints"))
+    data: str = field(metadata=rule(check=_text, text="a data yaml"))
+    imgsz: int = imgsz_field(640)
+    batch: int = ranged(16, ge=1)
+    device: str = ranged("", check=device_problem, text="cpu, cuda, 0, cuda:1")
+    split: str = ranged("val", name=True)
+    trust_checkpoint: bool = False
+    allow_class_mismatch: bool = False  # evaluate on a data yaml whose class list differs from the weights'
 
 
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+@dataclass
+class CompareOptions(EvalOptions):
+    """``compare`` / :func:`comparison.compare`: the eval options plus the report folder."""
+
+    out: str = ranged("runs/compare/exp", check=_out_name, text="a folder whose last part is a plain name")
+    samples: int = ranged(4, ge=0, le=64)
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    tp = _strip_optional(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if value is None:
-        return None
-    if typing.get_origin(tp) is dict:
-        val_tp = typing.get_args(tp)[1]
-        if not isinstance(value, dict):
-            raise DistillError(f"'{where}' must be a mapping")
-        return {k: _coerce(val_tp, v, _join(where, str(k))) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise DistillError(f"'{where}' must be true or false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DistillError(f"'{where}' must be a number, got {value!r}")
-        if tp is int and float(value) != int(value):
-            raise DistillError(f"'{where}' must be a whole number, got {value!r}")
-        return tp(value)
-    if tp is str:
-        return str(value)
-    # str | list[int]: a layer group or a list of layer indices
-    if isinstance(value, str) or isinstance(value, list) and all(type(i) is int for i in value):
-        return value
-    raise DistillError(f"'{where}' must be a layer group name or a list of layer indices, got {value!r}")
+def _export_formats() -> tuple[str, ...]:
+    from ultralytics.engine.exporter import export_formats  # late: ultralytics imports torch
+
+    return tuple(f for f in export_formats()["Argument"] if f != "-")
+
+
+@dataclass
+class ExportOptions:
+    """``export`` / :func:`exporter.export`."""
+
+    weights: str = field(metadata=rule(check=_checkpoint, text="a .pt checkpoint"))
+    format: str = ranged("onnx", choices=_export_formats, text="an ultralytics export format")
+    imgsz: int = imgsz_field(640)
+    output: str | None = None
+    image: str | None = None
+    trust_checkpoint: bool = False
+
+
+@dataclass
+class DemoOptions:
+    """``demo`` / :func:`demo.run_demo`."""
+
+    out: str = ranged("runs/demo", check=_out_name, text="a folder whose last part is a plain name")
+    epochs: int = ranged(20, ge=1)
+    n_train: int = ranged(256, ge=1)
+    n_val: int = ranged(64, ge=1)
+    imgsz: int = imgsz_field(64)
 
 
 def _loss_entry(name: str, value: Any) -> dict[str, Any]:
@@ -172,7 +220,10 @@ def _loss_entry(name: str, value: Any) -> dict[str, Any]:
         raise DistillError(f"recipe loss '{name}' must be a mapping (e.g. {{weight: 1.0}})")
     spec_keys = {f.name for f in dataclasses.fields(LossSpec)} - {"params"}
     entry = {k: v for k, v in value.items() if k in spec_keys}
-    entry["params"] = {**value.get("params", {}), **{k: v for k, v in value.items() if k not in spec_keys | {"params"}}}
+    params = value.get("params") or {}
+    if not isinstance(params, dict):
+        raise DistillError(f"recipe loss '{name}': 'params' must be a mapping")
+    entry["params"] = {**params, **{k: v for k, v in value.items() if k not in spec_keys | {"params"}}}
     entry.setdefault("type", name)
     return entry
 
@@ -181,12 +232,14 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Build a Recipe from YAML data and check every loss name and parameter against the registry."""
     from .losses import check_loss_spec  # late: losses import torch
 
+    if data is not None and not isinstance(data, dict):
+        raise DistillError(f"a recipe must be a mapping (description, layers, losses), got {type(data).__name__}")
     data = dict(data or {})
     losses = data.get("losses") or {}
     if not isinstance(losses, dict):
         raise DistillError("recipe 'losses' must be a mapping of term name -> settings")
     data["losses"] = {str(k): _loss_entry(str(k), v) for k, v in losses.items()}
-    recipe = _build(Recipe, data, "")
+    recipe = build(Recipe, data, "")
     for name, spec in recipe.losses.items():
         check_loss_spec(name, spec)
     return recipe
@@ -226,9 +279,17 @@ def read_yaml(path: Path, what: str) -> Any:
 
 
 def load_recipe(name_or_path: str = DEFAULT_RECIPE) -> Recipe:
+    """A recipe file, checked. It must list its terms: an empty file or one without ``losses`` is an error (the
+    ``none`` recipe, ``losses: {}``, trains without distillation on purpose)."""
     path = recipe_path(name_or_path)
+    data = read_yaml(path, "recipe")  # its errors name the file
+    if not isinstance(data, dict) or "losses" not in data:
+        raise DistillError(
+            f"recipe '{path}' has no 'losses'; list its terms (see `yolodistill recipes`), or write 'losses: {{}}' "
+            f"(as the 'none' recipe does) to train without distillation"
+        )
     try:
-        return recipe_from_dict(read_yaml(path, "recipe"))
+        return recipe_from_dict(data)
     except DistillError as e:
         raise DistillError(f"recipe '{path}': {e.message}") from e
 
@@ -240,7 +301,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise DistillError(f"--set expects key=value, got '{item}'")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise DistillError(f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
     return out
 
 
@@ -259,7 +323,7 @@ def _flat_loss(spec: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     data = dict(data)
     recipe = recipe_from_dict(data.pop("recipe", {}))
-    return _build(RunConfig, {**data, "recipe": recipe}, "")
+    return build(RunConfig, {**data, "recipe": recipe}, "")
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -289,3 +353,37 @@ def describe_recipes() -> list[dict[str, str]]:
         terms = ", ".join(f"{k} {v.weight:g}" for k, v in recipe.losses.items()) or "-"
         rows.append({"name": name, "terms": terms, "description": recipe.description})
     return rows
+
+
+SCHEMA = {
+    "train (`RunConfig`; every field through `--set`)": RunConfig,
+    "recipe (`Recipe`)": Recipe,
+    "each recipe term (`LossSpec`, `losses.NAME.*`)": LossSpec,
+    "a term's schedule (`Schedule`, `losses.NAME.schedule.*`)": Schedule,
+    "automatic balance (`Balance`, `balance.*`)": Balance,
+    "probe-channels": ProbeOptions,
+    "eval": EvalOptions,
+    "compare": CompareOptions,
+    "export": ExportOptions,
+    "demo": DemoOptions,
+}
+
+
+def describe_rules() -> list[str]:
+    """The valid values of every ranged field and loss parameter, one markdown line per schema (README, safety)."""
+    from .losses import LOSSES, loss_params  # late: losses import torch
+
+    def line(title: str, rules: dict[str, tuple[str, Rule]]) -> str:
+        return f"- {title}: " + "; ".join(f"`{k}` ({tp}) {r.summary()}" for k, (tp, r) in rules.items())
+
+    lines = [
+        line(
+            title, {f.name: (str(f.type), f.metadata["rule"]) for f in dataclasses.fields(cls) if "rule" in f.metadata}
+        )
+        for title, cls in SCHEMA.items()
+    ]
+    for name, cls in sorted(LOSSES.items()):
+        if cls.param_rules:
+            types = {k: type(v).__name__ for k, v in loss_params(cls).items()}
+            lines.append(line(f"method `{name}`", {k: (types[k], r) for k, r in cls.param_rules.items()}))
+    return lines

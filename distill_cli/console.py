@@ -19,10 +19,13 @@ def print_json(data: Any) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    """Numbers are never cut; in a narrow terminal text cells (paths) wrap instead of ending in an ellipsis, so two
+    checkpoints of one folder stay told apart."""
     out = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
         numeric = all(isinstance(row[i], (int, float)) for row in rows)
-        out.add_column(column, justify="right" if numeric else "left")
+        width = max([len(column), *(len(_cell(row[i])) for row in rows)]) if numeric else None
+        out.add_column(column, justify="right" if numeric else "left", min_width=width, overflow="fold")
     for row in rows:
         out.add_row(*(_cell(v) for v in row))
     return out
@@ -55,6 +58,8 @@ def print_probe(report: dict[str, Any]) -> None:
         console.print(
             table(f"pairing '{name}' (layers: {selection})", ["student", "teacher", "stride", "adapter"], rows)
         )
+    rows = [[name, verdict] for name, verdict in report["output_terms"].items()]
+    console.print(table("output and cross-head terms on this pair", ["method", "applies?"], rows))
 
 
 EVAL_COLUMNS = ["model", "params", "gflops", "mAP50-95", "mAP50", "ms_per_img"]
@@ -77,6 +82,7 @@ class TrainProgress:
 
     def on_start(self, info: dict[str, Any]) -> None:
         console.print(f"[bold]run dir[/] {info['run_dir']}  student params {info['params']:,}  classes {info['names']}")
+        console.print(f"  {info['precision']}")
         for term, pairs in info["pairs"].items():
             if pairs:
                 console.print(

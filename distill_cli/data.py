@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from ultralytics.cfg import get_cfg
 from ultralytics.data.build import build_dataloader, build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
-from ultralytics.utils import IterableSimpleNamespace
+from ultralytics.utils import DATASETS_DIR, IterableSimpleNamespace
 
 from .config import read_yaml
 from .errors import DistillError
@@ -21,7 +22,11 @@ SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
 
 
 def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
-    """Check an ultralytics data yaml without downloading anything; return ultralytics' resolved dict."""
+    """Check an ultralytics data yaml without downloading anything; return ultralytics' resolved dict.
+
+    Paths are resolved by ultralytics itself (``check_det_dataset``), so ours and the validator's agree: a relative
+    ``path:`` is taken from the current folder, then from ultralytics' datasets folder, never from beside the yaml.
+    """
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"data yaml '{path}' not found; give an ultralytics data yaml (train/val/names)")
@@ -34,20 +39,29 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
                 f"data yaml '{path}' has no '{key}' key; an ultralytics data yaml needs train, val, names"
             )
     names = raw["names"]
+    if not isinstance(names, (list, dict)) or not names:
+        raise DistillError(f"data yaml '{path}': 'names' must be a non-empty list or mapping of class names")
     if "nc" in raw and len(names) != raw["nc"]:
         raise DistillError(f"data yaml '{path}': nc={raw['nc']} but {len(names)} names; make them agree")
-    root = Path(raw["path"]) if raw.get("path") else path.parent
-    if not root.exists() and not root.is_absolute():
-        root = path.parent / root
+    if not raw.get(split):
+        splits = ", ".join(k for k in ("train", "val", "test", "minival") if raw.get(k))
+        raise DistillError(f"data yaml '{path}' has no '{split}' split; it has: {splits}")
+    try:
+        data = check_det_dataset(str(path), autodownload=False, split=split)
+    except Exception as e:  # ultralytics raises FileNotFoundError, SyntaxError, KeyError... for bad yamls
+        hint = ""
+        if raw.get("path") and not Path(raw["path"]).is_absolute():
+            hint = (
+                f" (its relative path '{raw['path']}' is resolved from the current folder, then from ultralytics' "
+                f"datasets folder '{DATASETS_DIR}', not beside the yaml: make it absolute)"
+            )
+        raise DistillError(f"data yaml '{path}' is not usable: {str(e).strip().splitlines()[0]}{hint}") from e
     for key in ("train", split):
-        for entry in raw[key] if isinstance(raw[key], list) else [raw[key]]:
-            target = Path(entry) if Path(entry).is_absolute() else root / entry
+        for entry in data[key] if isinstance(data[key], list) else [data[key]]:
+            target = Path(entry)
             if not target.exists() or (target.is_dir() and not any(target.iterdir())):
                 raise DistillError(f"data yaml '{path}': split '{key}' points at '{target}', which is missing or empty")
-    try:
-        return check_det_dataset(str(path), autodownload=False)
-    except Exception as e:  # ultralytics raises FileNotFoundError, SyntaxError, KeyError... for bad yamls
-        raise DistillError(f"data yaml '{path}' is not usable: {str(e).strip().splitlines()[0]}") from e
+    return data
 
 
 def hyperparameters(**overrides: Any) -> IterableSimpleNamespace:
@@ -71,19 +85,66 @@ def build_loader(
             hyp, data[split], batch, data, mode="train" if train else "val", rect=not train, stride=stride
         )
     except (FileNotFoundError, RuntimeError, AssertionError) as e:  # ultralytics' words for "no usable images"
-        raise DistillError(f"split '{split}': {str(e).strip().splitlines()[0]}") from e
-    total = len(dataset.get_img_files(dataset.img_path))
-    if len(dataset.labels) < total:  # ultralytics drops corrupt images and labels; say how many
-        warnings.warn(
-            f"{total - len(dataset.labels)} of {total} {split} images skipped (unreadable image, class id outside "
-            f"the {len(data['names'])} names, or coordinates outside 0-1)",
-            stacklevel=2,
-        )
+        raise DistillError(f"split '{split}' has no usable images ({str(e).strip().splitlines()[0]})") from e
+    warn_skipped(dataset, split, len(data["names"]))
     if len(dataset) == 0:
         raise DistillError(f"split '{split}' has no usable images")
-    return build_dataloader(
+    loader = build_dataloader(
         dataset, batch, workers, shuffle=train, rank=rank, drop_last=False, pin_memory=torch.cuda.is_available()
     )
+    if train and rank == -1:  # the batch sampler draws its indices from an order that a resume can restore
+        loader.order = loader.batch_sampler.sampler.sampler = EpochOrder(len(dataset), hyp.seed)
+    return loader
+
+
+def warn_skipped(dataset: Any, split: str, nc: int) -> None:
+    """ultralytics drops corrupt images and labels without a word: say how many, and why they can be dropped."""
+    total = len(dataset.get_img_files(dataset.img_path))
+    if len(dataset.labels) < total:
+        warnings.warn(
+            f"{total - len(dataset.labels)} of {total} {split} images skipped: an unreadable or corrupt image, an "
+            f"image under 10 pixels, a label line that is not 'class x y w h', a class id outside the {nc} names, "
+            f"or coordinates outside 0-1 (--verbose shows ultralytics' reason per image)",
+            stacklevel=3,
+        )
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """The train split's shuffle: epoch ``e``'s order depends only on the seed and ``e`` (the k-th pass after
+    ``start(e)`` is epoch e + k), not on what else drew random numbers, so a resumed run sees the order the
+    uninterrupted run saw. (A torch RandomSampler draws from the loader's generator, which a new iterator also draws
+    from: the resumed run would shuffle differently.)"""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        self.epoch += 1
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+def loader_state(loader: torch.utils.data.DataLoader) -> dict[str, Any]:
+    """What the train loader carries from one epoch to the next: mosaic's buffer of recently loaded images (with
+    worker processes each worker has its own, which is not saved)."""
+    return {"mosaic_buffer": [int(i) for i in getattr(loader.dataset, "buffer", [])]}
+
+
+def restore_loader(loader: torch.utils.data.DataLoader, state: dict[str, Any] | None, epoch: int) -> None:
+    """Continue at ``epoch`` with the order and mosaic buffer the uninterrupted run had."""
+    if hasattr(loader, "order"):
+        loader.order.start(epoch)
+    dataset = loader.dataset
+    if state and hasattr(dataset, "buffer"):
+        dataset.buffer.clear()
+        for index in state["mosaic_buffer"]:  # loading appends to the buffer, in the saved order
+            dataset.load_image(index)
 
 
 def make_synthetic_dataset(

@@ -10,9 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .config import DemoOptions
 from .data import make_synthetic_dataset
+from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import evaluate
-from .runlog import new_run_dir
+from .rules import validated
+from .runlog import check_creatable, output_dir
 from .training import train
 
 IMGSZ = 64  # small images, many steps: students learn reliably within the CPU budget
@@ -20,17 +23,30 @@ BATCH = 16
 
 
 def run_demo(
-    out: str | Path = "runs/demo",
-    epochs: int = 20,
+    out: str | Path = DemoOptions.out,
+    epochs: int = DemoOptions.epochs,
     log: Callable[[str], None] | None = None,
-    n_train: int = 256,
-    n_val: int = 64,
-    imgsz: int = IMGSZ,
+    n_train: int = DemoOptions.n_train,
+    n_val: int = DemoOptions.n_val,
+    imgsz: int = DemoOptions.imgsz,
 ) -> dict[str, Any]:
-    """Returns the output folder, the data yaml and the eval table (teacher, plain student, distilled student)."""
-    say = log or (lambda message: None)
-    root = new_run_dir(Path(out).parent, Path(out).name)  # never reuses an earlier demo's folder
-    data = str(make_synthetic_dataset(root / "data", n_train=n_train, n_val=n_val, size=imgsz))
+    """Returns the output folder, the data yaml and the eval table (teacher, plain student, distilled student).
+    The folder (never an earlier demo's) is removed again if the demo fails or is interrupted."""
+    opts = validated(DemoOptions, locals())
+    target = Path(opts.out)
+    check_creatable(target.parent, "the demo folder", "--out DIR")
+    try:
+        with output_dir(target.parent, target.name, "the demo folder", "--out DIR") as root:
+            return demo_runs(root, opts, log or (lambda message: None))
+    except (KeyboardInterrupt, DistillError) as e:
+        if isinstance(e, KeyboardInterrupt) or e.exit_code == EXIT_INTERRUPTED:
+            raise DistillError("demo interrupted; its folder was removed: run it again", EXIT_INTERRUPTED) from None
+        raise
+
+
+def demo_runs(root: Path, opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
+    imgsz, epochs = opts.imgsz, opts.epochs
+    data = str(make_synthetic_dataset(root / "data", n_train=opts.n_train, n_val=opts.n_val, size=imgsz))
     common = {
         "data": data,
         "imgsz": imgsz,

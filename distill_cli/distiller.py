@@ -2,54 +2,96 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from ultralytics.utils.loss import E2ELoss
 from ultralytics.utils.tal import make_anchors
 
 from .config import Recipe
 from .errors import DistillError
 from .features import FeatureHooks, Pair, pair_layers, probe_layers
-from .losses import LOSSES, DistillContext, OutputLoss, build_loss
+from .losses import LOSSES, CrossLoss, DistillContext, OutputLoss, build_loss
 from .models import class_names
+
+Head = dict[str, dict[str, torch.Tensor]]  # branch ("one2many", and "one2one" for end-to-end heads) -> raw outputs
 
 
 @dataclass
 class TeacherOutput:
     feats: dict[int, torch.Tensor]  # teacher layer index -> feature map
-    head: dict[str, torch.Tensor]  # Detect outputs: boxes, scores, feats
+    head: Head  # Detect outputs per branch: boxes, scores, feats
 
 
-def head_outputs(preds: dict | tuple) -> dict[str, torch.Tensor]:
-    """The Detect head's raw dict from a train-mode (dict) or eval-mode ((y, dict)) forward; one-to-many for E2E."""
+@dataclass
+class DetectionLoss:
+    """ultralytics' detection loss (per image, unscaled) with what output distillation needs from it."""
+
+    total: torch.Tensor
+    items: dict[str, torch.Tensor]
+    gains: dict[str, float]  # branch -> its weight in the detection loss (E2E: o2m / o2o, decayed per epoch)
+    positives: dict[str, torch.Tensor]  # branch -> (B, A) anchors the task-aligned assigner gave a box
+
+
+def head_branches(preds: dict | tuple) -> Head:
+    """The Detect head's raw outputs per branch, from a train-mode (dict) or eval-mode ((y, dict)) forward."""
     preds = preds[1] if isinstance(preds, tuple) else preds
-    return preds.get("one2many", preds)
+    if "one2one" in preds:
+        return {"one2many": preds["one2many"], "one2one": preds["one2one"]}
+    return {"one2many": preds}
+
+
+def as_float(head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A head dict in fp32: the loss decodes boxes through a matmul, which bf16 would round (see README, AMP)."""
+    return {k: [f.float() for f in v] if k == "feats" else v.float() for k, v in head.items()}
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A Conv+BN-fused copy for the teacher's forward passes; both branches of an end-to-end head are kept (they
+    are both distilled), so the Detect head's own fuse, which drops one, is skipped."""
+    runner = copy.deepcopy(model)
+    head = runner.model[-1]
+    head.fuse = lambda: None  # an instance attribute shadows Detect.fuse for the duration of the call
+    try:
+        runner.fuse(verbose=False)
+    finally:
+        del head.fuse
+    return runner
 
 
 class Teacher:
-    """Frozen teacher: eval mode always, no grad, half precision on GPU; never saved, never optimised."""
+    """Frozen teacher: eval mode always, no grad, never saved, never optimised.
+
+    ``model`` is the teacher as loaded (fp32, used to validate it); ``runner`` is a private Conv+BN-fused copy in
+    ``dtype`` (bf16/fp16 under AMP) and channels_last, which runs every training step.
+    """
 
     def __init__(self, model: nn.Module, layers: list[int], device: torch.device, dtype: torch.dtype) -> None:
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.runner = inference_copy(self.model).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        self.runner.eval().requires_grad_(False)
         self.dtype = dtype
-        self.hooks = FeatureHooks(self.model, layers)
+        self.hooks = FeatureHooks(self.runner, layers)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.runner.model[-1]
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> TeacherOutput:
-        preds = self.model(images.to(self.dtype))
-        return TeacherOutput(self.hooks.pop(), head_outputs(preds))
+        preds = self.runner(images.to(self.dtype).contiguous(memory_format=torch.channels_last))
+        return TeacherOutput(self.hooks.pop(), head_branches(preds))
 
 
 class Distiller(nn.Module):
     """Student + adapters/generators: the one module that trains, syncs under DDP and checkpoints.
 
-    ``forward(batch, teacher_out, active)`` runs the student once and returns the detection loss (per image, as
-    ultralytics computes it before scaling by batch size), its items, and the named, unweighted distillation terms
-    in ``active``. The training loop weights and sums them.
+    ``forward(batch, teacher_out, active)`` runs the student once and returns the detection loss, and the named,
+    unweighted distillation terms in ``active``. The training loop weights and sums them. Output terms of an
+    end-to-end head are computed on both branches and combined with the detection loss's own branch gains.
     """
 
     def __init__(self, student: nn.Module, terms: dict[str, nn.Module], pairs: dict[str, list[Pair]]) -> None:
@@ -58,46 +100,74 @@ class Distiller(nn.Module):
         self.terms = nn.ModuleDict(terms)
         self.pairs = pairs
         self.hooks = FeatureHooks(student, sorted({p.student for ps in pairs.values() for p in ps}))
+        self.teacher_head: nn.Module | None = None  # set by bind_teacher for cross-head terms; not a submodule
+
+    def bind_teacher(self, teacher: Teacher) -> None:
+        """Cross-head terms run the teacher's frozen Detect head; kept outside the module tree (never trained,
+        saved or wrapped by DDP)."""
+        self.__dict__["teacher_head"] = teacher.head
 
     def forward(
         self, batch: dict, teacher: TeacherOutput | None, active: tuple[str, ...]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    ) -> tuple[DetectionLoss, dict[str, torch.Tensor]]:
         preds = self.student(batch["img"])
         feats = self.hooks.pop()
-        det_loss, det_items, fg_mask = detection_loss(self.student, preds, batch)
+        with torch.autocast(batch["img"].device.type, enabled=False):
+            det = detection_loss(self.student, preds, batch)
         if teacher is None or not active:
-            return det_loss, det_items, {}
-        head = head_outputs(preds)
-        ctx = make_context(head, teacher.head, fg_mask, batch)
+            return det, {}
+        head, gains = head_branches(preds), shared_gains(det.gains, teacher.head)
+        contexts = {b: make_context(head[b], teacher.head[b], det.positives[b], batch) for b in gains}
         terms = {}
         for name in active:
             module = self.terms[name]
             if isinstance(module, OutputLoss):
-                terms[name] = module(head, teacher.head, ctx)
+                terms[name] = sum(g * module(head[b], teacher.head[b], contexts[b]) for b, g in gains.items())
+            elif isinstance(module, CrossLoss):
+                inputs = [feats[p.student] for p in self.pairs[name]]
+                terms[name] = module(inputs, self.teacher_head, teacher.head, contexts, gains)
             else:
                 terms[name] = sum(
-                    loss(feats[p.student], teacher.feats[p.teacher], ctx)
+                    loss(feats[p.student], teacher.feats[p.teacher], contexts["one2many"])
                     for loss, p in zip(module, self.pairs[name], strict=True)
                 )
-        return det_loss, det_items, terms
+        return det, terms
 
 
-def detection_loss(student: nn.Module, preds: dict, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-    """ultralytics' own detection loss (per image, unscaled), its items, and the assigner's positive anchors."""
+def shared_gains(gains: dict[str, float], teacher_head: Head) -> dict[str, float]:
+    """The branches both heads have, weighted as in the detection loss; a branch the teacher lacks is not
+    distilled (a one-to-many teacher would teach a one-to-one branch to fire on many anchors per object), and the
+    remaining branch then counts fully."""
+    shared = {b: g for b, g in gains.items() if b in teacher_head}
+    return shared if len(shared) == len(gains) else dict.fromkeys(shared, 1.0)
+
+
+def detection_loss(student: nn.Module, preds: dict | tuple, batch: dict) -> DetectionLoss:
+    """ultralytics' own detection loss in fp32, per branch, with the assigner's positives of each branch.
+
+    For an end-to-end head this is ``E2ELoss``: ``o2m * loss(one2many) + o2o * loss(one2one)``, items from the
+    one-to-one branch, computed here branch by branch so that the positives of each are at hand.
+    """
     if getattr(student, "criterion", None) is None:
         student.criterion = student.init_criterion()
-    criterion = student.criterion
-    if hasattr(criterion, "get_assigned_targets_and_loss"):  # v8/11 loss: also hands out the positives
-        assigned, loss, items = criterion.get_assigned_targets_and_loss(criterion.parse_output(preds), batch)
-        return loss.sum(), items, assigned[0]
-    loss, items = criterion(preds, batch)
-    return loss.sum() / batch["img"].shape[0], items, None
+    criterion, head = student.criterion, head_branches(preds)
+    if isinstance(criterion, E2ELoss):
+        parts = {"one2many": (criterion.one2many, criterion.o2m), "one2one": (criterion.one2one, criterion.o2o)}
+    else:
+        parts = {"one2many": (criterion, 1.0)}
+    total, items, positives = torch.zeros((), device=batch["img"].device), {}, {}
+    for branch, (branch_criterion, gain) in parts.items():
+        assigned, loss, items = branch_criterion.get_assigned_targets_and_loss(as_float(head[branch]), batch)
+        total = total + gain * loss.sum()
+        positives[branch] = assigned[0]
+    return DetectionLoss(total, items, {b: g for b, (_, g) in parts.items()}, positives)
 
 
 def make_context(head: dict, teacher_head: dict, fg_mask: torch.Tensor | None, batch: dict) -> DistillContext:
     feats = head["feats"]
-    strides = torch.tensor([batch["img"].shape[2] / f.shape[2] for f in feats], device=feats[0].device)
-    anchors, _ = make_anchors(feats, strides, 0.5)
+    imgsz = batch["img"].shape[2:]
+    strides = torch.tensor([imgsz[0] / f.shape[2] for f in feats], device=feats[0].device)
+    anchors, anchor_strides = make_anchors([f.float() for f in feats], strides, 0.5)
     return DistillContext(
         teacher_conf=teacher_head["scores"].float().sigmoid().amax(1),
         fg_mask=fg_mask,
@@ -105,47 +175,73 @@ def make_context(head: dict, teacher_head: dict, fg_mask: torch.Tensor | None, b
         level_sizes=[tuple(f.shape[2:]) for f in feats],
         gt_boxes=batch["bboxes"],
         gt_image=batch["batch_idx"].long(),
+        strides=anchor_strides.squeeze(-1),
+        imgsz=(int(imgsz[0]), int(imgsz[1])),
     )
 
 
 def build_terms(
     student: nn.Module, teacher: nn.Module, recipe: Recipe, imgsz: int
 ) -> tuple[dict[str, nn.Module], dict[str, list[Pair]]]:
-    """One loss module per output term; one per layer pair (each with its adapter) per feature term."""
+    """One loss module per output term; one per layer pair (each with its adapter) per feature term; one per
+    cross-head term, with an adapter per Detect input."""
     check_compatible(student, teacher, recipe)
     student_infos, teacher_infos = probe_layers(student, imgsz), probe_layers(teacher, imgsz)
     terms: dict[str, nn.Module] = {}
     pairs: dict[str, list[Pair]] = {}
     for name, spec in recipe.losses.items():
-        if LOSSES[spec.type].level == "output":
-            terms[name], pairs[name] = build_loss(spec.type, spec.params), []
+        level = LOSSES[spec.type].level
+        if level == "output":
+            terms[name], pairs[name] = build_loss(spec.type, spec.params, reg_max=student.model[-1].reg_max), []
             continue
-        selection = spec.layers if spec.layers is not None else recipe.layers
+        selection = "head_inputs" if level == "cross" else spec.layers if spec.layers is not None else recipe.layers
         pairs[name] = pair_layers(student, teacher, student_infos, teacher_infos, selection)
-        terms[name] = nn.ModuleList(
-            build_loss(spec.type, spec.params, p.student_channels, p.teacher_channels) for p in pairs[name]
-        )
+        channels = [(p.student_channels, p.teacher_channels) for p in pairs[name]]
+        if level == "cross":
+            terms[name] = build_loss(spec.type, spec.params, channels=channels, reg_max=student.model[-1].reg_max)
+        else:
+            terms[name] = nn.ModuleList(build_loss(spec.type, spec.params, s, t) for s, t in channels)
     return terms, pairs
 
 
 def check_compatible(student: nn.Module, teacher: nn.Module, recipe: Recipe) -> None:
-    """Output distillation needs the same classes (and DFL bins); feature distillation only warns on a mismatch."""
-    output_terms = [n for n, s in recipe.losses.items() if LOSSES[s.type].level == "output"]
+    """Output and cross-head terms must apply to this pair of heads (see ``output_problem``); feature distillation
+    only warns on a class mismatch."""
+    for name, spec in recipe.losses.items():
+        if LOSSES[spec.type].level != "feature" and (problem := output_problem(spec.type, student, teacher, name)):
+            raise DistillError(problem)
     s_names, t_names = class_names(student), class_names(teacher)
     if s_names != t_names:
-        if output_terms:
-            raise DistillError(
-                f"teacher classes {_short(t_names)} differ from student classes {_short(s_names)}; output distillation "
-                f"({', '.join(output_terms)}) needs the same class list: use a teacher trained on this data, "
-                f"or a feature-only recipe"
-            )
         warnings.warn(
             f"teacher classes {_short(t_names)} differ from student classes {_short(s_names)}; "
             "distilling features only",
             stacklevel=2,
         )
-    if output_terms and student.model[-1].reg_max != teacher.model[-1].reg_max:
-        raise DistillError("teacher and student Detect heads differ in reg_max; output distillation needs the same")
+
+
+def output_problem(method: str, student: nn.Module, teacher: nn.Module, term: str | None = None) -> str | None:
+    """Why output or cross-head method ``method`` cannot distil this teacher into this student, or None: it needs
+    the same class list, the same box encoding and strides, and what the method itself needs (``check_head``)."""
+    term = term or method
+    s_names, t_names = class_names(student), class_names(teacher)
+    if s_names != t_names:
+        return (
+            f"term '{term}': teacher classes {_short(t_names)} differ from student classes {_short(s_names)}; output "
+            f"distillation needs the same class list: use a teacher trained on this data, or a feature-only recipe"
+        )
+    s_head, t_head = student.model[-1], teacher.model[-1]
+    if s_head.reg_max != t_head.reg_max:
+        return (
+            f"term '{term}': teacher and student Detect heads encode boxes differently (reg_max {t_head.reg_max} vs "
+            f"{s_head.reg_max}); pick a teacher of the student's family, or a feature-only recipe"
+        )
+    if s_head.stride.tolist() != t_head.stride.tolist():
+        return f"term '{term}': teacher and student Detect heads have different strides; use a feature-only recipe"
+    try:
+        LOSSES[method].check_head(term, s_head, t_head)
+    except DistillError as e:
+        return e.message
+    return None
 
 
 def _short(names: list[str]) -> str:

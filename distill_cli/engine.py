@@ -41,7 +41,7 @@ class TrainState:
     bad_steps: int = 0  # consecutive non-finite steps
     skipped_steps: int = 0
     balance: dict[str, float] = field(default_factory=dict)  # automatic per-term factors (1.0 until calibrated)
-    balance_sums: dict[str, float] = field(default_factory=dict)
+    balance_sums: dict[str, list[float]] = field(default_factory=dict)
     world_size: int = 1
 
     @property
@@ -69,10 +69,8 @@ def set_learning_rate(state: TrainState, epoch: int) -> None:
         if nw and ni <= nw:
             start = cfg.warmup_bias_lr if group.get("param_group") == "bias" else 0.0
             group["lr"] = interp(ni, nw, start, target)
-            if "momentum" in group:
+            if "momentum" in group:  # SGD-style groups only: ultralytics leaves Adam's betas alone
                 group["momentum"] = interp(ni, nw, cfg.warmup_momentum, cfg.momentum)
-            elif "betas" in group:
-                group["betas"] = (interp(ni, nw, cfg.warmup_momentum, cfg.momentum), group["betas"][1])
         else:
             group["lr"] = target
 
@@ -81,7 +79,7 @@ def train_one_epoch(
     state: TrainState, loader, epoch: int, on_log: Callable[[int, dict[str, float]], None] | None = None
 ) -> dict[str, float]:
     """Train one epoch; returns the epoch's mean of every logged value (detection items, raw and weighted terms)."""
-    state.model.train()
+    train_mode(state)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     nw = warmup_steps(state.cfg, state.steps_per_epoch)
@@ -95,12 +93,12 @@ def train_one_epoch(
 
         with autocast(state):
             teacher_out = state.teacher(batch["img"]) if active and state.teacher else None
-            det_loss, det_items, terms = state.model(batch, teacher_out, active)
+            det, terms = state.model(batch, teacher_out, active)
             distill = sum((weights[k] * terms[k] for k in active), torch.zeros((), device=state.device))
             # ultralytics scales its loss by the batch size; x world size, as DDP averages the ranks' gradients
-            loss = (det_loss + distill) * batch["img"].shape[0] * state.world_size
+            loss = (det.total + distill) * batch["img"].shape[0] * state.world_size
 
-        logs = {**{k: v.detach() for k, v in det_items.items()}, "det_loss": det_loss.detach()}
+        logs = {**{k: v.detach() for k, v in det.items.items()}, "det_loss": det.total.detach()}
         logs.update({f"{k}_raw": v.detach() for k, v in terms.items()})
         logs.update({f"{k}_w": (weights[k] * v).detach() for k, v in terms.items()})
         logs["distill_loss"] = distill.detach()
@@ -111,7 +109,7 @@ def train_one_epoch(
         if state.step - state.last_opt_step >= state.accumulate:
             optimizer_step(state)
             state.last_opt_step = state.step
-        update_balance(state, det_loss, terms, weights)
+        update_balance(state, det.total, terms)
         for k, v in logs.items():
             sums[k] = sums.get(k, 0) + v.float()
         count += 1
@@ -119,6 +117,16 @@ def train_one_epoch(
         if on_log and (i % LOG_EVERY == 0 or i == len(loader) - 1):
             on_log(i, {k: float(v) / count for k, v in sums.items()})
     return {k: float(v) / max(count, 1) for k, v in sums.items()}
+
+
+def train_mode(state: TrainState) -> None:
+    """Training mode; with ``bn_stats: frozen`` the student's BatchNorm layers stay in eval mode (running statistics
+    kept and used; their scale and shift still train), as detection fine-tuning usually freezes them."""
+    state.model.train()
+    if state.cfg.bn_stats == "frozen":
+        for module in state.distiller.student.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def nominal_accumulate(cfg: RunConfig) -> int:
@@ -183,20 +191,22 @@ def optimizer_step(state: TrainState) -> None:
         state.ema.update(state.distiller.student)
 
 
-def update_balance(state: TrainState, det_loss: torch.Tensor, terms: dict, weights: dict[str, float]) -> None:
-    """Automatic balance: average the detection loss and each raw term over the first N steps, then fix each term's
-    factor so that its weighted value is ``target`` x the detection loss."""
+def update_balance(state: TrainState, det_loss: torch.Tensor, terms: dict) -> None:
+    """Automatic balance: average the detection loss and each raw term over the first N finite steps (over all
+    ranks), then fix each term's factor so that its weighted value is ``target`` x the detection loss."""
     balance = state.cfg.recipe.balance
-    if balance.target <= 0 or state.step >= balance.steps or not terms:
+    if balance.target <= 0 or state.balance or not terms:
         return
-    sums = state.balance_sums
-    sums["det_loss"] = sums.get("det_loss", 0.0) + float(det_loss)
-    for k, v in terms.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-    if state.step == balance.steps - 1:
-        for k in terms:
-            raw = sums[k] * state.cfg.recipe.losses[k].weight
-            state.balance[k] = balance.target * sums["det_loss"] / raw if raw > 0 and math.isfinite(raw) else 1.0
+    sums = state.balance_sums  # key -> [sum, count]: a term may be paused during some of the steps
+    for key, value in {"det_loss": det_loss, **terms}.items():
+        total, count = sums.get(key, (0.0, 0))
+        sums[key] = [total + float(value), count + 1]
+    if sums["det_loss"][1] < balance.steps:
+        return
+    means = dist.average({k: total / count for k, (total, count) in sums.items()}, state.device)  # same on all ranks
+    for k in state.cfg.recipe.losses:
+        raw = means.get(k, 0.0) * state.cfg.recipe.losses[k].weight
+        state.balance[k] = balance.target * means["det_loss"] / raw if raw > 0 and math.isfinite(raw) else 1.0
 
 
 def validate(model: nn.Module, loader, cfg: RunConfig, device: torch.device) -> Validation:

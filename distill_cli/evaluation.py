@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,11 @@ from torch import nn
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils.torch_utils import get_flops
 
-from .data import load_data
-from .models import count_params, load_model
+from .config import EvalOptions
+from .data import load_data, warn_skipped
+from .errors import DistillError
+from .models import class_names, count_params, load_model
+from .rules import validated
 
 
 @dataclass
@@ -33,6 +37,8 @@ def run_validator(model: nn.Module, args: dict[str, Any], loader=None) -> Valida
         validator = DetectionValidator(dataloader=loader, save_dir=Path(scratch), args=args)
         stats = validator(model=model)
     model.train(was_training)
+    if loader is None:  # a loader of ours warned when it was built
+        warn_skipped(validator.dataloader.dataset, args["split"], len(validator.data["names"]))
     metrics = validator.metrics
     names = validator.names
     box = metrics.box
@@ -72,27 +78,35 @@ def single_process_validation():
 def evaluate(
     weights: list[str],
     data: str,
-    imgsz: int = 640,
-    batch: int = 16,
-    device: str = "",
-    split: str = "val",
+    imgsz: int = EvalOptions.imgsz,
+    batch: int = EvalOptions.batch,
+    device: str = EvalOptions.device,
+    split: str = EvalOptions.split,
     trust_checkpoint: bool = False,
     details: bool = False,
+    allow_class_mismatch: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per model: params, GFLOPs (at imgsz), mAP50-95, mAP50, precision, recall, inference ms per image.
 
     Validation runs exactly as ``YOLO(w).val(data=..., imgsz=..., batch=..., split=...)`` does (rectangular
     batches, conf 0.001, IoU 0.7), so the numbers are the same. ``details`` adds per-class AP and the PR curve.
+    A data yaml whose class list differs from a model's is refused (its numbers would be wrong) unless
+    ``allow_class_mismatch``, which warns what is dropped.
     """
-    load_data(data, split)  # one clear error for a bad yaml, before any model is read
-    models = [(w, load_model(w, "weights", trust=trust_checkpoint)) for w in weights]
+    opts = validated(EvalOptions, locals())
+    dataset = load_data(opts.data, opts.split)  # one clear error for a bad yaml, before any model is read
+    on = validator_device(opts.device)
+    models = [(w, load_model(w, "weights", trust=opts.trust_checkpoint)) for w in opts.weights]
+    for path, model in models:
+        check_classes(path, class_names(model), dataset, opts)
+    args = {"data": opts.data, "imgsz": opts.imgsz, "batch": opts.batch, "split": opts.split, "device": on}
     rows = []
     for path, model in models:
-        result = run_validator(model, {"data": data, "imgsz": imgsz, "batch": batch, "split": split, "device": device})
+        result = run_validator(model, args)
         row = {
             "model": str(path),
             "params": count_params(model),
-            "gflops": round(get_flops(model, imgsz), 2),
+            "gflops": round(get_flops(model, opts.imgsz), 2),
             **result.metrics,
             "ms_per_img": round(result.ms_per_img, 2),
         }
@@ -100,3 +114,42 @@ def evaluate(
             row.update(per_class=result.per_class, pr={"recall": result.recall, "precision": result.precision})
         rows.append(row)
     return rows
+
+
+def validator_device(spec: str) -> str:
+    """The device as ultralytics' validator takes it ("cpu", "0"); a missing GPU is one clear error."""
+    from .training import select_device  # late: training imports this module
+
+    if "," in spec:
+        raise DistillError(f"--device {spec}: validation runs on one device; give one, e.g. --device 0")
+    device = select_device(spec)
+    return "cpu" if device.type == "cpu" else str(device.index or 0)
+
+
+def check_classes(weights: str, have: list[str], data: dict[str, Any], opts: EvalOptions) -> None:
+    """Refuse a data yaml whose class list differs from the model's, or (allowed) say loudly what the numbers lose:
+    ultralytics matches classes by id and skips images whose labels have ids the yaml lacks."""
+    want = [data["names"][i] for i in sorted(data["names"])]
+    if have == want:
+        return
+    summary = f"'{weights}' has {len(have)} classes, data yaml '{opts.data}' {len(want)}"
+    if not opts.allow_class_mismatch:
+        raise DistillError(
+            f"{summary} and the class lists differ, so mAP would be wrong; give the data yaml the model was trained "
+            f"on (or --allow-class-mismatch to evaluate anyway)"
+        )
+    notes = "; ".join(mismatch_notes(have, want))
+    warnings.warn(f"CLASS LISTS DIFFER, the numbers are not comparable: {summary}; {notes}", stacklevel=3)
+
+
+def mismatch_notes(have: list[str], want: list[str]) -> list[str]:
+    """What a validation with class list ``want`` (the yaml's) does to a model predicting ``have``."""
+    renamed = [
+        f"id {i} is '{a}' here, '{b}' in the yaml" for i, (a, b) in enumerate(zip(have, want, strict=False)) if a != b
+    ]
+    notes = renamed[:3] + ([f"and {len(renamed) - 3} more renamed ids"] if len(renamed) > 3 else [])
+    if len(have) > len(want):
+        notes.append(f"images labelled with ids {len(want)}+ ({', '.join(have[len(want) :])}) are skipped")
+    if len(want) > len(have):
+        notes.append(f"labels of ids {len(have)}+ ({len(want) - len(have)} classes) can never be matched")
+    return notes

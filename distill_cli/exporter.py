@@ -11,16 +11,20 @@ import cv2
 import numpy as np
 import torch
 from ultralytics import YOLO
+from ultralytics.engine.exporter import export_formats
 
+from .config import ExportOptions
 from .data import _draw_image
 from .errors import EXIT_RUNTIME, DistillError
 from .models import load_model
+from .rules import validated
+from .runlog import check_creatable
 
 
 def export(
     weights: str,
-    format: str = "onnx",
-    imgsz: int = 640,
+    format: str = ExportOptions.format,
+    imgsz: int = ExportOptions.imgsz,
     output: str | Path | None = None,
     image: str | None = None,
     trust_checkpoint: bool = False,
@@ -28,25 +32,29 @@ def export(
     """Export ``weights`` to ``output`` (default: beside the weights); never overwrites an existing file.
 
     For ONNX, runs the file with onnxruntime and PyTorch on one image (``image`` or a drawn one) and reports the
-    largest absolute difference of the raw outputs.
+    largest absolute difference of the raw outputs. The target appears only when the export (and the check) succeeded.
     """
-    load_model(weights, "weights", trust=trust_checkpoint)  # the safe load vets the file before ultralytics opens it
-    suffix = {"onnx": ".onnx", "torchscript": ".torchscript", "openvino": "_openvino_model"}.get(format, f".{format}")
-    target = Path(output) if output else Path(weights).with_suffix("").with_name(Path(weights).stem + suffix)
+    opts = validated(ExportOptions, locals())
+    load_model(opts.weights, "weights", trust=opts.trust_checkpoint)  # the safe load vets the file first
+    suffix = dict(zip(*(export_formats()[k] for k in ("Argument", "Suffix")), strict=True))[opts.format]
+    stem = Path(opts.weights).with_suffix("")
+    target = Path(opts.output) if opts.output else stem.with_name(stem.name + suffix)
     if target.exists():
         raise DistillError(f"'{target}' already exists; pass --output to write elsewhere (nothing is overwritten)")
+    check_creatable(target.parent, "the export", "--output PATH")
+    x = sample_input(opts.imgsz, opts.image) if opts.format == "onnx" else None
+    result: dict[str, Any] = {"weights": opts.weights, "format": opts.format, "file": str(target), "imgsz": opts.imgsz}
     with tempfile.TemporaryDirectory() as scratch:
-        copy = Path(scratch) / Path(weights).name
-        shutil.copy2(weights, copy)
+        copy = Path(scratch) / Path(opts.weights).name
+        shutil.copy2(opts.weights, copy)
         try:
-            exported = Path(YOLO(str(copy), task="detect").export(format=format, imgsz=imgsz, device="cpu"))
+            exported = Path(YOLO(str(copy), task="detect").export(format=opts.format, imgsz=opts.imgsz, device="cpu"))
         except Exception as e:  # the exporter raises many kinds (missing packages, unsupported ops)
-            raise DistillError(f"export to {format} failed: {type(e).__name__}: {e}", EXIT_RUNTIME) from e
+            raise DistillError(f"export to {opts.format} failed: {type(e).__name__}: {e}", EXIT_RUNTIME) from e
+        if x is not None:
+            result["max_abs_diff"] = onnx_parity(opts.weights, exported, x)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(exported), target)
-    result: dict[str, Any] = {"weights": str(weights), "format": format, "file": str(target), "imgsz": imgsz}
-    if format == "onnx":
-        result["max_abs_diff"] = onnx_parity(weights, target, imgsz, image)
     return result
 
 
@@ -61,10 +69,9 @@ def sample_input(imgsz: int, image: str | None) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(picture)).float().unsqueeze(0) / 255
 
 
-def onnx_parity(weights: str, onnx_file: Path, imgsz: int, image: str | None) -> float:
+def onnx_parity(weights: str, onnx_file: Path, x: torch.Tensor) -> float:
     import onnxruntime
 
-    x = sample_input(imgsz, image)
     model = YOLO(weights, task="detect").model.float().eval().fuse()
     with torch.no_grad():
         reference = model(x)[0].numpy()

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 from ultralytics import __version__ as ULTRALYTICS_VERSION
+from ultralytics import utils as ultralytics_utils
 from ultralytics.nn.tasks import DetectionModel, guess_model_task, torch_safe_load
+from ultralytics.utils import downloads
 
 from . import __version__
 from .errors import EXIT_RUNTIME, DistillError
@@ -31,7 +33,7 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
     spec = str(spec)
     if spec.endswith((".yaml", ".yml")):
         return _build_from_yaml(spec, role, nc)
-    path = Path(spec)
+    path = fetch_named_model(spec, role) or Path(spec)
     if not path.is_file():
         raise DistillError(f"{role} '{spec}' not found; give a .pt checkpoint or a model yaml such as yolov8n.yaml")
     if path.suffix != ".pt":
@@ -47,6 +49,28 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
     model.args = {**ckpt.get("train_args", {})} if isinstance(ckpt.get("train_args"), dict) else {}
     model.criterion = None
     return model
+
+
+def fetch_named_model(spec: str, role: str) -> Path | None:
+    """An ultralytics model name (``yolo26n.pt``) with no such local file: ultralytics' weights dir, else its own
+    download helper when online; offline, one line that says what to do. None for anything else."""
+    if Path(spec).exists() or Path(spec).name != spec or spec not in downloads.GITHUB_ASSETS_NAMES:
+        return None
+    cached = Path(ultralytics_utils.SETTINGS["weights_dir"]) / spec
+    if cached.is_file():
+        return cached
+    if ultralytics_utils.env_bool("YOLO_OFFLINE") or not ultralytics_utils.is_online():
+        raise DistillError(
+            f"{role} '{spec}' is an ultralytics model name, but no such file is here and this machine is offline "
+            f"(YOLO_OFFLINE=1 or no network): fetch it once online (unset YOLO_OFFLINE), or pass the path of a copy"
+        )
+    try:
+        path = Path(downloads.attempt_download_asset(spec))
+    except Exception as e:  # network errors come in many kinds
+        raise DistillError(f"{role} '{spec}' could not be downloaded ({e}); pass the path of a local copy") from e
+    if not path.is_file():
+        raise DistillError(f"{role} '{spec}' could not be downloaded; pass the path of a local copy")
+    return path
 
 
 def read_checkpoint(path: Path, role: str, trust: bool) -> Any:
@@ -78,8 +102,11 @@ def _build_from_yaml(spec: str, role: str, nc: int | None) -> DetectionModel:
         raise DistillError(f"{role} yaml '{spec}' not found; ultralytics knows e.g. yolov8n.yaml, yolo11s.yaml") from e
     except Exception as e:  # ultralytics raises many kinds for a malformed model yaml
         raise DistillError(f"{role} yaml '{spec}' does not build a model: {type(e).__name__}: {e}") from e
-    if type(model) is not DetectionModel or getattr(model, "task", "detect") != "detect":
-        raise DistillError(f"{role} yaml '{spec}' is not a detection model")
+    task = guess_model_task(model)  # a classify/segment/pose/obb yaml builds a DetectionModel with another head
+    if type(model) is not DetectionModel or task != "detect":
+        raise DistillError(
+            f"{role} yaml '{spec}' builds a {task or 'non-detection'} model; yolodistill distils detection models"
+        )
     model.args = {}
     return model
 
@@ -93,6 +120,10 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+UMASK = os.umask(0o022)  # read once (it can only be read by setting it), then put back
+os.umask(UMASK)
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +133,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; the file gets the mode any other new file would
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -124,6 +156,8 @@ def save_student(
     """
     student = deepcopy(model).half()
     student.criterion = None
+    for module in student.modules():  # the live student carries the Distiller's feature hooks: not for a file
+        module._forward_hooks.clear()
     student.args = dict(train_args)
     ckpt = {
         "date": datetime.now(timezone.utc).isoformat(),

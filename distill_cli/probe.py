@@ -5,16 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from .config import load_recipe
+from .config import ProbeOptions, load_recipe
+from .distiller import output_problem
 from .features import pair_layers, probe_layers
 from .losses import LOSSES
 from .models import load_model
+from .rules import validated
 
 
 def probe_channels(
     teacher: str,
     student: str,
-    imgsz: int = 640,
+    imgsz: int = ProbeOptions.imgsz,
     layers: str | list[int] | None = None,
     recipe: str | None = None,
     trust_checkpoint: bool = False,
@@ -24,8 +26,10 @@ def probe_channels(
     The pairing is that of ``layers`` (a group or student indices), else of each feature term of ``recipe``, else
     the default: the maps feeding the Detect head, matched by stride.
     """
-    teacher_model = load_model(teacher, "teacher", trust=trust_checkpoint)
-    student_model = load_model(student, "student", trust=trust_checkpoint)
+    opts = validated(ProbeOptions, locals())
+    teacher, student, imgsz, layers, recipe = opts.teacher, opts.student, opts.imgsz, opts.layers, opts.recipe
+    teacher_model = load_model(teacher, "teacher", trust=opts.trust_checkpoint)
+    student_model = load_model(student, "student", trust=opts.trust_checkpoint)
     teacher_infos, student_infos = probe_layers(teacher_model, imgsz), probe_layers(student_model, imgsz)
     selections: dict[str, str | list[int]] = {"default": layers or "head_inputs"}
     if recipe is not None and layers is None:
@@ -45,4 +49,9 @@ def probe_channels(
         "student": {"model": str(student), "layers": [asdict(i) for i in student_infos]},
         "selection": {k: v for k, v in selections.items()},
         "pairs": pairings,
+        "output_terms": {  # method -> "applies", or why it cannot distil this pair
+            name: output_problem(name, student_model, teacher_model) or "applies"
+            for name, cls in sorted(LOSSES.items())
+            if cls.level != "feature"
+        },
     }

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
+import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ class TrainResult:
     start_metrics: dict[str, float] = field(default_factory=dict)  # the student before training
 
 
-def new_run_dir(project: str | Path, name: str) -> Path:
+def new_run_dir(project: str | Path, name: str, what: str = "the run directory", hint: str = "--project DIR") -> Path:
     """``project/name``, or ``name2``, ``name3``... if taken: an earlier run is never overwritten."""
     project = Path(project)
     try:
@@ -44,15 +47,45 @@ def new_run_dir(project: str | Path, name: str) -> Path:
             candidate = project / (name if n == 1 else f"{name}{n}")
             try:
                 candidate.mkdir()
-                (candidate / "weights").mkdir()
                 return candidate
             except FileExistsError:
                 continue
     except OSError as e:
-        raise DistillError(
-            f"cannot create the run directory under '{project}' ({e.strerror}); use --project DIR"
-        ) from e
-    raise DistillError(f"no free run name '{name}N' under '{project}'; use --name")
+        raise DistillError(f"cannot create {what} under '{project}' ({e.strerror}); use {hint}") from e
+    raise DistillError(f"no free name '{name}N' under '{project}'; give another name")
+
+
+def check_creatable(folder: str | Path, what: str = "the run directory", hint: str = "--project DIR") -> None:
+    """Raise unless ``folder`` is, or could be made, a writable folder; creates nothing (commands check their output
+    place first, and create it only when there is something to put in it)."""
+    folder = Path(folder)
+    missing = first_missing(folder)
+    existing = missing.parent if missing else folder
+    if not existing.is_dir():
+        raise DistillError(f"cannot create {what} under '{folder}' ('{existing}' is a file); use {hint}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DistillError(f"cannot create {what} under '{folder}' ('{existing}' is not writable); use {hint}")
+
+
+@contextlib.contextmanager
+def output_dir(project: str | Path, name: str, what: str, hint: str) -> Iterator[Path]:
+    """A new folder ``project/name`` (or ``name2``...) for a command's output, removed again with everything in it
+    when the command fails inside the block (an interruption included)."""
+    made = first_missing(Path(project))
+    folder = new_run_dir(project, name, what, hint)
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(made or folder, ignore_errors=True)
+        raise
+
+
+def first_missing(folder: Path) -> Path | None:
+    """The outermost folder of ``folder`` (itself included) that does not exist yet: what creating it would add."""
+    missing = None
+    while not folder.exists() and folder.parent != folder:
+        missing, folder = folder, folder.parent
+    return missing
 
 
 def fitness(metrics: dict[str, float]) -> float:
@@ -98,7 +131,9 @@ class RunLog:
         self.tensorboard = tensorboard_writer(run_dir) if cfg.tensorboard else None
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
 
-    def start(self, pairs: dict[str, list[Pair]], params: int, names: list[str], resumed_from: int, state: Any) -> None:
+    def start(
+        self, pairs: dict[str, list[Pair]], params: int, names: list[str], resumed_from: int, state: Any, precision: str
+    ) -> None:
         """``state`` (the live TrainState) is passed for API users and tests that inspect the models."""
         self.steps_per_epoch = state.steps_per_epoch
         info = {
@@ -108,6 +143,7 @@ class RunLog:
             "resumed_from": resumed_from,
             "pairs": {k: [p.as_dict() for p in v] for k, v in pairs.items()},
             "epochs": self.cfg.epochs,
+            "precision": precision,
             "state": state,
         }
         self.callback("start", info)

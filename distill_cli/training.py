@@ -17,16 +17,18 @@ from torch.nn.parallel import DistributedDataParallel
 from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 
 from . import dist
-from .checkpoint import load_resume, restore_state, save_checkpoints
+from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
 from .config import RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
-from .engine import TrainState, nominal_accumulate, target_accumulate, train_one_epoch, validate
+from .engine import TrainState, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
 from .models import class_names, count_params, load_model
+from .optimizer import build_optimizer
+from .precision import amp_dtypes, precision_note
 from .report import feature_agreement, measure_baseline, write_report
-from .runlog import RunLog, TrainResult, new_run_dir
+from .runlog import RunLog, TrainResult
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -43,7 +45,7 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | None = None, **ov
         cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=recipe)
     elif not cfg.recipe.losses and cfg.recipe_name:
         cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))
-    return apply_overrides(cfg, overrides) if overrides else cfg
+    return apply_overrides(cfg, overrides)  # also checks every field against the schema's rules
 
 
 def terms_can_pause(cfg: RunConfig) -> bool:
@@ -74,69 +76,40 @@ def select_device(spec: str) -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
-def amp_dtypes(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
-    """(student autocast dtype or None, teacher dtype): bf16 where the GPU supports it, else fp16 (with a grad
-    scaler); fp32 on CPU and with --no-amp, where the teacher's features must match the fp32 student's."""
-    if device.type != "cuda" or not cfg.amp:
-        return None, torch.float32
-    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return half, half
-
-
-def build_optimizer(
-    model: Distiller, cfg: RunConfig, nc: int, iterations: int
-) -> tuple[torch.optim.Optimizer, RunConfig]:
-    """ultralytics' recipe: weight decay on conv/linear weights only; ``auto`` picks AdamW with a fitted LR for short
-    runs and SGD for long ones. Adapters and generators are in the optimizer with the student."""
-    if cfg.optimizer == "auto":
-        long_run = iterations > 10000
-        lr = 0.01 if long_run else round(0.002 * 5 / (4 + nc), 6)
-        cfg = replace(cfg, optimizer="SGD" if long_run else "AdamW", lr0=lr, momentum=0.9, warmup_bias_lr=0.0)
-    decay, no_decay, biases = [], [], []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            if name == "bias":
-                biases.append(param)
-            elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    weight_decay = cfg.weight_decay * cfg.batch * nominal_accumulate(cfg) / cfg.nbs
-    if cfg.optimizer == "AdamW":
-        optimizer_cls, options = torch.optim.AdamW, {"betas": (cfg.momentum, 0.999)}
-    elif cfg.optimizer == "SGD":
-        optimizer_cls, options = torch.optim.SGD, {"momentum": cfg.momentum, "nesterov": True}
-    else:
-        raise DistillError(f"optimizer '{cfg.optimizer}' unknown; valid: auto, SGD, AdamW")
-    groups = [
-        {"params": biases, "weight_decay": 0.0, "param_group": "bias"},
-        {"params": decay, "weight_decay": weight_decay, "param_group": "weight"},
-        {"params": no_decay, "weight_decay": 0.0, "param_group": "bn"},
-    ]
-    optimizer = optimizer_cls(groups, lr=cfg.lr0, **options)
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", cfg.lr0)
-    return optimizer, cfg
-
-
 def load_models(cfg: RunConfig, data: dict) -> tuple[nn.Module | None, nn.Module]:
     """(teacher or None when the recipe distils nothing, student with the data's class names)."""
     names = data["names"]
+    if cfg.recipe.losses and str(cfg.teacher).endswith((".yaml", ".yml")):
+        if not cfg.allow_untrained_teacher:
+            raise DistillError(
+                f"teacher '{cfg.teacher}' is a model yaml, so it would be untrained; give its trained .pt "
+                f"(for a smoke test only: --set allow_untrained_teacher=true)"
+            )
+        warnings.warn("the teacher is built from a yaml, so it is untrained", stacklevel=2)
     teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if cfg.recipe.losses else None
     student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
     if student.model[-1].nc != len(names):
-        raise DistillError(
-            f"student has {student.model[-1].nc} classes but the data has {len(names)}; "
-            f"start from a yaml (e.g. yolov8n.yaml) or a checkpoint trained on these classes"
-        )
+        student = with_classes(student, len(names))
     student.names = dict(enumerate(names.values() if isinstance(names, dict) else names))
     for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
         param.requires_grad_(".dfl" not in name)
-    if teacher is not None and str(cfg.teacher).endswith((".yaml", ".yml")):
-        warnings.warn("the teacher is built from a yaml, so it is untrained; give its trained .pt", stacklevel=2)
     return teacher, student
+
+
+def with_classes(pretrained: nn.Module, nc: int) -> nn.Module:
+    """A pretrained student (e.g. COCO's 80 classes) for data with ``nc`` classes, as ultralytics fine-tunes one: the
+    same architecture built for ``nc`` classes, every tensor whose shape still fits copied over."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel(pretrained.yaml, nc=nc, verbose=False)
+    model.load(pretrained, verbose=False)
+    copied = sum(v.shape == model.state_dict()[k].shape for k, v in pretrained.state_dict().items())
+    warnings.warn(
+        f"the student was trained for {pretrained.model[-1].nc} classes and the data has {nc}: its class layers "
+        f"start afresh ({copied}/{len(model.state_dict())} tensors taken from the checkpoint)",
+        stacklevel=3,
+    )
+    return model
 
 
 def checked_imgsz(cfg: RunConfig, stride: int) -> RunConfig:
@@ -163,20 +136,21 @@ def train(
     for key in ("teacher", "student", "data") if cfg.recipe.losses else ("student", "data"):
         if not getattr(cfg, key):
             raise DistillError(f"no {key} given; pass --{key}")
-    if cfg.batch < 1 or cfg.epochs < 1:
-        raise DistillError("--batch and --epochs must be at least 1")
     info = dist.from_environment()
     if "," in cfg.device and not info.enabled:
         raise DistillError(f"--device {cfg.device}: several devices need torchrun (see README, multi-GPU)")
     device = dist.init(info, cfg.device) if info.enabled else select_device(cfg.device)
     try:
-        state, log, loaders, hyp, start_epoch = prepare(cfg, checkpoint, callback, info, device)
-        return fit(state, log, *loaders, hyp, start_epoch)
+        with RunGuard(cfg, checkpoint) as guard:  # no run folder is left by a run that fails before its checkpoint
+            state, log, loaders, hyp, start_epoch = prepare(cfg, checkpoint, callback, info, device, guard)
+            return fit(state, log, *loaders, hyp, start_epoch)
     finally:
         dist.shutdown()
 
 
-def prepare(cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, info: dist.DistInfo, device):
+def prepare(
+    cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, info: dist.DistInfo, device, guard: RunGuard
+):
     """Data, models, adapters, optimizer, EMA and the run dir: everything the epoch loop needs."""
     init_seeds(cfg.seed + info.rank, deterministic=cfg.deterministic)
     # oneDNN's CPU convolutions are not bitwise reproducible across processes (buffer alignment picks kernels):
@@ -184,6 +158,8 @@ def prepare(cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, 
     torch.backends.mkldnn.enabled = not (cfg.deterministic and device.type == "cpu")
     data = load_data(cfg.data, cfg.val_split)
     teacher_model, student = load_models(cfg, data)
+    if cfg.bn_stats == "auto":  # resolved once, so that config.yaml and a resumed run say what was done
+        cfg = replace(cfg, bn_stats="frozen" if str(cfg.student).endswith(".pt") else "update")
     stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
     cfg = checked_imgsz(cfg, stride)
     batch = dist.per_rank_batch(cfg.batch, info.world_size)
@@ -196,12 +172,10 @@ def prepare(cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, 
         workers=cfg.workers,
         seed=cfg.seed,
         deterministic=cfg.deterministic,
+        epochs=cfg.epochs,  # the E2E loss decays its one-to-many gain over the run's epochs
     )
     student.args = hyp
     terms, pairs = build_terms(student, teacher_model, cfg.recipe, cfg.imgsz) if teacher_model else ({}, {})
-    run_dir = None
-    if info.is_main:
-        run_dir = Path(checkpoint["run_dir"]) if checkpoint else new_run_dir(cfg.project, cfg.name)
     rank = info.rank if info.enabled else -1
     train_loader = build_loader(data, "train", hyp, batch, cfg.workers, stride, train=True, rank=rank)
     val_loader = None
@@ -209,6 +183,7 @@ def prepare(cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, 
         val_loader = build_loader(data, cfg.val_split, hyp, batch * 2, cfg.workers, stride, train=False)
     student = student.to(device)
     ema = ModelEMA(student) if cfg.ema and info.is_main else None  # before the Distiller hooks the student
+    student.criterion = student.init_criterion()  # on the device: the loss keeps the device it was built on
     distiller = Distiller(student, terms, pairs).to(device)
     model = distiller
     if info.enabled:  # adapters train inside the wrapped module, so their gradients are averaged too
@@ -220,7 +195,10 @@ def prepare(cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, 
     amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
     teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
     teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype) if teacher_model else None
-    iterations = math.ceil(len(train_loader.dataset) * info.world_size / max(cfg.batch, cfg.nbs)) * cfg.epochs
+    if teacher is not None:
+        distiller.bind_teacher(teacher)
+    # each rank's dataset is the whole split (the sampler divides it), and cfg.batch is the global batch
+    iterations = math.ceil(len(train_loader.dataset) / max(cfg.batch, cfg.nbs)) * cfg.epochs
     optimizer, cfg = build_optimizer(distiller, cfg, len(data["names"]), iterations)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = TrainState(
@@ -237,12 +215,18 @@ def prepare(cfg: RunConfig, checkpoint: dict | None, callback: Callback | None, 
         world_size=info.world_size,
     )
     state.accumulate = target_accumulate(state)
-    log = RunLog(run_dir, cfg, callback) if info.is_main else None
+    log = None
+    if info.is_main:  # the run dir appears only now, when everything the loop needs was built
+        run_dir = Path(checkpoint["run_dir"]) if checkpoint else guard.create(cfg.project, cfg.name)
+        log = RunLog(run_dir, cfg, callback)
     start_epoch = restore_state(state, checkpoint, log, train_loader) if checkpoint else 0
     if checkpoint and not info.is_main:  # rank 0's RNG was saved; the others draw their own streams again
         init_seeds(cfg.seed + info.rank + 1000 * start_epoch, deterministic=cfg.deterministic)
+    for _ in range(start_epoch):  # the E2E loss's branch gains are a function of the epochs done
+        update_criterion(student)
     if log:
-        log.start(pairs, count_params(student), class_names(student), start_epoch, state)
+        note = precision_note(amp_dtype, teacher_dtype if teacher else amp_dtype or torch.float32, device)
+        log.start(pairs, count_params(student), class_names(student), start_epoch, state, note)
     return state, log, (train_loader, val_loader), hyp, start_epoch
 
 
@@ -263,6 +247,7 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
                 start_epoch_data(train_loader, hyp, cfg, epoch, start_epoch)
                 on_log = (lambda i, m, epoch=epoch: log.step(epoch, i, m)) if log else None
                 means = dist.average(train_one_epoch(state, stop.watch(train_loader, device), epoch, on_log), device)
+                update_criterion(state.distiller.student)
                 if log:
                     final = end_epoch(state, log, val_loader, train_loader, epoch, means) or final
                 dist.barrier()  # the other ranks wait for rank 0's validation and saves
@@ -276,6 +261,12 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
         report = write_report(log.run_dir, state, log, baseline, final, feature_agreement(state, val_loader))
     before = baseline.before.metrics if baseline else {}
     return log.finish(time.time() - start, state.skipped_steps, report, before)
+
+
+def update_criterion(student: nn.Module) -> None:
+    """End of an epoch, as ultralytics' trainer: an end-to-end loss moves weight from one-to-many to one-to-one."""
+    if hasattr(student.criterion, "update"):
+        student.criterion.update()
 
 
 def start_epoch_data(train_loader, hyp, cfg: RunConfig, epoch: int, start_epoch: int) -> None:

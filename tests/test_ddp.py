@@ -81,7 +81,7 @@ def one_step(rank: int, world: int, port: int, out: str, duplicate: bool, det_ga
     from distill_cli.data import hyperparameters
     from distill_cli.distiller import Distiller, Teacher, build_terms
     from distill_cli.engine import TrainState, train_one_epoch
-    from distill_cli.training import build_optimizer
+    from distill_cli.optimizer import build_optimizer
 
     torch.set_num_threads(1)
     if world > 1:
@@ -196,3 +196,54 @@ def test_torchrun_run_interrupted_then_resumed(run_kwargs: dict, tmp_path: Path)
     epochs = [int(line.split(",")[0]) for line in results.read_text().splitlines()[1:]]
     assert epochs == list(range(1, 41))  # every epoch once, none lost or repeated
     assert YOLO(str(project / "exp" / "weights" / "best.pt")).names[0] == "circle"
+
+
+def record_iterations(rank: int, world: int, port: int, kwargs: dict, out: str) -> None:
+    """Run train() as rank ``rank`` of ``world`` and write the iteration count it gave build_optimizer."""
+    from distill_cli import training
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    original = training.build_optimizer
+
+    def recording(model, cfg, nc, iterations):
+        Path(out, f"rank{rank}-of{world}.txt").write_text(str(iterations))
+        return original(model, cfg, nc, iterations)
+
+    training.build_optimizer = recording
+    training.train(recipe="none", **{**kwargs, "name": f"world{world}"})
+
+
+def test_optimizer_choice_does_not_depend_on_the_number_of_processes(run_kwargs: dict, tmp_path: Path) -> None:
+    """``optimizer: auto`` picks by the run's iteration count; each rank's dataset is already the whole split, so
+    the count must not be multiplied by the world size (that turned AdamW runs into SGD/MuSGD runs under DDP)."""
+    kwargs = {**run_kwargs, "student": "yolov8n.yaml", "nbs": 4, "epochs": 1, "report": False}
+    record_iterations(0, 1, 0, kwargs, str(tmp_path))
+    mp.spawn(record_iterations, args=(2, free_port(), kwargs, str(tmp_path)), nprocs=2, join=True)
+    counts = {p.name: int(p.read_text()) for p in tmp_path.glob("rank*.txt")}
+    assert counts == {"rank0-of1.txt": 2, "rank0-of2.txt": 2, "rank1-of2.txt": 2}  # 8 images / batch 4, 1 epoch
+
+
+def balance_on_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Calibrate the automatic balance on rank ``rank`` from values that differ between the ranks."""
+    from distill_cli.config import apply_overrides
+    from distill_cli.engine import TrainState, update_balance
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = apply_overrides(RunConfig(recipe=load_recipe("cwd")), {"balance.target": 1.0, "balance.steps": 1})
+    state = TrainState(cfg, None, None, None, None, None, torch.device("cpu"), None, steps_per_epoch=1, accumulate=1)
+    update_balance(state, torch.tensor(2.0 + 2 * rank), {"cwd": torch.tensor(1.0 + 3 * rank)})  # det 2|4, cwd 1|4
+    Path(out, f"rank{rank}.txt").write_text(str(state.balance["cwd"]))
+    dist.destroy_process_group()
+
+
+def test_automatic_balance_factors_are_the_same_on_every_rank(tmp_path: Path) -> None:
+    """Each rank sees other data (alone, rank 0 would pick 2 and rank 1 would pick 1); the factors come from the
+    means over all ranks (det 3, cwd 2.5), so every rank weights the term alike and rank 0 saves the one all used."""
+    mp.spawn(balance_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    factors = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
+    assert factors == [pytest.approx(1.2), pytest.approx(1.2)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -20,6 +21,8 @@ def context(batch: int = 1, anchors: int = 4, conf: float | torch.Tensor = 1.0, 
         fg_mask=torch.ones(batch, anchors, dtype=torch.bool),
         anchors=grid.view(-1, 2).float(),
         level_sizes=[level],
+        strides=torch.full((anchors,), 8.0),
+        imgsz=(8 * level[0], 8 * level[1]),
     )
 
 
@@ -101,16 +104,44 @@ def test_cls_kd_kl_with_temperature() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_cls_kd_weighting_by_teacher_confidence() -> None:
+def test_cls_kd_weighting_by_teacher_confidence_and_positive_count() -> None:
     s = torch.zeros(1, 1, 2)
     t = torch.tensor([[[10.0, -10.0]]])
     conf = torch.tensor([[0.0, 1.0]])  # only the second anchor counts
-    loss = build_loss("cls_kd", {"weight_by": "teacher_conf"})(
-        {"scores": s}, {"scores": t}, context(anchors=2, conf=conf)
-    )
+    ctx = context(anchors=2, conf=conf)
+    loss = build_loss("cls_kd", {"weight_by": "teacher_conf"})({"scores": s}, {"scores": t}, ctx)
     p = torch.sigmoid(torch.tensor(-10.0))
     expected = p * torch.log(p / 0.5) + (1 - p) * torch.log((1 - p) / 0.5)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(expected.item() / 2, rel=1e-4)  # divided by the 2 positives
+    ctx.fg_mask = torch.tensor([[True, False]])
+    loss = build_loss("cls_kd", {"weight_by": "teacher_conf"})({"scores": s}, {"scores": t}, ctx)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)  # 1 positive
+
+
+def test_cls_kd_keeps_its_scale_when_the_anchor_grid_grows() -> None:
+    """The old mean over every anchor faded as imgsz grew; normalised by positives, more background anchors that
+    agree with the teacher change nothing."""
+    torch.manual_seed(0)
+    s, t = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    ctx = context(anchors=4)
+    small = build_loss("cls_kd", {})({"scores": s}, {"scores": t}, ctx)
+    background = torch.full((1, 3, 60), -12.0)
+    big_ctx = context(anchors=64, level=(8, 8))
+    big_ctx.fg_mask[:, 4:] = False
+    big = build_loss("cls_kd", {})(
+        {"scores": torch.cat([s, background], 2)}, {"scores": torch.cat([t, background], 2)}, big_ctx
+    )
+    assert big.item() == pytest.approx(small.item(), rel=1e-4)
+
+
+def test_qfl_mode_hand_value() -> None:
+    """CrossKD/BCKD's class term: sum BCE(x, sigma(t)) * |sigma(x) - sigma(t)| / N_pos (values hand-computed)."""
+    x = torch.tensor([[0.0, -1.0], [1.0, 0.5]]).T.unsqueeze(0)  # (1, nc=2, A=2)
+    t = torch.tensor([[2.0, -2.0], [0.0, 1.0]]).T.unsqueeze(0)
+    ctx = context(anchors=2)
+    ctx.fg_mask = torch.tensor([[True, False]])  # N_pos = 1
+    loss = build_loss("cls_kd", {"mode": "qfl"})({"scores": x}, {"scores": t}, ctx)
+    assert loss.item() == pytest.approx(0.582704, rel=1e-5)
 
 
 def test_dfl_kd_hand_value() -> None:
@@ -119,10 +150,56 @@ def test_dfl_kd_hand_value() -> None:
     t = torch.tensor([math.log(3.0), 0.0] * 4).view(1, 8, 1)
     loss = build_loss("dfl_kd", {"weight_by": "none"})({"boxes": s}, {"boxes": t}, context(anchors=1))
     side = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
-    assert loss.item() == pytest.approx(4 * side, rel=1e-5)
+    assert loss.item() == pytest.approx(side, rel=1e-5)  # the mean over the 4 sides, as ultralytics' DFL
 
 
-@pytest.mark.parametrize("name", ["cls_kd", "dfl_kd", "box_kd"])
+def test_dfl_kd_temperature_hand_value() -> None:
+    """LD at T = 10 (toy 2 bins): teacher (0, 0), student (0, 10 ln 3): KL((.5,.5) || (.25,.75)) x T^2."""
+    s = torch.tensor([0.0, 10 * math.log(3.0)] * 4).view(1, 8, 1)
+    t = torch.zeros(1, 8, 1)
+    loss = build_loss("dfl_kd", {"temperature": 10.0, "weight_by": "none"})({"boxes": s}, {"boxes": t}, context(1))
+    assert loss.item() == pytest.approx(0.143841 * 100, rel=1e-4)
+
+
+def test_dfl_kd_refuses_a_head_without_dfl_bins() -> None:
+    from types import SimpleNamespace
+
+    from distill_cli.losses import LOSSES
+
+    yolo26 = SimpleNamespace(reg_max=1)
+    with pytest.raises(DistillError, match="reg_max 1.*use box_kd"):
+        LOSSES["dfl_kd"].check_head("dfl_kd", yolo26, yolo26)
+    for method in ("box_kd", "bckd", "cls_kd", "crosskd"):
+        LOSSES[method].check_head(method, yolo26, yolo26)  # these apply to plain distances
+
+
+def test_bckd_hand_value_on_plain_distances() -> None:
+    """BCKD on a reg_max 1 head (boxes are ltrb distances): class term 0.582704 + 4 x the IoU-weighted GIoU term
+    ((0.380797 * 2/3 + 0.231059 * 8/9) = 0.459250), both over N_pos = 1 (values hand-computed)."""
+    s_cls = torch.tensor([[0.0, -1.0], [1.0, 0.5]]).T.unsqueeze(0)
+    t_cls = torch.tensor([[2.0, -2.0], [0.0, 1.0]]).T.unsqueeze(0)
+    s_box = torch.tensor([[1.0, 1, 1, 1], [0.5, 0.5, 0.5, 0.5]]).T.unsqueeze(0)  # (1, 4, A=2)
+    t_box = torch.tensor([[0.0, 1, 2, 1], [1.5, 1.5, 1.5, 1.5]]).T.unsqueeze(0)
+    ctx = context(anchors=2)
+    ctx.anchors = torch.tensor([[1.0, 1.0], [1.5, 1.5]])
+    ctx.fg_mask = torch.tensor([[True, False]])
+    loss = build_loss("bckd", {}, reg_max=1)({"scores": s_cls, "boxes": s_box}, {"scores": t_cls, "boxes": t_box}, ctx)
+    assert loss.item() == pytest.approx(0.582704 + 4 * 0.459250, rel=1e-4)
+
+
+def test_box_kd_on_plain_distances_is_iou_plus_l1() -> None:
+    """reg_max 1 (YOLO26): 1 - CIoU + image-normalised L1 of the ltrb distances; not a silent zero."""
+    s = torch.tensor([1.0, 1.0, 1.0, 1.0]).view(1, 4, 1)
+    t = torch.tensor([2.0, 2.0, 2.0, 2.0]).view(1, 4, 1)
+    ctx = context(anchors=1, level=(1, 1))
+    ctx.anchors = torch.tensor([[4.0, 4.0]])
+    loss = build_loss("box_kd", {"iou": "iou", "conf_thresh": 0.0}, reg_max=1)({"boxes": s}, {"boxes": t}, ctx)
+    iou = 4 / 16  # a 2x2 box inside a 4x4 box with the same centre
+    l1 = 1.0 * 8 / 8  # |1 - 2| grid units x stride 8 / imgsz 8, the same for all four sides
+    assert loss.item() == pytest.approx(1 - iou + l1, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cls_kd", "dfl_kd", "box_kd", "bckd"])
 def test_output_losses_are_zero_when_student_equals_teacher(name: str) -> None:
     torch.manual_seed(0)
     head = {"scores": torch.randn(2, 3, 4), "boxes": torch.randn(2, 64, 4)}
@@ -161,7 +238,7 @@ def teacher_net() -> torch.nn.Module:
     return DetectionModel("yolov8n.yaml", nc=3, verbose=False)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(n for n in LOSSES if LOSSES[n].level != "cross"))
 def test_every_loss_is_finite_under_bf16_autocast(name: str) -> None:
     torch.manual_seed(0)
     if LOSSES[name].level == "feature":
@@ -189,11 +266,11 @@ def test_attention_focal_mask_uses_ground_truth_boxes() -> None:
 
 
 def test_unknown_loss_and_parameter_list_valid_names() -> None:
-    with pytest.raises(DistillError, match="valid losses: at, box_kd, cls_kd, cwd"):
+    with pytest.raises(DistillError, match="valid losses: at, bckd, box_kd, cls_kd, crosskd, cwd"):
         recipe_from_dict({"losses": {"kd": {"weight": 1}}})
     with pytest.raises(DistillError, match="has no parameter 'temp'.*tau"):
         recipe_from_dict({"losses": {"cwd": {"temp": 2}}})
-    with pytest.raises(DistillError, match="cls_kd mode 'soft' unknown"):
+    with pytest.raises(DistillError, match="'cls_kd.mode' must be one of: bce, qfl, kl, got 'soft'"):
         build_loss("cls_kd", {"mode": "soft"})
 
 
@@ -207,3 +284,40 @@ def test_weighted_mean_ignores_zero_weight_anchors() -> None:
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     unweighted = build_loss("cls_kd", {})({"scores": s}, {"scores": t}, context(anchors=2, conf=conf))
     assert unweighted.item() > 1.0  # the zero above comes from the weighting, not from agreement
+
+
+def cross_inputs(teacher_net: torch.nn.Module):
+    """A Teacher over ``teacher_net``, its head's outputs on random Detect inputs (an untrained network's own
+    features are nearly constant), per-branch contexts and gains."""
+    from distill_cli.distiller import Teacher, make_context
+
+    torch.manual_seed(0)
+    teacher = Teacher(copy.deepcopy(teacher_net), [], torch.device("cpu"), torch.float32)
+    feats = [torch.randn(2, c, s, s) for c, s in ((64, 8), (128, 4), (256, 2))]
+    with torch.no_grad():
+        out = {"one2many": teacher.head.forward_head(feats, **teacher.head.one2many)}
+    batch = {"img": torch.rand(2, 3, 64, 64), "bboxes": torch.zeros(0, 4), "batch_idx": torch.zeros(0)}
+    fg = torch.zeros(2, out["one2many"]["scores"].shape[2], dtype=torch.bool)
+    fg[:, :5] = True
+    contexts = {"one2many": make_context(out["one2many"], out["one2many"], fg, batch)}
+    return teacher, out, contexts, {"one2many": 1.0}
+
+
+def test_crosskd_is_zero_when_the_student_feeds_the_teachers_own_inputs(teacher_net: torch.nn.Module) -> None:
+    teacher, out, contexts, gains = cross_inputs(teacher_net)
+    feats = [f.clone() for f in out["one2many"]["feats"]]
+    channels = [(f.shape[1], f.shape[1]) for f in feats]
+    loss = build_loss("crosskd", {}, channels=channels)(feats, teacher.head, out, contexts, gains)
+    assert loss.item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_crosskd_trains_student_and_adapters_through_the_frozen_teacher_head(teacher_net: torch.nn.Module) -> None:
+    teacher, out, contexts, gains = cross_inputs(teacher_net)
+    feats = [torch.randn(2, f.shape[1] // 2, *f.shape[2:], requires_grad=True) for f in out["one2many"]["feats"]]
+    channels = [(f.shape[1], f.shape[1] * 2) for f in feats]
+    crosskd = build_loss("crosskd", {}, channels=channels)
+    loss = crosskd(feats, teacher.head, out, contexts, gains)
+    loss.backward()
+    assert loss.item() > 0 and all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
+    assert all(a.weight.grad.abs().sum() > 0 for a in crosskd.adapters)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.head.parameters())

@@ -1,4 +1,4 @@
-"""Interruption and exact resume, non-finite steps, atomic writes, untrusted checkpoints, bad data."""
+"""Interruption (exact resume: test_resume.py), non-finite steps, atomic writes, untrusted checkpoints, bad data."""
 
 from __future__ import annotations
 
@@ -18,37 +18,6 @@ from distill_cli.models import load_model, save_student
 from distill_cli.training import train
 
 from .conftest import train_args
-
-DETERMINISTIC = {"deterministic": True, "seed": 3, "ema": True}
-
-
-def interrupt_after_epoch(epoch: int):
-    def callback(event: str, info: dict) -> None:
-        if event == "epoch" and info["epoch"] == epoch:
-            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag; the loop stops at the next step
-
-    return callback
-
-
-def final_weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"].state_dict()
-
-
-def test_interrupted_then_resumed_run_equals_an_uninterrupted_run(run_kwargs: dict) -> None:
-    kwargs = {**run_kwargs, **DETERMINISTIC, "epochs": 3, "close_mosaic": 1}
-    straight = train(recipe="mgd+logits", **{**kwargs, "name": "straight"})
-    with pytest.raises(DistillError) as stopped:
-        train(recipe="mgd+logits", callback=interrupt_after_epoch(1), **{**kwargs, "name": "cut"})
-    assert stopped.value.exit_code == EXIT_INTERRUPTED and "--resume" in stopped.value.message
-    cut_dir = Path(kwargs["project"]) / "cut"
-    assert "resume" in torch.load(cut_dir / "weights" / "last.pt", weights_only=False)
-    resumed = train(resume=cut_dir)
-    assert resumed.run_dir == cut_dir and resumed.epochs_done == 3
-    a, b = final_weights(straight.last), final_weights(resumed.last)
-    mismatched = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not mismatched, f"{len(mismatched)} tensors differ, e.g. {mismatched[:3]}"
-    rows = (cut_dir / "results.csv").read_text().splitlines()
-    assert len(rows) == 4  # header + 3 epochs, none lost or repeated
 
 
 def test_resume_of_a_finished_run_is_refused(run_kwargs: dict) -> None:
@@ -215,3 +184,15 @@ def test_imgsz_not_a_multiple_of_the_stride_is_rounded_up(run_kwargs: dict) -> N
     with pytest.warns(UserWarning, match="imgsz 50 is not a multiple of the stride 32; using 64"):
         result = train(recipe="cwd", **{**run_kwargs, "imgsz": 50})
     assert torch.load(result.best, weights_only=False)["train_args"]["imgsz"] == 64
+
+
+def test_a_non_finite_step_at_the_calibration_step_delays_the_balance(
+    run_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The balance averages the first N finite steps; a skipped step does not cancel the calibration for good."""
+    poison_teacher(monkeypatch, lambda n: n == 2, float("nan"))
+    balance = {"balance.target": 1.0, "balance.steps": 2}
+    with pytest.warns(UserWarning, match="non-finite"):
+        result = train(recipe="cwd", **{**run_kwargs, "epochs": 2, "batch": 2, "report": False, **balance})
+    assert result.skipped_steps == 1
+    assert result.history[-1]["balance/cwd"] > 0

@@ -119,7 +119,7 @@ def test_automatic_balance_scales_each_term_to_its_target_share() -> None:
     state = TrainState(cfg, None, None, None, None, None, torch.device("cpu"), None, steps_per_epoch=10, accumulate=1)
     for det, cwd, cls in ((4.0, 1.0, 0.1), (2.0, 3.0, 0.3)):
         terms = {"cwd": torch.tensor(cwd), "cls_kd": torch.tensor(cls), "dfl_kd": torch.tensor(0.0)}
-        update_balance(state, torch.tensor(det), terms, term_weights(state))
+        update_balance(state, torch.tensor(det), terms)
         state.step += 1
     # mean det 3, mean cwd 2 (x weight 2 = 4): factor 0.5 * 3 / 4; a zero term keeps factor 1
     assert state.balance["cwd"] == pytest.approx(0.375)

@@ -1,9 +1,10 @@
 """Distillation losses, registered by name. Importing this package registers every method."""
 
-from . import feature, output  # noqa: F401  (registration side effect)
+from . import cross, feature, output  # noqa: F401  (registration side effect)
 from .registry import (
     LOSSES,
     SCHEDULE_KINDS,
+    CrossLoss,
     DistillContext,
     DistillLoss,
     FeatureLoss,
@@ -17,6 +18,7 @@ from .registry import (
 __all__ = [
     "LOSSES",
     "SCHEDULE_KINDS",
+    "CrossLoss",
     "DistillContext",
     "DistillLoss",
     "FeatureLoss",

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..rules import Rule
 from .registry import DistillContext, FeatureLoss, register
 
 
@@ -54,6 +55,8 @@ class MGD(FeatureLoss):
     from the paper: ``alpha = 2e-5``, ``ratio = 0.65`` (the sum over C*H*W makes alpha small).
     """
 
+    param_rules = {"alpha": Rule(gt=0), "ratio": Rule(ge=0, lt=1)}
+
     def __init__(self, student_channels: int, teacher_channels: int, alpha: float = 2e-5, ratio: float = 0.65) -> None:
         super().__init__(student_channels, teacher_channels)
         self.alpha, self.ratio = alpha, ratio
@@ -78,6 +81,8 @@ class CWD(FeatureLoss):
     teacher's with ``L = tau^2 / (N * C) * sum_{n,c} KL(p_t || p_s)``. It teaches *where* each channel fires and
     ignores the scale gap between the networks.
     """
+
+    param_rules = {"tau": Rule(gt=0)}
 
     def __init__(self, student_channels: int, teacher_channels: int, tau: float = 1.0) -> None:
         super().__init__(student_channels, teacher_channels)
@@ -120,6 +125,8 @@ class AttentionTransfer(FeatureLoss):
     spatial x channel attention (softmax with ``temperature``, scaled by H*W and C) and by the ground-truth box mask,
     foreground and background averaged separately and weighted ``fg_weight`` / ``bg_weight``.
     """
+
+    param_rules = {"p": Rule(gt=0), "temperature": Rule(gt=0), "fg_weight": Rule(ge=0), "bg_weight": Rule(ge=0)}
 
     def __init__(
         self,

@@ -5,14 +5,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..config import SCHEDULE_KINDS  # noqa: F401  (re-exported)
 from ..errors import DistillError
+from ..rules import Rule, checked
 
 LOSSES: dict[str, type[DistillLoss]] = {}
-SCHEDULE_KINDS = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -22,7 +24,8 @@ class DistillContext:
     ``teacher_conf`` (B, A): the teacher's max sigmoid class score per anchor; ``fg_mask`` (B, A): anchors the
     detection assigner gave a ground-truth box (the student's positives); ``anchors`` (A, 2) anchor centres in grid
     units from ``make_anchors``; ``level_sizes``: (H, W) of each Detect level, to map per-anchor values to feature
-    maps; ``gt_boxes`` (n, 4) normalised xywh ground-truth boxes of image ``gt_image`` (n,).
+    maps; ``gt_boxes`` (n, 4) normalised xywh ground-truth boxes of image ``gt_image`` (n,); ``strides`` (A,) each
+    anchor's stride in pixels; ``imgsz`` (H, W) of the batch.
     """
 
     teacher_conf: torch.Tensor
@@ -31,6 +34,16 @@ class DistillContext:
     level_sizes: list[tuple[int, int]]
     gt_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
     gt_image: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    strides: torch.Tensor | None = None
+    imgsz: tuple[int, int] = (0, 0)
+
+    @property
+    def positives(self) -> torch.Tensor:
+        """How many anchors the assigner made positive (at least 1): the count output terms are normalised by, as
+        ultralytics normalises its class loss by the assigned target mass rather than by the anchor grid."""
+        if self.fg_mask is None:
+            return torch.ones((), device=self.teacher_conf.device)
+        return self.fg_mask.sum().clamp(min=1).to(self.teacher_conf.dtype)
 
     def score_map(self, height: int, width: int) -> torch.Tensor:
         """Teacher confidence as a (B, 1, H, W) map; from the Detect level of that size, else resized from P3."""
@@ -57,10 +70,17 @@ class DistillContext:
 
 
 class DistillLoss(nn.Module):
-    """Base of all distillation losses. ``level`` says what it compares: ``feature`` maps or head ``output``."""
+    """Base of all distillation losses. ``level`` says what it compares: ``feature`` maps, head ``output``, or
+    ``cross``: student features run through the teacher's head."""
 
     level: str = "feature"
     name: str = ""
+    # valid values of the method's parameters, checked when a recipe is read; a bool parameter needs none
+    param_rules: ClassVar[dict[str, Rule]] = {}
+
+    @classmethod
+    def check_head(cls, term: str, student_head: nn.Module, teacher_head: nn.Module) -> None:
+        """Raise DistillError when this method cannot apply to these Detect heads (e.g. no DFL bins)."""
 
 
 class FeatureLoss(DistillLoss):
@@ -97,6 +117,27 @@ class OutputLoss(DistillLoss):
         raise NotImplementedError
 
 
+class CrossLoss(DistillLoss):
+    """Runs the student's Detect inputs, each through an adapter to the teacher's width, through the teacher's
+    frozen head, and compares those predictions with the teacher's own. Owns one adapter per Detect level."""
+
+    level = "cross"
+
+    def __init__(self, channels: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleList(nn.Identity() if s == t else nn.Conv2d(s, t, kernel_size=1) for s, t in channels)
+
+    def forward(
+        self,
+        student_feats: list[torch.Tensor],
+        teacher_head: nn.Module,
+        teacher: dict[str, dict[str, torch.Tensor]],
+        contexts: dict[str, DistillContext],
+        gains: dict[str, float],
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def register(name: str) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
     def wrap(cls: type[DistillLoss]) -> type[DistillLoss]:
         cls.name = name
@@ -106,32 +147,46 @@ def register(name: str) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
     return wrap
 
 
+BUILT_IN = {"self", "student_channels", "teacher_channels", "channels", "reg_max"}  # filled by the distiller
+
+
 def loss_params(cls: type[DistillLoss]) -> dict[str, object]:
-    """The method's own parameters and their defaults (channel counts excluded: they come from probing)."""
-    skip = {"self", "student_channels", "teacher_channels"}
+    """The method's own parameters and their defaults (channels and reg_max excluded: they come from probing)."""
     sig = inspect.signature(cls.__init__)
-    return {k: p.default for k, p in sig.parameters.items() if k not in skip}
+    return {k: p.default for k, p in sig.parameters.items() if k not in BUILT_IN}
 
 
-def build_loss(spec_type: str, params: dict, student_channels: int = 0, teacher_channels: int = 0) -> DistillLoss:
+def build_loss(
+    spec_type: str, params: dict, student_channels: int = 0, teacher_channels: int = 0, **probed: object
+) -> DistillLoss:
+    """An instance of method ``spec_type`` with ``params`` checked against its rules; ``probed`` passes what the
+    distiller measured (``channels`` of each Detect input for cross-head methods, the head's ``reg_max``) to the
+    methods that take it."""
     cls = LOSSES[spec_type]
+    params = checked_params(spec_type, params, spec_type)
+    accepted = inspect.signature(cls.__init__).parameters
+    extra = {k: v for k, v in probed.items() if k in accepted}
     if cls.level == "feature":
-        return cls(student_channels, teacher_channels, **params)
-    return cls(**params)
+        return cls(student_channels, teacher_channels, **params, **extra)
+    return cls(**params, **extra)
+
+
+def checked_params(method: str, params: dict, where: str) -> dict:
+    """``params`` of method ``method``, each checked against the type of its default and its rule; an unknown
+    parameter is an error that lists the valid ones."""
+    valid = loss_params(LOSSES[method])
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        listed = ", ".join(["weight", "schedule", "layers", "type", *valid]) or "none"
+        raise DistillError(f"loss '{method}' has no parameter '{unknown[0]}'; valid: {listed}")
+    rules = LOSSES[method].param_rules
+    return {k: checked(type(valid[k]), v, f"{where}.{k}", rules.get(k)) for k, v in params.items()}
 
 
 def check_loss_spec(name: str, spec) -> None:  # spec: config.LossSpec
-    """Reject unknown methods, parameters and schedule kinds, naming the valid choices."""
+    """Reject unknown methods and parameters, naming the valid choices, and parameter values outside their rules."""
     if spec.type not in LOSSES:
         raise DistillError(f"unknown loss '{spec.type}' for term '{name}'; valid losses: {', '.join(sorted(LOSSES))}")
-    valid = loss_params(LOSSES[spec.type])
-    unknown = sorted(set(spec.params) - set(valid))
-    if unknown:
-        listed = ", ".join(["weight", "schedule", "layers", "type", *valid]) or "none"
-        raise DistillError(f"loss '{spec.type}' has no parameter '{unknown[0]}'; valid: {listed}")
-    if spec.schedule.kind not in SCHEDULE_KINDS:
-        raise DistillError(
-            f"term '{name}': schedule kind '{spec.schedule.kind}' unknown; valid: {', '.join(SCHEDULE_KINDS)}"
-        )
-    if LOSSES[spec.type].level == "output" and spec.layers is not None:
+    spec.params = checked_params(spec.type, spec.params, f"losses.{name}")
+    if LOSSES[spec.type].level != "feature" and spec.layers is not None:
         raise DistillError(f"term '{name}': '{spec.type}' distils head outputs and takes no 'layers'")

@@ -1,0 +1,226 @@
+"""Valid values, declared once beside each field and checked at the boundary, before anything is read or written.
+
+A :class:`Rule` sits in a schema field's metadata (``field(default=1, metadata=rule(ge=1))``) or in a loss method's
+``param_rules``; :func:`coerce` checks a value's type and :meth:`Rule.problem` its range. :func:`build` applies both
+to every field of a run, a recipe or a command's options (:func:`validated`), so no command keeps a list of its own
+checks. Every float must be finite (NaN and infinity are refused everywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import operator
+import os
+import re
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .errors import DistillError
+
+T = TypeVar("T")
+DEVICE_PATTERN = re.compile(r"(|auto|cpu|cuda|gpu|cuda:\d+|\d+(,\d+)*)")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Bounds (``ge``/``gt``/``le``/``lt``) for numbers; ``choices`` (a tuple, or a function giving one) for strings;
+    ``name``: a plain file or folder name (no path separators, not ``.``/``..``); ``check``: any other test, returning
+    what is wrong or None; ``text``: how that test is described."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
+    ignore_case: bool = False
+    name: bool = False
+    check: Callable[[Any], str | None] | None = None
+    text: str = ""
+
+    def valid_choices(self) -> tuple[str, ...]:
+        choices = self.choices() if callable(self.choices) else self.choices
+        return tuple(choices or ())
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (already of the field's type), or None."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return self._number_problem(value)
+        if isinstance(value, str):
+            return self._text_problem(value)
+        return self.check(value) if self.check else None
+
+    def _number_problem(self, value: float) -> str | None:
+        bounds = (self.ge, self.gt, self.le, self.lt)
+        if any(b is not None for b in bounds) and not (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        ):
+            return f"must be {self.describe()}"
+        return self.check(value) if self.check else None
+
+    def _text_problem(self, value: str) -> str | None:
+        choices = self.valid_choices()
+        if choices:
+            fold = str.lower if self.ignore_case else str
+            if fold(value) not in {fold(c) for c in choices}:
+                return f"must be {self.describe()}"
+        if self.name and (not value or value in (".", "..") or re.search(r"[/\\\0]", value)):
+            return "must be a plain name (no '/', not '.' or '..'), so that it stays inside its folder"
+        return self.check(value) if self.check else None
+
+    def summary(self) -> str:
+        """For documentation: ``text`` where given (a long or version-dependent list), else :meth:`describe`."""
+        bounds = Rule(self.ge, self.gt, self.le, self.lt).describe()
+        return "; ".join(p for p in (bounds, self.text) if p) if self.text else self.describe()
+
+    def describe(self) -> str:
+        """The valid values in words: '>= 1', 'in (0, 1]', 'one of: a, b', ..."""
+        low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+        high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+        parts = []
+        if low and high:
+            parts.append(f"in {low}, {high}")
+        elif low:
+            parts.append(f"{'>=' if self.ge is not None else '>'} {low[1:]}")
+        elif high:
+            parts.append(f"{'<=' if self.le is not None else '<'} {high[:-1]}")
+        if self.valid_choices():
+            case = " (any case)" if self.ignore_case else ""
+            parts.append(f"one of: {', '.join(self.valid_choices())}{case}")
+        if self.name:
+            parts.append("a plain name")
+        if self.text and self.check:
+            parts.append(self.text)
+        return "; ".join(parts)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def rule(**kwargs: Any) -> dict[str, Rule]:
+    """Field metadata: ``field(default=1, metadata=rule(ge=1))``."""
+    return {"rule": Rule(**kwargs)}
+
+
+def coerce(tp: type, value: Any, where: str) -> Any:
+    """``value`` as a bool, int, float or str (YAML and --set give ints for floats and numbers for strings)."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise DistillError(f"'{where}' must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DistillError(f"'{where}' must be a number, got {value!r}")
+        if abs(value) > 1e300 or not math.isfinite(value):  # (checked in this order: a huge int overflows a float)
+            shown = str(value) if len(str(value)) < 20 else f"a number of {len(str(value))} digits"
+            raise DistillError(f"'{where}' must be a finite number, got {shown}")
+        if tp is int and float(value) != int(value):
+            raise DistillError(f"'{where}' must be a whole number, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise DistillError(f"'{where}' must be text, got {value!r}")
+        return str(value)
+    return value
+
+
+def checked(tp: type, value: Any, where: str, field_rule: Rule | None) -> Any:
+    """``value`` coerced to ``tp`` and checked against ``field_rule``; a DistillError naming ``where`` otherwise."""
+    value = coerce(tp, value, where)
+    problem = field_rule.problem(value) if field_rule else None
+    if problem:
+        raise DistillError(f"'{where}' {problem}, got {value!r}")
+    return value
+
+
+def device_problem(value: str) -> str | None:
+    if not DEVICE_PATTERN.fullmatch(value.strip().lower()):
+        return "is not a device: use cpu, cuda, 0, 1, cuda:1 or a list such as 0,1"
+    return None
+
+
+def layers_problem(value: Any) -> str | None:
+    """A layer group name or a non-empty list of layer indices >= 0."""
+    from .features import LAYER_GROUPS  # late: features imports torch
+
+    if isinstance(value, str):
+        return None if value in LAYER_GROUPS else f"must be one of: {', '.join(LAYER_GROUPS)}, or a list of indices"
+    if isinstance(value, list) and value and all(type(i) is int and i >= 0 for i in value):
+        return None
+    return "must be a layer group name or a non-empty list of layer indices (whole numbers >= 0)"
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        return functools.reduce(operator.or_, args), True
+    return tp, False
+
+
+def build(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping: unknown keys, wrong types and values outside a field's rule are
+    errors naming the key's path."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DistillError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise DistillError(f"unknown key '{_join(where, unknown[0])}'; valid keys: {', '.join(fields)}")
+    kwargs = {k: _coerce(hints[k], v, _join(where, k), fields[k].metadata.get("rule")) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def validated(cls: type[T], values: dict[str, Any]) -> T:
+    """Options dataclass ``cls`` from ``values`` (a function's ``locals()``: names that are no field are ignored),
+    every field checked against its rule. Each command calls this first, before it reads or writes anything."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return build(cls, {k: v for k, v in values.items() if k in names}, "")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, where: str, field_rule: Rule | None = None) -> Any:
+    tp, optional = _strip_optional(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if value is None:
+        if optional:
+            return None
+        raise DistillError(f"'{where}' needs a value")
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise DistillError(f"'{where}' must be a mapping")
+        return {k: _coerce(typing.get_args(tp)[1], v, _join(where, str(k))) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if origin is list:  # list[str]: one or more paths
+        items = value if isinstance(value, (list, tuple)) else [value]
+        value = [checked(typing.get_args(tp)[0], v, where, None) for v in items]
+    elif tp in (bool, int, float, str):
+        return checked(tp, value, where, field_rule)
+    elif not (isinstance(value, str) or isinstance(value, list) and all(type(i) is int for i in value)):
+        # str | list[int]: a layer group or a list of layer indices
+        raise DistillError(f"'{where}' must be a layer group name or a list of layer indices, got {value!r}")
+    problem = field_rule.problem(value) if field_rule else None
+    if problem:
+        raise DistillError(f"'{where}' {problem}, got {value!r}")
+    return value

@@ -1,0 +1,162 @@
+"""A command that fails leaves the output folder as it was: what it creates appears only with the work that fills it,
+or goes away again. The one exception is a training run's resumable last.pt."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distill_cli.cli import app
+from distill_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError
+from distill_cli.training import train
+
+from .conftest import save_model, train_args
+
+runner = CliRunner()
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture()
+def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A current folder holding one file; default outputs (runs/...) would land here."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("here before")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def small_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli.data import SYNTHETIC_CLASSES
+
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    model.names = dict(enumerate(SYNTHETIC_CLASSES))
+    return save_model(tmp_path_factory.mktemp("student") / "student.pt", model)
+
+
+def fail(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("injected failure")
+
+
+def interrupt(*args: object, **kwargs: object) -> None:
+    os.kill(os.getpid(), signal.SIGINT)  # a real signal; Python raises KeyboardInterrupt at the next instruction
+    raise AssertionError("the signal did not arrive")
+
+
+def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list[str], str, Callable]]:
+    """Per command: a command line, and what to break after the command has started its work."""
+    base = ["--imgsz", "64", "--device", "cpu"]
+    run = ["train", "--teacher", teacher, "--student", "yolov8n.yaml", "--data", data, "--recipe", "cwd",
+           "--epochs", "1", "--batch", "4", "--workers", "0", *base]  # fmt: skip
+    return {
+        "train": (run, "distill_cli.training.measure_baseline", fail),
+        "train-sigint": (run, "distill_cli.training.measure_baseline", interrupt),
+        "eval": (["eval", "--weights", student, "--data", data, *base], "distill_cli.evaluation.run_validator", fail),
+        "compare": (
+            ["compare", "--weights", student, teacher, "--data", data, *base],
+            "distill_cli.comparison.draw_predictions",
+            fail,
+        ),
+        "export": (["export", "--weights", student, "--imgsz", "64"], "distill_cli.exporter.onnx_parity", fail),
+        "demo": (["demo", "--epochs", "1"], "distill_cli.demo.train", fail),
+        "probe-channels": (
+            ["probe-channels", "--teacher", teacher, "--student", student], "distill_cli.probe.pair_layers", fail
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["train", "train-sigint", "eval", "compare", "export", "demo", "probe-channels"])
+def test_a_failed_command_leaves_the_folder_as_it_was(
+    case: str,
+    here: Path,
+    synthetic_data: Path,
+    tiny_teacher: Path,
+    small_student: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    student = here / "student.pt"
+    shutil.copy(small_student, student)  # export writes beside its weights by default
+    before = tree(here)
+    args, target, breaker = late_failures(str(synthetic_data), str(tiny_teacher), str(student))[case]
+    monkeypatch.setattr(target, breaker)
+    result = runner.invoke(app, args)
+    assert result.exit_code == (EXIT_INTERRUPTED if breaker is interrupt else 1), result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert tree(here) == before
+
+
+def test_an_interrupted_start_up_says_nothing_was_saved(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT or SIGTERM after the run folder was made but before the first checkpoint."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+
+        def stop(event: str, info: dict, sig: signal.Signals = sig) -> None:
+            if event == "start":
+                os.kill(os.getpid(), sig)
+
+        with pytest.raises(DistillError) as stopped:
+            train(recipe="cwd", callback=stop, **run_kwargs)
+        assert stopped.value.exit_code == EXIT_INTERRUPTED
+        assert "nothing was saved" in stopped.value.message and "--resume" not in stopped.value.message
+        assert not Path(run_kwargs["project"]).exists()
+
+
+def test_an_interruption_after_the_first_checkpoint_resumes(run_kwargs: dict) -> None:
+    def stop(event: str, info: dict) -> None:
+        if event == "step":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(DistillError, match="--resume") as stopped:
+        train(recipe="cwd", callback=stop, **{**run_kwargs, "batch": 2, "report": False})
+    assert stopped.value.exit_code == EXIT_INTERRUPTED
+    run_dir = Path(run_kwargs["project"]) / "exp"
+    assert "resume" in torch.load(run_dir / "weights" / "last.pt", weights_only=False)
+    assert train(resume=run_dir).epochs_done == 1
+
+
+def test_unusable_training_images_leave_no_run_folder(run_kwargs: dict, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(Path(run_kwargs["data"]).parent, root)
+    for cache in root.glob("labels/*.cache"):
+        cache.unlink()
+    (root / "data.yaml").write_text(
+        (root / "data.yaml").read_text().replace(str(Path(run_kwargs["data"]).parent), str(root))
+    )
+    for label in (root / "labels" / "train").glob("*.txt"):
+        label.write_text("0 0.5 0.5\n")  # three values, not five: every image is skipped
+    result = runner.invoke(app, train_args({**run_kwargs, "data": str(root / "data.yaml")}))
+    assert result.exit_code == EXIT_USAGE and "no usable images" in result.stderr, result.output
+    assert not Path(run_kwargs["project"]).exists()
+
+
+def test_compare_writes_no_stray_folders(synthetic_data: Path, small_student: Path, here: Path) -> None:
+    result = runner.invoke(app, ["compare", "--weights", str(small_student), "--data", str(synthetic_data),
+                                 "--imgsz", "64", "--device", "cpu", "--samples", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (here / "runs" / "compare" / "exp").iterdir()) == [
+        "per_class_ap.png",
+        "pr_curves.png",
+        "predictions.png",
+        "report.md",
+    ]
+
+
+def test_compare_draws_ground_truth_past_a_malformed_label_line(synthetic_data: Path, tmp_path: Path) -> None:
+    from distill_cli.comparison import draw_ground_truth
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data.parent, root)
+    label = root / "labels" / "val" / "0000.txt"
+    label.write_text("0 0.5 0.5 0.2 0.2\nnot a label\n1 0.5\n")
+    assert draw_ground_truth(root / "images" / "val" / "0000.png").shape[2] == 3

@@ -1,0 +1,62 @@
+"""Exact resume: a deterministic CPU run interrupted and resumed ends bit-identical to an uninterrupted one.
+
+The run is set up so that the test can fail: the optimizer steps at every batch (``nbs`` = batch), so steps after
+the resume point depend on the restored optimizer state and RNG; the resumed part crosses an epoch boundary; mosaic
+is on before the boundary (its buffer of recently loaded images carries over) and closes after it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_cli.errors import EXIT_INTERRUPTED, DistillError
+from distill_cli.training import train
+
+EXACT = {"deterministic": True, "seed": 3, "ema": True, "epochs": 3, "close_mosaic": 1, "nbs": 4, "report": False}
+EXACT["val_interval"] = 3  # validate the last epoch only: it costs time and changes nothing here
+
+
+def interrupt_after_epoch(epoch: int):
+    def callback(event: str, info: dict) -> None:
+        if event == "epoch" and info["epoch"] == epoch:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag; the loop stops at the next step
+
+    return callback
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"].state_dict()
+
+
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_run(run_kwargs: dict) -> None:
+    kwargs = {**run_kwargs, **EXACT}
+    straight = train(recipe="mgd+logits", **{**kwargs, "name": "straight"})
+    with pytest.raises(DistillError) as stopped:
+        train(recipe="mgd+logits", callback=interrupt_after_epoch(1), **{**kwargs, "name": "cut"})
+    assert stopped.value.exit_code == EXIT_INTERRUPTED and "--resume" in stopped.value.message
+    cut_dir = Path(kwargs["project"]) / "cut"
+    resume = torch.load(cut_dir / "weights" / "last.pt", weights_only=False)["resume"]
+    assert resume["epoch"] == 0 and resume["step"] == 2 and resume["loader"]["mosaic_buffer"]
+    resumed = train(resume=cut_dir)
+    assert resumed.run_dir == cut_dir and resumed.epochs_done == 3
+    a, b = weights(straight.last), weights(resumed.last)
+    mismatched = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not mismatched, f"{len(mismatched)} tensors differ, e.g. {mismatched[:3]}"
+    rows = (cut_dir / "results.csv").read_text().splitlines()
+    assert len(rows) == 4  # header + 3 epochs, none lost or repeated
+
+
+def test_the_shuffle_depends_only_on_seed_and_epoch() -> None:
+    from distill_cli.data import EpochOrder
+
+    first, second = EpochOrder(8, seed=3), EpochOrder(8, seed=3)
+    orders = [list(first) for _ in range(3)]
+    torch.rand(100)  # other draws from any generator change nothing
+    second.start(2)
+    assert list(second) == orders[2] and orders[0] != orders[1]
+    assert sorted(orders[0]) == list(range(8))
