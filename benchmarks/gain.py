@@ -7,6 +7,8 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   finetune2  fine-tune yolov8n-bccd.pt, imgsz 352, 5 epochs, batch 8 (other imgsz, epochs and batch)
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
+  gpu        yolov8n.yaml from scratch, imgsz 512, 80 epochs, batch 16 (GPU; benchmarks/gpu.sh)
+  smoke      the gpu setting in miniature, for gpu.sh's CPU smoke mode
 
     python benchmarks/gain.py --settings shared finetune2 scratch --seeds 0 1 2 --recipes none default \\
         --ultralytics-plain --out benchmarks/results/gain.json
@@ -33,7 +35,8 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 from distill_cli.evaluation import evaluate  # noqa: E402
 from distill_cli.training import train  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = next((p for p in (ROOT / "shared", ROOT.parent / "shared") if p.is_dir()), ROOT.parent / "shared")
 BCCD = str(SHARED / "data" / "bccd" / "bccd.yaml")
 TEACHER = str(SHARED / "models" / "bccd" / "yolov8s-bccd.pt")
 STUDENT = str(SHARED / "models" / "bccd" / "yolov8n-bccd.pt")
@@ -55,6 +58,8 @@ SETTINGS = {
     "finetune2": Setting(STUDENT, TEACHER, 352, 5, 8),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),
+    "gpu": Setting("yolov8n.yaml", TEACHER, 512, 80, 16),  # issue #4's table (benchmarks/gpu.sh)
+    "smoke": Setting("yolov8n.yaml", TEACHER, 96, 2, 8),  # gpu.sh's smoke mode: the same script, tiny, on a CPU
 }
 
 
@@ -75,25 +80,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_ours(args: argparse.Namespace, recipe: str, seed: int, **extra: object) -> dict:
-    """Our loop; ``args`` gives teacher, student, data, imgsz, epochs, batch, workers, device, project and ``set``."""
+    """Our loop; ``args`` gives teacher, student, data, imgsz, epochs, batch, workers, device, project and ``set``;
+    ``extra`` overrides any of them (and any config field)."""
     from distill_cli.config import parse_overrides
 
+    options = {
+        "teacher": args.teacher,
+        "student": args.student,
+        "data": args.data,
+        "imgsz": args.imgsz,
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "workers": args.workers,
+        "device": args.device,
+        "seed": seed,
+        "project": args.project,
+        "name": f"{Path(recipe).stem}-s{seed}",
+        **parse_overrides(args.set),
+        **extra,
+    }
     start = time.time()
-    result = train(
-        recipe=recipe,
-        teacher=args.teacher,
-        student=args.student,
-        data=args.data,
-        imgsz=args.imgsz,
-        epochs=args.epochs,
-        batch=args.batch,
-        workers=args.workers,
-        device=args.device,
-        seed=seed,
-        project=args.project,
-        name=f"{Path(recipe).stem}-s{seed}",
-        **{**parse_overrides(args.set), **extra},
-    )
+    result = train(recipe=recipe, **options)
     return {"weights": str(result.best), "seconds": time.time() - start}
 
 

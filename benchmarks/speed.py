@@ -36,7 +36,6 @@ from gain import BCCD, STUDENT, TEACHER, run_ours, run_ultralytics  # noqa: E402
 
 from distill_cli.data import build_loader, hyperparameters, load_data  # noqa: E402
 from distill_cli.engine import preprocess, train_one_epoch  # noqa: E402
-from distill_cli.training import train  # noqa: E402
 
 RECIPES = ["cwd", "mgd", "pkd", "logits", "bckd", "crosskd", "sl2", "at", "default"]
 
@@ -72,22 +71,8 @@ def build(args: argparse.Namespace, recipe: str, scratch: str, **options: object
             raise Built
 
     try:
-        train(
-            recipe=recipe,
-            teacher=args.teacher,
-            student=args.student,
-            data=args.data,
-            imgsz=args.imgsz,
-            batch=args.batch,
-            workers=args.workers,
-            device=args.device,
-            epochs=1,
-            warmup_epochs=0.0,
-            project=scratch,
-            report=False,
-            callback=capture,
-            **options,
-        )
+        run = argparse.Namespace(**{**vars(args), "epochs": 1, "project": scratch, "set": []})
+        run_ours(run, recipe, seed=0, warmup_epochs=0.0, report=False, callback=capture, **options)
     except Built:
         pass
     return box["state"]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import __version__
 from .config import RunConfig, config_from_dict
 from .data import loader_state, restore_loader
 from .engine import TrainState
@@ -92,6 +93,12 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     resume = ckpt.get("resume")
     if not resume:
         raise DistillError(f"--resume {path}: that run finished (its last.pt holds no resume state)")
+    made_by = ckpt["distill"].get("yolodistill_version")
+    if made_by != __version__:  # the training state (optimizer groups, balance, config fields) differs between versions
+        raise DistillError(
+            f"--resume {path}: that run was started by yolodistill {made_by} and this is {__version__}; finish it with "
+            f"{made_by}, or start it again"
+        )
     cfg = config_from_dict(ckpt["distill"]["config"])
     return cfg, {**resume, "run_dir": resume["run_dir"]}
 
@@ -104,7 +111,8 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, t
         state.ema.ema.load_state_dict(ckpt["ema"])
         state.ema.updates = ckpt["ema_updates"]
     state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # empty when the scaler is off (bf16, fp32)
+        state.scaler.load_state_dict(ckpt["scaler"])
     state.step, state.last_opt_step, state.accumulate = ckpt["step"], ckpt["last_opt_step"], ckpt["accumulate"]
     state.balance, state.balance_sums = dict(ckpt["balance"]), dict(ckpt["balance_sums"])
     state.skipped_steps = ckpt["skipped_steps"]

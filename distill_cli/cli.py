@@ -137,7 +137,12 @@ def train(
     imgsz: int | None = config_option("imgsz", "Train and val image size."),
     device: str | None = typer.Option(None, help="cpu, 0, cuda:1 ...", show_default=ANY_GPU),
     workers: int | None = config_option("workers", "Dataloader processes."),
-    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision.", show_default="on"),
+    amp: bool | None = typer.Option(
+        None,
+        "--amp/--no-amp",
+        help="Mixed precision: fp16 on a GPU, bf16 on a CPU with native bf16.",
+        show_default="on",
+    ),
     lr0: float | None = config_option("lr0", "Initial LR (optimizer auto fits its own)."),
     seed: int | None = config_option("seed"),
     project: str | None = config_option("project", "Folder of the run folders."),
@@ -191,7 +196,7 @@ def train(
     else:
         result = run_train(recipe=recipe or "default", callback=None if json_out else TrainProgress(), **overrides)
     if json_out:
-        print_json({k: v for k, v in vars(result).items() if k != "history"})
+        print_json({**{k: v for k, v in vars(result).items() if k != "history"}, "beat_start": result.beat_start})
 
 
 @app.command("eval")
@@ -280,13 +285,15 @@ def export(
 def demo(
     out: str = typer.Option(DemoOptions.out, help="Folder for the generated data and the three runs."),
     epochs: int = typer.Option(DemoOptions.epochs, help="Student epochs (the teacher gets 1.5x as many)."),
+    seed: int = typer.Option(DemoOptions.seed, help="Random seed of the data and every run."),
     json_out: bool = JSON,
 ) -> None:
-    """No downloads: draw a dataset, train a teacher, distil a student, compare with a plain student."""
+    """No downloads: for YOLOv8 and YOLO26, draw a dataset, train a teacher, distil a student, compare with a plain
+    student."""
     from .console import console, print_eval, print_json
     from .demo import run_demo
 
-    report = run_demo(out, epochs, log=None if json_out else console.print)
+    report = run_demo(out, epochs, log=None if json_out else console.print, seed=seed)
     print_json(report) if json_out else print_eval(report["table"], "demo: val split of the drawn dataset")
     if not json_out:
         for row in report["table"]:

@@ -23,6 +23,7 @@ from .rules import Rule, build, device_problem, layers_problem, rule
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "default"
+ULTRALYTICS_NBS = 64  # ultralytics' nominal batch size
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 MAX_IMGSZ = 16384
 
@@ -119,7 +120,7 @@ class RunConfig:
     device: str = ranged("", check=device_problem, text="cpu, cuda, 0, cuda:1 or 0,1")  # "" = cuda:0 if any, else cpu
     workers: int = ranged(8, ge=0)
     amp: bool = True
-    amp_dtype: str = ranged("auto", choices=("auto", "fp16", "bf16"))  # auto: fp16 on GPU, bf16 on CPUs that have it
+    amp_dtype: str = ranged("auto", choices=("auto", "fp16", "bf16", "fp32"))  # auto: fp16 on GPU, bf16 on some CPUs
     # BatchNorm running statistics while training: frozen (eval mode) keeps a trained student's statistics, which
     # short fine-tunes otherwise wreck in the first epoch; auto = frozen for a .pt student, update for a yaml one
     bn_stats: str = ranged("auto", choices=("auto", "update", "frozen"))
@@ -132,7 +133,9 @@ class RunConfig:
     warmup_momentum: float = ranged(0.8, ge=0, lt=1)
     warmup_bias_lr: float = ranged(0.1, ge=0)
     cos_lr: bool = False
-    nbs: int = ranged(64, ge=1)  # nominal batch size: gradients accumulate to it, as in ultralytics
+    # nominal batch size: gradients accumulate to it. 0 (auto): 64, as ultralytics, from scratch; the batch size (an
+    # optimizer step every batch) when fine-tuning a .pt student, where a short run needs the updates
+    nbs: int = ranged(0, ge=0)
     grad_clip: float = ranged(10.0, gt=0)  # max norm of the gradient
     close_mosaic: int = ranged(10, ge=0)
     ema: bool = True
@@ -212,6 +215,7 @@ class DemoOptions:
     n_train: int = ranged(256, ge=1)
     n_val: int = ranged(64, ge=1)
     imgsz: int = imgsz_field(64)
+    seed: int = ranged(0, ge=0, le=2**31 - 1)
 
 
 def _loss_entry(name: str, value: Any) -> dict[str, Any]:

@@ -140,3 +140,7 @@ class TrainProgress:
             ["report", str(result.report or "-")],
         ]
         console.print(table("training done", ["", "value"], rows))
+        if result.beat_start is False:
+            from .report import NO_EPOCH_BEAT_THE_START
+
+            console.print(f"[yellow]{NO_EPOCH_BEAT_THE_START}[/]")

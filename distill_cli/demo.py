@@ -1,7 +1,8 @@
 """``demo``: the whole story on a drawn dataset, offline, in a few CPU minutes.
 
-A YOLOv8s teacher is trained briefly (1.5x the student's epochs), then a YOLOv8n student twice for the same
-epochs: alone, and distilled with the default recipe. The eval table shows the three side by side.
+For each family (YOLOv8, and YOLO26: end-to-end, no DFL bins) a small teacher ("s") is trained briefly (1.5x the
+student's epochs), then an "n" student twice for the same epochs: alone, and distilled with the default recipe. The
+eval table shows the six side by side.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .training import train
 
 IMGSZ = 64  # small images, many steps: students learn reliably within the CPU budget
 BATCH = 16
+FAMILIES = {"YOLOv8": ("yolov8s.yaml", "yolov8n.yaml"), "YOLO26": ("yolo26s.yaml", "yolo26n.yaml")}
 
 
 def run_demo(
@@ -29,8 +31,9 @@ def run_demo(
     n_train: int = DemoOptions.n_train,
     n_val: int = DemoOptions.n_val,
     imgsz: int = DemoOptions.imgsz,
+    seed: int = DemoOptions.seed,
 ) -> dict[str, Any]:
-    """Returns the output folder, the data yaml and the eval table (teacher, plain student, distilled student).
+    """Returns the output folder, the data yaml and the eval table (per family: teacher, plain and distilled student).
     The folder (never an earlier demo's) is removed again if the demo fails or is interrupted."""
     opts = validated(DemoOptions, locals())
     target = Path(opts.out)
@@ -46,7 +49,7 @@ def run_demo(
 
 def demo_runs(root: Path, opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
     imgsz, epochs = opts.imgsz, opts.epochs
-    data = str(make_synthetic_dataset(root / "data", n_train=opts.n_train, n_val=opts.n_val, size=imgsz))
+    data = str(make_synthetic_dataset(root / "data", opts.n_train, opts.n_val, size=imgsz, seed=opts.seed))
     common = {
         "data": data,
         "imgsz": imgsz,
@@ -58,23 +61,28 @@ def demo_runs(root: Path, opts: DemoOptions, say: Callable[[str], None]) -> dict
         "nbs": BATCH,  # an optimizer step every batch: a tiny dataset needs the updates more than the smoothing
         "val_interval": 1000,
         "device": "cpu",
+        "seed": opts.seed,
     }
-    teacher_epochs = epochs * 3 // 2
-    say(f"[bold]1/3[/] training the teacher (YOLOv8s, {teacher_epochs} epochs) on {data}")
-    teacher = train(recipe="none", student="yolov8s.yaml", epochs=teacher_epochs, name="teacher", **common)
-    say("[bold]2/3[/] training the student alone (YOLOv8n, no distillation)")
-    plain = train(recipe="none", student="yolov8n.yaml", epochs=epochs, name="student_plain", **common)
-    say("[bold]3/3[/] distilling the student from the teacher (default recipe)")
-    distilled = train(
-        recipe="default",
-        teacher=str(teacher.best),
-        student="yolov8n.yaml",
-        epochs=epochs,
-        name="student_distilled",
-        **common,
-    )
-    weights = [str(teacher.best), str(plain.best), str(distilled.best)]
-    table = evaluate(weights, data, imgsz=imgsz, batch=BATCH, device="cpu")
-    for row, label in zip(table, ("teacher", "student (plain)", "student (distilled)"), strict=True):
+    rows: list[tuple[str, str]] = []
+    total = 3 * len(FAMILIES)
+    for i, (family, (teacher_cfg, student_cfg)) in enumerate(FAMILIES.items()):
+        tag, teacher_epochs = family.lower(), epochs * 3 // 2
+        say(f"[bold]{3 * i + 1}/{total}[/] training the {family} teacher ({teacher_cfg}, {teacher_epochs} epochs)")
+        teacher = train(recipe="none", student=teacher_cfg, epochs=teacher_epochs, name=f"{tag}_teacher", **common)
+        say(f"[bold]{3 * i + 2}/{total}[/] training the {family} student alone ({student_cfg}, {epochs} epochs)")
+        plain = train(recipe="none", student=student_cfg, epochs=epochs, name=f"{tag}_student_plain", **common)
+        say(f"[bold]{3 * i + 3}/{total}[/] distilling the {family} student from its teacher (default recipe)")
+        distilled = train(
+            recipe="default",
+            teacher=str(teacher.best),
+            student=student_cfg,
+            epochs=epochs,
+            name=f"{tag}_student_distilled",
+            **common,
+        )
+        for run, label in ((teacher, "teacher"), (plain, "student (plain)"), (distilled, "student (distilled)")):
+            rows.append((f"{family} {label}", str(run.best)))
+    table = evaluate([w for _, w in rows], data, imgsz=imgsz, batch=BATCH, device="cpu")
+    for row, (label, _) in zip(table, rows, strict=True):
         row["weights"], row["model"] = row["model"], label
     return {"out": str(root), "data": data, "table": table}

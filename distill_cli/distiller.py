@@ -125,7 +125,7 @@ class Distiller(nn.Module):
                 terms[name] = sum(g * module(head[b], teacher.head[b], contexts[b]) for b, g in gains.items())
             elif isinstance(module, CrossLoss):
                 inputs = [feats[p.student] for p in self.pairs[name]]
-                terms[name] = module(inputs, self.teacher_head, teacher.head, contexts, gains)
+                terms[name] = module(inputs, self.teacher_head, teacher.head, contexts)
             else:
                 terms[name] = sum(
                     loss(feats[p.student], teacher.feats[p.teacher], contexts["one2many"])
@@ -167,7 +167,8 @@ def make_context(head: dict, teacher_head: dict, fg_mask: torch.Tensor | None, b
     feats = head["feats"]
     imgsz = batch["img"].shape[2:]
     strides = torch.tensor([imgsz[0] / f.shape[2] for f in feats], device=feats[0].device)
-    anchors, anchor_strides = make_anchors([f.float() for f in feats], strides, 0.5)
+    shapes = [torch.empty(0, 0, *f.shape[2:], device=f.device) for f in feats]  # fp32 anchors, no copy of the maps
+    anchors, anchor_strides = make_anchors(shapes, strides, 0.5)
     return DistillContext(
         teacher_conf=teacher_head["scores"].float().sigmoid().amax(1),
         fg_mask=fg_mask,

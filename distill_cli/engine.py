@@ -209,6 +209,17 @@ def update_balance(state: TrainState, det_loss: torch.Tensor, terms: dict) -> No
         state.balance[k] = balance.target * means["det_loss"] / raw if raw > 0 and math.isfinite(raw) else 1.0
 
 
+def sync_balance_sums(state: TrainState) -> None:
+    """At an epoch's end, on every rank: while the balance calibrates, each rank keeps the mean of all ranks' sums,
+    so the copy rank 0 saves is every rank's (the mean of that mean plus each rank's later sums is still the mean of
+    all sums: calibration is unchanged)."""
+    if state.world_size == 1 or state.balance or not state.balance_sums:
+        return
+    flat = {f"{key}/{i}": pair[i] for key, pair in state.balance_sums.items() for i in (0, 1)}
+    means = dist.average(flat, state.device)
+    state.balance_sums = {key: [means[f"{key}/0"], means[f"{key}/1"]] for key in state.balance_sums}
+
+
 def validate(model: nn.Module, loader, cfg: RunConfig, device: torch.device) -> Validation:
     """mAP of ``model`` on the run's validation loader, with ultralytics' DetectionValidator."""
     args = {

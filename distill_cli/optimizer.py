@@ -31,17 +31,17 @@ def build_optimizer(
     """ultralytics' optimizer, group for group: weights (decayed), norm weights and biases (not decayed); ``auto``
     picks AdamW with a fitted LR for short runs and MuSGD for long ones (conv weights orthogonalised, the class head
     at 3x LR). Adapters and generators are in the optimizer with the student."""
-    name = optimizer_name(cfg.optimizer)
-    if name == "auto":
+    name, momentum = optimizer_name(cfg.optimizer), cfg.momentum
+    if name == "auto":  # as ultralytics: 0.9 for the optimizer; the warm-up still ends at cfg.momentum
         name, lr0 = ("MuSGD", 0.01) if iterations > 10000 else ("AdamW", round(0.002 * 5 / (4 + nc), 6))
-        cfg = replace(cfg, lr0=lr0, momentum=0.9, warmup_bias_lr=0.0)
+        cfg, momentum = replace(cfg, lr0=lr0, warmup_bias_lr=0.0), 0.9
     cfg = replace(cfg, optimizer=name)
     if name in ADAM_FAMILY:
-        options = {"lr": cfg.lr0, "betas": (cfg.momentum, 0.999), "weight_decay": 0.0}
+        options = {"lr": cfg.lr0, "betas": (momentum, 0.999), "weight_decay": 0.0}
     elif name == "RMSprop":
-        options = {"lr": cfg.lr0, "momentum": cfg.momentum}
+        options = {"lr": cfg.lr0, "momentum": momentum}
     else:
-        options = {"lr": cfg.lr0, "momentum": cfg.momentum, "nesterov": True}
+        options = {"lr": cfg.lr0, "momentum": momentum, "nesterov": True}
     weight_decay = cfg.weight_decay * cfg.batch * nominal_accumulate(cfg) / cfg.nbs
     groups = [
         {

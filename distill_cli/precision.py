@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .config import RunConfig
@@ -14,21 +16,28 @@ def cpu_has_bf16() -> bool:
     )
 
 
-def amp_dtypes(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
-    """(student autocast dtype or None, teacher dtype), the same for both when AMP is on.
+def resolve_precision(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """``amp_dtype`` made concrete (fp16, bf16 or fp32), so that config.yaml says it and a resumed run keeps it.
 
-    ``amp_dtype: auto``: fp16 with a grad scaler on GPU, as ultralytics trains (bf16 rounds the box decode ~10x
-    more; see README, AMP); bf16 on a CPU with native bf16 (AVX512-BF16/AMX), ~1.6x faster there; fp32 on other
-    CPUs. ``fp16`` / ``bf16`` force one. ``--no-amp``: fp32.
+    ``auto``: fp16 with a grad scaler on GPU, as ultralytics trains (bf16 rounds the box decode ~8x more:
+    benchmarks/precision.py); bf16 on a CPU with native bf16 (AVX512-BF16/AMX), ~1.6x faster there; fp32 on other
+    CPUs. ``fp16`` / ``bf16`` force one; ``--no-amp`` means fp32.
     """
     if not cfg.amp:
-        return None, torch.float32
-    chosen = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp_dtype)
-    if chosen is None and device.type == "cuda":
-        chosen = torch.float16
-    elif chosen is None and device.type == "cpu" and cpu_has_bf16():
-        chosen = torch.bfloat16
-    return (chosen, chosen) if chosen else (None, torch.float32)
+        choice = "fp32"
+    elif cfg.amp_dtype != "auto":
+        choice = cfg.amp_dtype
+    elif device.type == "cuda":
+        choice = "fp16"
+    else:
+        choice = "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    return replace(cfg, amp_dtype=choice)
+
+
+def amp_dtypes(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
+    """(student autocast dtype or None, teacher dtype): the same low precision for both, or fp32."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolve_precision(cfg, device).amp_dtype)
+    return (dtype, dtype) if dtype else (None, torch.float32)
 
 
 def precision_note(amp_dtype: torch.dtype | None, teacher_dtype: torch.dtype, device: torch.device) -> str:

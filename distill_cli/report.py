@@ -15,8 +15,12 @@ from . import plots
 from .engine import TrainState, preprocess, validate
 from .evaluation import Validation
 from .models import class_names
+from .runlog import fitness
 from .schedule import weight_factor
 
+NO_EPOCH_BEAT_THE_START = (
+    "No epoch beat the student you started from: keep your own checkpoint (best.pt is the best trained epoch)."
+)
 AGREEMENT_BATCHES = 2
 AGREEMENT_ROWS = 4096  # positions sampled per pair: CKA needs a few thousand, not every pixel
 
@@ -82,12 +86,16 @@ class Baseline:
         return cls(teacher, Validation(**data["before"]), dict(data["agreement"]))
 
 
-def measure_baseline(state: TrainState, teacher_model: torch.nn.Module | None, loader) -> Baseline:
-    """The teacher is validated only when it predicts the student's classes (else its mAP here means nothing)."""
+def measure_baseline(state: TrainState, teacher_model: torch.nn.Module | None, loader, full: bool) -> Baseline:
+    """The starting student ("epoch 0"); with ``full`` (the report) also the teacher, validated only when it predicts
+    the student's classes (else its mAP here means nothing), and the feature agreement."""
     student = state.ema.ema if state.ema else state.distiller.student
+    before = validate(student, loader, state.cfg, state.device)
+    if not full:
+        return Baseline(None, before)
     same_classes = teacher_model is not None and class_names(teacher_model) == class_names(student)
     teacher = validate(teacher_model, loader, state.cfg, state.device) if same_classes else None
-    return Baseline(teacher, validate(student, loader, state.cfg, state.device), feature_agreement(state, loader))
+    return Baseline(teacher, before, feature_agreement(state, loader))
 
 
 def write_report(
@@ -114,8 +122,9 @@ def write_report(
     if steps:
         plots.loss_curves(steps, series, figures / "losses.png")
         lines += ["## Loss terms", "", "![losses](report/losses.png)", ""]
-    validated = [row for row in history if "val/mAP50-95" in row]
-    if validated:
+    start = {"epoch": 0, **{f"val/{k}": v for k, v in baseline.before.metrics.items()}}  # the student as given
+    validated = [start, *(row for row in history if "val/mAP50-95" in row)]
+    if len(validated) > 1:
         teacher = baseline.teacher.metrics if baseline.teacher else {}
         plots.metric_curves(
             [r["epoch"] for r in validated],
@@ -138,8 +147,10 @@ def summary_table(baseline: Baseline, final: Validation | None, log: Any) -> lis
     rows = [("teacher", baseline.teacher), ("student before", baseline.before), ("student after (last epoch)", final)]
     lines = ["| model | mAP50-95 | mAP50 |", "|---|---|---|"]
     lines += [f"| {name} | {v.metrics['mAP50-95']:.4f} | {v.metrics['mAP50']:.4f} |" for name, v in rows if v]
-    lines += ["", f"Best epoch {log.best_epoch + 1} (fitness {log.best_fitness:.4f}); `weights/best.pt`.", ""]
-    return lines
+    lines += ["", f"Best epoch {log.best_epoch + 1} (fitness {log.best_fitness:.4f}); `weights/best.pt`."]
+    if log.best_fitness <= fitness(baseline.before.metrics):
+        lines.append(NO_EPOCH_BEAT_THE_START)
+    return [*lines, ""]
 
 
 def schedule_series(state: TrainState) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -35,7 +35,12 @@ class TrainResult:
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     report: Path | None = None
-    start_metrics: dict[str, float] = field(default_factory=dict)  # the student before training
+    start_metrics: dict[str, float] = field(default_factory=dict)  # the student before training ("epoch 0")
+
+    @property
+    def beat_start(self) -> bool | None:
+        """Whether the best epoch beat the student as given (None when that was not measured: a yaml student)."""
+        return fitness(self.best_metrics) > fitness(self.start_metrics) if self.start_metrics else None
 
 
 def new_run_dir(project: str | Path, name: str, what: str = "the run directory", hint: str = "--project DIR") -> Path:

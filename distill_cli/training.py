@@ -18,15 +18,15 @@ from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 
 from . import dist
 from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
-from .config import RunConfig, apply_overrides, load_recipe
+from .config import ULTRALYTICS_NBS, RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
-from .engine import TrainState, target_accumulate, train_one_epoch, validate
+from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
 from .models import class_names, count_params, load_model
 from .optimizer import build_optimizer
-from .precision import amp_dtypes, precision_note
+from .precision import amp_dtypes, precision_note, resolve_precision
 from .report import feature_agreement, measure_baseline, write_report
 from .runlog import RunLog, TrainResult
 
@@ -88,28 +88,45 @@ def load_models(cfg: RunConfig, data: dict) -> tuple[nn.Module | None, nn.Module
         warnings.warn("the teacher is built from a yaml, so it is untrained", stacklevel=2)
     teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if cfg.recipe.losses else None
     student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
-    if student.model[-1].nc != len(names):
-        student = with_classes(student, len(names))
-    student.names = dict(enumerate(names.values() if isinstance(names, dict) else names))
+    names = dict(enumerate(names.values() if isinstance(names, dict) else names))
+    if str(cfg.student).endswith(".pt") and class_names(student) != list(names.values()):
+        student = with_classes(student, names)
+    student.names = names
     for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
         param.requires_grad_(".dfl" not in name)
     return teacher, student
 
 
-def with_classes(pretrained: nn.Module, nc: int) -> nn.Module:
-    """A pretrained student (e.g. COCO's 80 classes) for data with ``nc`` classes, as ultralytics fine-tunes one: the
-    same architecture built for ``nc`` classes, every tensor whose shape still fits copied over."""
+def resolve_auto(cfg: RunConfig) -> RunConfig:
+    """The settings that depend on how the student starts, resolved once (config.yaml and a resumed run say what
+    was done): a trained .pt student is fine-tuned with its BatchNorm statistics frozen and a step every batch; a
+    yaml student trains from scratch exactly as ultralytics trains it (benchmarks/RESULTS.md has the measurements)."""
+    finetune = str(cfg.student).endswith(".pt")
+    bn_stats = cfg.bn_stats if cfg.bn_stats != "auto" else "frozen" if finetune else "update"
+    return replace(cfg, bn_stats=bn_stats, nbs=cfg.nbs or (cfg.batch if finetune else ULTRALYTICS_NBS))
+
+
+def with_classes(pretrained: nn.Module, names: dict[int, str]) -> nn.Module:
+    """A pretrained student (e.g. COCO's 80 classes) for data with other classes, as ultralytics fine-tunes one: the
+    same architecture built for the data's classes, every tensor whose shape still fits copied over, and the class
+    rows of classes both lists name (any case) carried over by name."""
     from ultralytics.nn.tasks import DetectionModel
 
-    model = DetectionModel(pretrained.yaml, nc=nc, verbose=False)
+    model = DetectionModel(pretrained.yaml, nc=len(names), verbose=False)
+    model.names = names  # read by ultralytics' load to remap the class rows by name
     model.load(pretrained, verbose=False)
-    copied = sum(v.shape == model.state_dict()[k].shape for k, v in pretrained.state_dict().items())
+    shared = {n.strip().lower() for n in class_names(pretrained)} & {n.strip().lower() for n in names.values()}
     warnings.warn(
-        f"the student was trained for {pretrained.model[-1].nc} classes and the data has {nc}: its class layers "
-        f"start afresh ({copied}/{len(model.state_dict())} tensors taken from the checkpoint)",
+        f"the student was trained for {pretrained.model[-1].nc} classes {_first(class_names(pretrained))} and the data "
+        f"has {len(names)} {_first(list(names.values()))}: its class layers start afresh"
+        + (f", but for the {len(shared)} classes both name" if shared else ""),
         stacklevel=3,
     )
     return model
+
+
+def _first(names: list[str]) -> str:
+    return str(names) if len(names) <= 4 else f"{names[:4]}..."
 
 
 def checked_imgsz(cfg: RunConfig, stride: int) -> RunConfig:
@@ -158,8 +175,8 @@ def prepare(
     torch.backends.mkldnn.enabled = not (cfg.deterministic and device.type == "cpu")
     data = load_data(cfg.data, cfg.val_split)
     teacher_model, student = load_models(cfg, data)
-    if cfg.bn_stats == "auto":  # resolved once, so that config.yaml and a resumed run say what was done
-        cfg = replace(cfg, bn_stats="frozen" if str(cfg.student).endswith(".pt") else "update")
+    optimizer_nbs = cfg.nbs or ULTRALYTICS_NBS  # optimizer: auto counts iterations as ultralytics does
+    cfg = resolve_precision(resolve_auto(cfg), device)
     stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
     cfg = checked_imgsz(cfg, stride)
     batch = dist.per_rank_batch(cfg.batch, info.world_size)
@@ -198,7 +215,7 @@ def prepare(
     if teacher is not None:
         distiller.bind_teacher(teacher)
     # each rank's dataset is the whole split (the sampler divides it), and cfg.batch is the global batch
-    iterations = math.ceil(len(train_loader.dataset) / max(cfg.batch, cfg.nbs)) * cfg.epochs
+    iterations = math.ceil(len(train_loader.dataset) / max(cfg.batch, optimizer_nbs)) * cfg.epochs
     optimizer, cfg = build_optimizer(distiller, cfg, len(data["names"]), iterations)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = TrainState(
@@ -235,8 +252,9 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
     cfg, device = state.cfg, state.device
     start = time.time()
     teacher_model = state.teacher.model if state.teacher else None
-    if log and cfg.report and log.baseline is None:  # a resumed run brings the baseline it measured at its start
-        log.baseline = measure_baseline(state, teacher_model, val_loader)
+    fine_tune = str(cfg.student).endswith(".pt")  # the starting student is "epoch 0", the mark to beat
+    if log and (cfg.report or fine_tune) and log.baseline is None:  # a resumed run brings the one of its start
+        log.baseline = measure_baseline(state, teacher_model, val_loader, full=cfg.report)
     baseline = log.baseline if log else None
     final = None
     with StopOnSignal() as stop:
@@ -248,6 +266,7 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
                 on_log = (lambda i, m, epoch=epoch: log.step(epoch, i, m)) if log else None
                 means = dist.average(train_one_epoch(state, stop.watch(train_loader, device), epoch, on_log), device)
                 update_criterion(state.distiller.student)
+                sync_balance_sums(state)
                 if log:
                     final = end_epoch(state, log, val_loader, train_loader, epoch, means) or final
                 dist.barrier()  # the other ranks wait for rank 0's validation and saves
@@ -257,7 +276,7 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
     if not log:
         return None
     report = None
-    if baseline is not None:
+    if cfg.report and baseline is not None:
         report = write_report(log.run_dir, state, log, baseline, final, feature_agreement(state, val_loader))
     before = baseline.before.metrics if baseline else {}
     return log.finish(time.time() - start, state.skipped_steps, report, before)
@@ -275,6 +294,8 @@ def start_epoch_data(train_loader, hyp, cfg: RunConfig, epoch: int, start_epoch:
     if epoch == closing or (epoch == start_epoch and epoch > closing):
         train_loader.dataset.close_mosaic(hyp)
         train_loader.reset()
+        if hasattr(train_loader, "order"):  # the old iterator's workers may have started the next pass already
+            train_loader.order.start(epoch)
     if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler
         train_loader.sampler.set_epoch(epoch)
 

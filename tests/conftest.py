@@ -77,3 +77,16 @@ def train_args(run_kwargs: dict, **options: object) -> list[str]:
     }
     pairs = ([f"--{key}"] if value is None else [f"--{key}", str(value)] for key, value in values.items())
     return ["train", *(item for pair in pairs for item in pair)]
+
+
+def tree(root: Path) -> set[str]:
+    """Every path below ``root``, relative: what a command left behind."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture()
+def quiet_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The current folder, holding one file, for a test that must leave it as it was (default outputs land here)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("a file that was here before")
+    return tmp_path

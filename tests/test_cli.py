@@ -125,7 +125,7 @@ def test_several_gpus_without_gpus(run_kwargs: dict) -> None:
 
 def test_unknown_recipe_and_cuda_without_gpu(run_kwargs: dict) -> None:
     base = ["train", "--teacher", run_kwargs["teacher"], "--student", "yolov8n.yaml", "--data", run_kwargs["data"]]
-    assert_one_line_error(runner.invoke(app, [*base, "--recipe", "bogus"]), "valid recipes: at, cwd")
+    assert_one_line_error(runner.invoke(app, [*base, "--recipe", "bogus"]), "valid recipes: at, bckd, crosskd, cwd")
     assert_one_line_error(runner.invoke(app, [*base, "--set", "losses.cwd.temp=2"]), "has no parameter 'temp'")
     if not torch.cuda.is_available():
         assert_one_line_error(runner.invoke(app, [*base, "--device", "cuda"]), "no such CUDA device")

@@ -94,7 +94,7 @@ def one_step(rank: int, world: int, port: int, out: str, duplicate: bool, det_ga
     )
     student.args = hyperparameters(imgsz=64, box=7.5 * det_gain, cls=0.5 * det_gain, dfl=1.5 * det_gain)
     cfg = RunConfig(
-        recipe=load_recipe("cwd+logits"), epochs=1, batch=2 * world, optimizer="SGD", lr0=0.05, grad_clip=1e9
+        recipe=load_recipe("cwd+logits"), epochs=1, batch=2 * world, nbs=64, optimizer="SGD", lr0=0.05, grad_clip=1e9
     )  # no clipping: it would hide a wrongly scaled gradient
     terms, pairs = build_terms(student, teacher, cfg.recipe, 64)
     distiller = Distiller(student, terms, pairs)

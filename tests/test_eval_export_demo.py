@@ -86,7 +86,8 @@ def test_eval_json_from_the_cli(trained: Path, synthetic_data: Path) -> None:
 
 def test_demo_end_to_end_small(tmp_path: Path) -> None:
     report = run_demo(tmp_path / "demo", epochs=1, n_train=8, n_val=4, imgsz=64)
-    assert [row["model"] for row in report["table"]] == ["teacher", "student (plain)", "student (distilled)"]
+    roles = ["teacher", "student (plain)", "student (distilled)"]
+    assert [row["model"] for row in report["table"]] == [f"{f} {r}" for f in ("YOLOv8", "YOLO26") for r in roles]
     for row in report["table"]:
         assert Path(row["weights"]).is_file()
-    assert (Path(report["out"]) / "student_distilled" / "report.md").is_file()
+    assert (Path(report["out"]) / "yolo26_student_distilled" / "report.md").is_file()

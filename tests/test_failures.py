@@ -17,21 +17,9 @@ from distill_cli.cli import app
 from distill_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError
 from distill_cli.training import train
 
-from .conftest import save_model, train_args
+from .conftest import save_model, train_args, tree
 
 runner = CliRunner()
-
-
-def tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-@pytest.fixture()
-def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A current folder holding one file; default outputs (runs/...) would land here."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "keep.txt").write_text("here before")
-    return tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -79,22 +67,22 @@ def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list
 @pytest.mark.parametrize("case", ["train", "train-sigint", "eval", "compare", "export", "demo", "probe-channels"])
 def test_a_failed_command_leaves_the_folder_as_it_was(
     case: str,
-    here: Path,
+    quiet_folder: Path,
     synthetic_data: Path,
     tiny_teacher: Path,
     small_student: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    student = here / "student.pt"
+    student = quiet_folder / "student.pt"
     shutil.copy(small_student, student)  # export writes beside its weights by default
-    before = tree(here)
+    before = tree(quiet_folder)
     args, target, breaker = late_failures(str(synthetic_data), str(tiny_teacher), str(student))[case]
     monkeypatch.setattr(target, breaker)
     result = runner.invoke(app, args)
     assert result.exit_code == (EXIT_INTERRUPTED if breaker is interrupt else 1), result.output
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert tree(here) == before
+    assert tree(quiet_folder) == before
 
 
 def test_an_interrupted_start_up_says_nothing_was_saved(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,11 +128,11 @@ def test_unusable_training_images_leave_no_run_folder(run_kwargs: dict, tmp_path
     assert not Path(run_kwargs["project"]).exists()
 
 
-def test_compare_writes_no_stray_folders(synthetic_data: Path, small_student: Path, here: Path) -> None:
+def test_compare_writes_no_stray_folders(synthetic_data: Path, small_student: Path, quiet_folder: Path) -> None:
     result = runner.invoke(app, ["compare", "--weights", str(small_student), "--data", str(synthetic_data),
                                  "--imgsz", "64", "--device", "cpu", "--samples", "1"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (here / "runs" / "compare" / "exp").iterdir()) == [
+    assert sorted(p.name for p in (quiet_folder / "runs" / "compare" / "exp").iterdir()) == [
         "per_class_ap.png",
         "pr_curves.png",
         "predictions.png",

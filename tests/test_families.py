@@ -137,6 +137,7 @@ def test_ema_off_with_a_feature_term_saves_a_loadable_student(run_kwargs: dict) 
 def test_a_pretrained_student_with_other_classes_starts_a_new_class_head(run_kwargs: dict, tmp_path: Path) -> None:
     torch.manual_seed(0)
     coco_like = DetectionModel("yolov8n.yaml", nc=80, verbose=False)
+    coco_like.names = {i: "Triangle" if i == 7 else f"class{i}" for i in range(80)}  # one class the data has too
     student = save_model(tmp_path / "pretrained80.pt", coco_like)
     start = {}
 
@@ -144,12 +145,14 @@ def test_a_pretrained_student_with_other_classes_starts_a_new_class_head(run_kwa
         if event == "start":
             start.update({k: v.clone() for k, v in info["state"].distiller.student.state_dict().items()})
 
-    with pytest.warns(UserWarning, match="trained for 80 classes and the data has 3"):
+    with pytest.warns(UserWarning, match="trained for 80 classes .* and the data has 3 .* but for the 1 classes"):
         result = train(recipe="cwd", report=False, callback=capture, **{**run_kwargs, "student": str(student)})
     assert YOLO(str(result.best)).model.model[-1].nc == 3
     pretrained = {k: v.half().float() for k, v in coco_like.state_dict().items()}  # as saved
     assert torch.equal(start["model.0.conv.weight"], pretrained["model.0.conv.weight"])
-    assert start["model.22.cv3.0.2.weight"].shape[0] == 3  # the class layer: new, for the data's 3 classes
+    class_layer = "model.22.cv3.0.2.weight"  # new, for the data's 3 classes; "triangle" (class 2) kept by name
+    assert start[class_layer].shape[0] == 3
+    assert torch.equal(start[class_layer][2], pretrained[class_layer][7])
 
 
 @pytest.fixture()

@@ -160,7 +160,7 @@ def test_optimizer_groups_match_ultralytics(model: str, iterations: int) -> None
     stand_in = SimpleNamespace(args=args, data={"nc": 3})
     decay = args.weight_decay * args.batch * round(args.nbs / args.batch) / args.nbs
     theirs = BaseTrainer.build_optimizer(stand_in, student, "auto", args.lr0, args.momentum, decay, iterations)
-    cfg = RunConfig(batch=16)
+    cfg = RunConfig(batch=16, nbs=64)
     ours, chosen = build_optimizer(Distiller(student, {}, {}), cfg, 3, iterations)
     assert type(ours) is type(theirs) and chosen.optimizer == type(theirs).__name__
     assert len(ours.param_groups) == len(theirs.param_groups)

@@ -96,3 +96,37 @@ def test_a_resumed_run_still_writes_its_report(run_kwargs: dict) -> None:
     resumed = train(resume=f"{run_kwargs['project']}/exp")
     assert resumed.report is not None and "| student before |" in resumed.report.read_text()
     assert resumed.start_metrics
+
+
+def test_the_starting_student_is_epoch_0_and_the_summary_says_when_no_epoch_beat_it(
+    run_kwargs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fine-tune that cannot move (learning rate ~0) ends where it started: no epoch beat the student as given,
+    and the run says so (summary, report, JSON); the report's mAP curve starts at epoch 0."""
+    import json
+
+    from typer.testing import CliRunner
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli import plots, report
+    from distill_cli.cli import app
+    from distill_cli.data import SYNTHETIC_CLASSES
+
+    from .conftest import save_model, train_args
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    model.names = dict(enumerate(SYNTHETIC_CLASSES))
+    student = save_model(tmp_path / "student.pt", model)
+    drawn = {}
+    original = plots.metric_curves
+    monkeypatch.setattr(
+        plots, "metric_curves", lambda epochs, *a: drawn.setdefault("epochs", epochs) and original(epochs, *a)
+    )
+    frozen = {"set": "lr0=1.0e-12", "student": str(student)}
+    done = CliRunner().invoke(app, [*train_args(run_kwargs, **frozen), "--set", "optimizer=SGD", "--json"])
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    assert result["beat_start"] is False and result["start_metrics"]
+    assert report.NO_EPOCH_BEAT_THE_START in Path(result["report"]).read_text()
+    assert drawn["epochs"] == [0, 1]

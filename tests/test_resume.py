@@ -60,3 +60,16 @@ def test_the_shuffle_depends_only_on_seed_and_epoch() -> None:
     second.start(2)
     assert list(second) == orders[2] and orders[0] != orders[1]
     assert sorted(orders[0]) == list(range(8))
+
+
+def test_resume_of_a_run_started_by_another_version_is_refused(run_kwargs: dict) -> None:
+    """The training state changes between versions (optimizer groups, config fields): one clear line, no traceback."""
+    kwargs = {**run_kwargs, "epochs": 2, "name": "old", "report": False}
+    with pytest.raises(DistillError):
+        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
+    last = Path(kwargs["project"]) / "old" / "weights" / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt["distill"]["yolodistill_version"] = "0.1.0"
+    torch.save(ckpt, last)
+    with pytest.raises(DistillError, match="started by yolodistill 0.1.0 and this is .*start it again"):
+        train(resume=last.parent.parent)

@@ -123,7 +123,7 @@ def test_automatic_balance_scales_each_term_to_its_target_share() -> None:
         state.step += 1
     # mean det 3, mean cwd 2 (x weight 2 = 4): factor 0.5 * 3 / 4; a zero term keeps factor 1
     assert state.balance["cwd"] == pytest.approx(0.375)
-    assert state.balance["cls_kd"] == pytest.approx(0.5 * 3 / 0.2)
+    assert state.balance["cls_kd"] == pytest.approx(0.5 * 3 / (0.2 * 3.0))  # the recipe weighs cls_kd 3
     assert state.balance["dfl_kd"] == 1.0
     assert term_weights(state)["cwd"] == pytest.approx(2.0 * 0.375)  # weighted cwd = 0.5 x det
 

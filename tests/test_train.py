@@ -104,3 +104,55 @@ def test_class_mismatch_stops_output_distillation_before_anything_is_written(run
     assert not (Path(run_kwargs["project"]) / "exp").exists()
     with pytest.warns(UserWarning, match="distilling features only"):
         train(recipe="cwd", **run_kwargs)
+
+
+def test_a_fine_tuned_student_keeps_its_batchnorm_statistics_and_steps_every_batch(
+    run_kwargs: dict, tmp_path: Path
+) -> None:
+    """A .pt student is fine-tuned with frozen BatchNorm statistics and an optimizer step per batch; a yaml
+    student trains as ultralytics trains (statistics updated, nominal batch 64)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli.data import SYNTHETIC_CLASSES
+
+    from .conftest import save_model
+
+    torch.manual_seed(0)
+    trained = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    trained.names = dict(enumerate(SYNTHETIC_CLASSES))
+    student = save_model(tmp_path / "student.pt", trained)
+    for spec, frozen in ((str(student), True), ("yolov8n.yaml", False)):
+        recorder = Recorder()
+        result = train(
+            recipe="cwd", callback=recorder, report=False, **{**run_kwargs, "student": spec, "name": spec[-4:]}
+        )
+        state = recorder.state
+        stats = {k: v for k, v in state.distiller.student.state_dict().items() if "running_" in k}
+        unchanged = all(torch.equal(v, recorder.student0[k]) for k, v in stats.items())
+        assert unchanged == frozen and state.cfg.bn_stats == ("frozen" if frozen else "update")
+        assert state.cfg.nbs == (run_kwargs["batch"] if frozen else 64)
+        assert state.ema.updates == (result.epochs_done * state.steps_per_epoch if frozen else 1)
+
+
+def test_a_fine_tune_picks_its_optimizer_by_ultralytics_iteration_count(
+    run_kwargs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step every batch must not make optimizer: auto count 64/batch times more iterations than ultralytics
+    (which would pick MuSGD where ultralytics picks AdamW); the chosen precision is written into the config."""
+    import yaml
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli import training
+    from distill_cli.data import SYNTHETIC_CLASSES
+
+    from .conftest import save_model
+
+    counted = []
+    original = training.build_optimizer
+    monkeypatch.setattr(training, "build_optimizer", lambda m, c, nc, it: counted.append(it) or original(m, c, nc, it))
+    trained = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    trained.names = dict(enumerate(SYNTHETIC_CLASSES))
+    result = train(recipe="cwd", report=False, **{**run_kwargs, "student": str(save_model(tmp_path / "s.pt", trained))})
+    assert counted == [1]  # ceil(8 images / max(batch 4, 64)) x 1 epoch, as ultralytics counts
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["nbs"] == 4 and saved["bn_stats"] == "frozen" and saved["amp_dtype"] in ("bf16", "fp32")

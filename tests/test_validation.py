@@ -41,6 +41,8 @@ from distill_cli.losses import LOSSES, loss_params
 from distill_cli.probe import probe_channels
 from distill_cli.training import train
 
+from .conftest import tree
+
 runner = CliRunner()
 
 # free-form fields: paths checked by the code that opens them, names of things, text
@@ -117,18 +119,6 @@ def loss_param_cases() -> Iterator[tuple[str, Any]]:
 
 
 TRAIN_CASES = [*schema_cases(RunConfig), *loss_param_cases()]  # a field without a rule fails the collection
-
-
-def tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-@pytest.fixture()
-def quiet_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The current folder for a test that must leave it as it was (default outputs land here)."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "keep.txt").write_text("a file that was here before")
-    return tmp_path
 
 
 def as_set(key: str, value: Any) -> str:

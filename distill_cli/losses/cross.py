@@ -23,7 +23,11 @@ class CrossKD(CrossLoss):
 
     Each Detect input of the student goes through a 1x1 adapter to the teacher's width, takes the teacher's
     per-channel statistics (``align_scale`` of the official code: ``(x - mean_s) / std_s * std_t + mean_t`` over
-    batch and positions) and then runs through the teacher's frozen head (both branches of an end-to-end head).
+    batch and positions) and then runs through the teacher's frozen one-to-many head. (Of an end-to-end head only
+    that branch: the student's one-to-one branch sees detached features, so through the teacher's frozen one-to-one
+    head the lesson would reach nothing but the adapters.)
+    (The official code feeds the student's head-internal features to the teacher's last head convs; a YOLO head has
+    two convs per branch, and here the whole teacher head reads the student's Detect inputs.)
     Those cross-head predictions are distilled towards the teacher's own: ``L = cls + box_weight * box``, with
     ``cls = sum_{a,c} BCE(x_ac, p_t) |sigma(x_ac) - p_t| / N_pos`` (official weight 1) and ``box`` the weighted mean
     of LD over the DFL bins (official weight 4, temperature 1, all anchors weighted by the teacher's confidence), or
@@ -51,7 +55,6 @@ class CrossKD(CrossLoss):
         teacher_head: nn.Module,
         teacher: dict[str, dict[str, torch.Tensor]],
         contexts: dict[str, DistillContext],
-        gains: dict[str, float],
     ) -> torch.Tensor:
         teacher_feats = next(iter(teacher.values()))["feats"]
         x = [
@@ -59,12 +62,9 @@ class CrossKD(CrossLoss):
             for adapter, f, t in zip(self.adapters, student_feats, teacher_feats, strict=True)
         ]
         dtype = next(teacher_head.parameters()).dtype  # the teacher runs in bf16/fp16 under AMP
-        total = torch.zeros((), device=x[0].device)
         with torch.autocast(x[0].device.type, dtype=dtype, enabled=dtype != torch.float32):
-            for branch, gain in gains.items():
-                cross = teacher_head.forward_head(x, **getattr(teacher_head, branch))
-                total = total + gain * self.compare(cross, teacher[branch], contexts[branch])
-        return total
+            cross = teacher_head.forward_head(x, **teacher_head.one2many)
+        return self.compare(cross, teacher["one2many"], contexts["one2many"])
 
     def compare(self, cross: dict, teacher: dict, ctx: DistillContext) -> torch.Tensor:
         cls = class_divergence(cross["scores"], teacher["scores"], "qfl", self.temperature).sum() / ctx.positives
@@ -77,7 +77,7 @@ class CrossKD(CrossLoss):
 
 def align_scale(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """The student map with the teacher's per-channel mean and standard deviation (over batch and positions)."""
-    dims = (0, 2, 3)
-    mean_s, std_s = student.mean(dims, keepdim=True), student.std(dims, keepdim=True)
-    mean_t, std_t = teacher.mean(dims, keepdim=True), teacher.std(dims, keepdim=True)
+    dims = (0, 2, 3)  # population statistics: a single position (P5 of a tiny image) must not give NaN
+    mean_s, std_s = student.mean(dims, keepdim=True), student.std(dims, keepdim=True, correction=0)
+    mean_t, std_t = teacher.mean(dims, keepdim=True), teacher.std(dims, keepdim=True, correction=0)
     return (student - mean_s) / (std_s + 1e-6) * std_t + mean_t

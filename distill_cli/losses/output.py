@@ -111,6 +111,14 @@ class ClassKD(OutputLoss):
         "weight_by": Rule(choices=ANCHOR_WEIGHTS),
     }
 
+    @classmethod
+    def check_params(cls, term: str, params: dict) -> None:
+        if params.get("mode") == "kl" and params.get("weight_by", "none") == "none":
+            raise DistillError(
+                f"term '{term}': cls_kd mode kl (a softmax over classes) needs weight_by teacher_conf, positives or "
+                f"positives_conf: on the background a softmax of sigmoid class scores means nothing"
+            )
+
     def __init__(self, mode: str = "bce", temperature: float = 1.0, weight_by: str = "none") -> None:
         super().__init__()
         self.mode = mode
@@ -129,9 +137,11 @@ class DFLKD(OutputLoss):
 
     Each box side is a distribution over the DFL bins; the student matches the teacher's softened one:
     ``L = sum_a w_a * T^2 * mean_sides KL(softmax(t/T) || softmax(s/T)) / sum_a w_a``, a weighted mean over anchors
-    like ultralytics' DFL loss (the paper uses T = 10 on the positives). ``weight_by`` picks the region and weighting
-    (positives_conf: the assigner's positives weighted by the teacher's confidence). Needs DFL bins: a head with
-    ``reg_max: 1`` (YOLO26) predicts plain distances; distil its boxes with ``box_kd``.
+    like ultralytics' DFL loss (the paper uses T = 10 on the positives; its code averages the KL over the bins,
+    i.e. 1/reg_max of this true KL, and normalises by nothing: a weight here is not the paper's weight).
+    ``weight_by`` picks the region and weighting (positives_conf: the assigner's positives weighted by the teacher's
+    confidence). Needs DFL bins: a head with ``reg_max: 1`` (YOLO26) predicts plain distances; distil its boxes
+    with ``box_kd``.
     """
 
     param_rules = {"temperature": Rule(gt=0), "weight_by": Rule(choices=ANCHOR_WEIGHTS)}

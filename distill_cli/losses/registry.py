@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -39,11 +39,12 @@ class DistillContext:
 
     @property
     def positives(self) -> torch.Tensor:
-        """How many anchors the assigner made positive (at least 1): the count output terms are normalised by, as
-        ultralytics normalises its class loss by the assigned target mass rather than by the anchor grid."""
+        """Anchors the assigner made positive, at least 1 per image (the avg_factor of BCKD/CrossKD): the count output
+        terms are normalised by, as ultralytics normalises its class loss by the assigned target mass rather than by
+        the anchor grid; an image without objects still counts 1, so a background-only batch does not spike."""
         if self.fg_mask is None:
-            return torch.ones((), device=self.teacher_conf.device)
-        return self.fg_mask.sum().clamp(min=1).to(self.teacher_conf.dtype)
+            return torch.full((), float(self.teacher_conf.shape[0]), device=self.teacher_conf.device)
+        return self.fg_mask.sum(1).clamp(min=1).sum().to(self.teacher_conf.dtype)
 
     def score_map(self, height: int, width: int) -> torch.Tensor:
         """Teacher confidence as a (B, 1, H, W) map; from the Detect level of that size, else resized from P3."""
@@ -81,6 +82,10 @@ class DistillLoss(nn.Module):
     @classmethod
     def check_head(cls, term: str, student_head: nn.Module, teacher_head: nn.Module) -> None:
         """Raise DistillError when this method cannot apply to these Detect heads (e.g. no DFL bins)."""
+
+    @classmethod
+    def check_params(cls, term: str, params: dict[str, Any]) -> None:
+        """Raise DistillError for parameter values that are each valid but make no sense together."""
 
 
 class FeatureLoss(DistillLoss):
@@ -133,7 +138,6 @@ class CrossLoss(DistillLoss):
         teacher_head: nn.Module,
         teacher: dict[str, dict[str, torch.Tensor]],
         contexts: dict[str, DistillContext],
-        gains: dict[str, float],
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -188,5 +192,6 @@ def check_loss_spec(name: str, spec) -> None:  # spec: config.LossSpec
     if spec.type not in LOSSES:
         raise DistillError(f"unknown loss '{spec.type}' for term '{name}'; valid losses: {', '.join(sorted(LOSSES))}")
     spec.params = checked_params(spec.type, spec.params, f"losses.{name}")
+    LOSSES[spec.type].check_params(name, spec.params)
     if LOSSES[spec.type].level != "feature" and spec.layers is not None:
         raise DistillError(f"term '{name}': '{spec.type}' distils head outputs and takes no 'layers'")
