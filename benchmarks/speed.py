@@ -71,7 +71,9 @@ def build(args: argparse.Namespace, recipe: str, scratch: str, **options: object
             raise Built
 
     try:
-        run = argparse.Namespace(**{**vars(args), "epochs": 1, "project": scratch, "set": []})
+        # workers 0: the steps are fed pre-loaded batches, and idle loader workers prefetching in the background would
+        # take the 2 cores from whichever measurement runs first
+        run = argparse.Namespace(**{**vars(args), "epochs": 1, "project": scratch, "set": [], "workers": 0})
         run_ours(run, recipe, seed=0, warmup_epochs=0.0, report=False, callback=capture, **options)
     except Built:
         pass
@@ -120,13 +122,20 @@ def data_rate(args: argparse.Namespace) -> float:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations, else resident memory. Linux's ru_maxrss survives execve, so
+    in a child started by this script it would report the parent's peak; the kernel's VmHWM is this image's own."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def steps_table(args: argparse.Namespace, scratch: str) -> dict:
-    batches = list(islice(iter(loader_for(args)), 4))
+    batches = list(islice(iter(loader_for(argparse.Namespace(**{**vars(args), "workers": 0}))), 4))
     fp32 = build(args, "cwd", scratch, amp=False)
     device = fp32.device
     unfused = copy.deepcopy(fp32.teacher.model).eval()
@@ -158,12 +167,13 @@ def print_steps(table: dict, args: argparse.Namespace) -> None:
 
 
 def end_to_end(args: argparse.Namespace, scratch: str) -> dict:
-    """Wall time of N epochs: plain ultralytics, ours (default recipe), ultralytics' built-in KD; each in a fresh
-    process so that its peak memory is its own."""
+    """Wall time of N epochs: plain ultralytics, ours without and with distillation (default recipe), ultralytics'
+    built-in KD, each without plots or report; then ours default with its run report (teacher validation, feature
+    agreement, figures), to show what the report costs. Each in a fresh process so that its peak memory is its own."""
     import subprocess
 
     rows = {}
-    for label in ("ultralytics plain", "ours default", "ultralytics KD dis=1"):
+    for label in ("ultralytics plain", "ours none", "ours default", "ultralytics KD dis=1", "ours default + report"):
         cmd = [sys.executable, __file__, "--one-run", label, *sys.argv[1:]]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SPEED_SCRATCH": scratch})
         rows[label] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -184,8 +194,9 @@ def one_run(label: str, args: argparse.Namespace) -> None:
     runs = argparse.Namespace(
         **{**vars(args), "epochs": args.end_to_end, "project": os.environ["SPEED_SCRATCH"], "set": []}
     )
-    if label == "ours default":
-        seconds = run_ours(runs, "default", seed=0)["seconds"]
+    if label.startswith("ours "):
+        recipe = label.split()[1]
+        seconds = run_ours(runs, recipe, seed=0, report=label.endswith("report"))["seconds"]
     else:
         seconds = run_ultralytics(runs, 1.0 if "KD" in label else None, seed=0)["seconds"]
     print(json.dumps({"seconds": seconds, "peak_mb": peak_memory_mb(torch.device(args.device or "cpu"))}))

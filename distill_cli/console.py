@@ -83,6 +83,8 @@ class TrainProgress:
     def on_start(self, info: dict[str, Any]) -> None:
         console.print(f"[bold]run dir[/] {info['run_dir']}  student params {info['params']:,}  classes {info['names']}")
         console.print(f"  {info['precision']}")
+        terms = ", ".join(f"{k} x{w:g}" for k, w in info["terms"].items()) or "no distillation"
+        console.print(f"  recipe {info['recipe']}: {terms}")
         for term, pairs in info["pairs"].items():
             if pairs:
                 console.print(

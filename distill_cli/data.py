@@ -92,8 +92,9 @@ def build_loader(
     loader = build_dataloader(
         dataset, batch, workers, shuffle=train, rank=rank, drop_last=False, pin_memory=torch.cuda.is_available()
     )
-    if train and rank == -1:  # the batch sampler draws its indices from an order that a resume can restore
-        loader.order = loader.batch_sampler.sampler.sampler = EpochOrder(len(dataset), hyp.seed)
+    if train:  # the batch sampler draws its indices from an order that a resume can restore
+        order = EpochOrder(len(dataset), hyp.seed) if rank == -1 else DistributedEpochOrder(dataset, seed=hyp.seed)
+        loader.order = loader.batch_sampler.sampler.sampler = order
     return loader
 
 
@@ -128,6 +129,20 @@ class EpochOrder(torch.utils.data.Sampler):
         seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
         self.epoch += 1
         return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+class DistributedEpochOrder(torch.utils.data.distributed.DistributedSampler):
+    """DDP's shuffle (each rank its share of one permutation per epoch) under :class:`EpochOrder`'s rule: the k-th
+    pass after ``start(e)`` is epoch e + k. ``set_epoch`` before each epoch would come one pass late: the loader's
+    persistent workers begin the next pass while the current one ends."""
+
+    def start(self, epoch: int) -> None:
+        self.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = super().__iter__()  # the permutation of self.epoch, drawn now
+        self.epoch += 1
+        return indices
 
 
 def loader_state(loader: torch.utils.data.DataLoader) -> dict[str, Any]:

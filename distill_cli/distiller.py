@@ -173,7 +173,7 @@ def make_context(head: dict, teacher_head: dict, fg_mask: torch.Tensor | None, b
         teacher_conf=teacher_head["scores"].float().sigmoid().amax(1),
         fg_mask=fg_mask,
         anchors=anchors,
-        level_sizes=[tuple(f.shape[2:]) for f in feats],
+        level_sizes=[tuple(f.shape[2:]) for f in teacher_head["feats"]],  # teacher_conf's layout, maybe not ours
         gt_boxes=batch["bboxes"],
         gt_image=batch["batch_idx"].long(),
         strides=anchor_strides.squeeze(-1),

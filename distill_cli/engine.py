@@ -157,22 +157,23 @@ def autocast(state: TrainState) -> contextlib.AbstractContextManager:
 def step_is_finite(state: TrainState, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> bool:
     """Skip a step whose loss is NaN/inf, name the bad term, stop after ``max_bad_steps`` in a row."""
     if dist.all_agree(bool(torch.isfinite(loss)), state.device):  # ranks must skip together or DDP hangs
-        state.bad_steps = 0
         return True
-    bad = [k for k, v in logs.items() if not torch.isfinite(v).all()] or ["loss"]
+    state.optimizer.zero_grad(set_to_none=True)
+    skip_step(state, ", ".join(k for k, v in logs.items() if not torch.isfinite(v).all()) or "loss")
+    return False
+
+
+def skip_step(state: TrainState, what: str) -> None:
+    """Count a skipped step; stop after ``max_bad_steps`` of them with no optimizer step in between."""
     state.bad_steps += 1
     state.skipped_steps += 1
-    state.optimizer.zero_grad(set_to_none=True)
-    warnings.warn(
-        f"step {state.step}: non-finite {', '.join(bad)}; step skipped ({state.skipped_steps} so far)", stacklevel=2
-    )
+    warnings.warn(f"step {state.step}: non-finite {what}; step skipped ({state.skipped_steps} so far)", stacklevel=3)
     if state.bad_steps >= state.cfg.max_bad_steps:
         raise DistillError(
-            f"{state.bad_steps} consecutive non-finite steps (last bad: {', '.join(bad)}); stopped. "
+            f"{state.bad_steps} consecutive non-finite steps (last bad: {what}); stopped. "
             f"The last good checkpoint is kept; lower lr0 or the distillation weights, or try --no-amp",
             EXIT_RUNTIME,
         )
-    return False
 
 
 def optimizer_step(state: TrainState) -> None:
@@ -181,9 +182,9 @@ def optimizer_step(state: TrainState) -> None:
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
     norm = nn.utils.clip_grad_norm_(params, max_norm=state.cfg.grad_clip)
     if not torch.isfinite(norm) and not state.scaler.is_enabled():
-        state.skipped_steps += 1
-        warnings.warn(f"step {state.step}: non-finite gradients; optimizer step skipped", stacklevel=2)
+        skip_step(state, "gradients")
     else:
+        state.bad_steps = 0
         state.scaler.step(state.optimizer)  # with fp16 the scaler itself skips inf/NaN gradients
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)

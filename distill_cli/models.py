@@ -135,11 +135,13 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; the file gets the mode any other new file would
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # also Ctrl-C or MemoryError: no temp file is left behind
         Path(tmp).unlink(missing_ok=True)
-        raise DistillError(
-            f"could not write '{path}' ({e.strerror or e}); the previous file is intact", EXIT_RUNTIME
-        ) from e
+        if isinstance(e, OSError):
+            raise DistillError(
+                f"could not write '{path}' ({e.strerror or e}); the previous file is intact", EXIT_RUNTIME
+            ) from e
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -149,6 +149,8 @@ class RunLog:
             "pairs": {k: [p.as_dict() for p in v] for k, v in pairs.items()},
             "epochs": self.cfg.epochs,
             "precision": precision,
+            "recipe": self.cfg.recipe_name,
+            "terms": {k: v.weight for k, v in self.cfg.recipe.losses.items()},
             "state": state,
         }
         self.callback("start", info)

@@ -38,6 +38,19 @@ def test_mimic_matches_hand_value() -> None:
     assert loss.item() == pytest.approx((1 + 0 + 4 + 0) / 4)
 
 
+def test_sl2_reads_the_teacher_scores_in_the_teachers_own_layout() -> None:
+    """A teacher with other Detect levels than the student (here one 4x4 level against the student's 2x2 map):
+    its scores are split by its own level sizes and resized, not by the student's (which raised)."""
+    from distill_cli.distiller import make_context
+
+    batch = {"img": torch.zeros(1, 3, 16, 16), "bboxes": torch.zeros(0, 4), "batch_idx": torch.zeros(0)}
+    student_head = {"feats": [torch.zeros(1, 1, 2, 2)]}
+    teacher_head = {"feats": [torch.zeros(1, 1, 4, 4)], "scores": torch.full((1, 3, 16), 20.0)}
+    ctx = make_context(student_head, teacher_head, None, batch)
+    s, t = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    assert build_loss("sl2", {}, 1, 1)(s, t, ctx).item() == pytest.approx(1.0)
+
+
 def test_sl2_weights_by_teacher_score() -> None:
     s = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 2, 2)
     t = torch.zeros(1, 1, 2, 2)

@@ -76,6 +76,21 @@ def test_a_single_bad_step_is_skipped_and_counted(run_kwargs: dict, monkeypatch:
     assert result.skipped_steps == 1 and result.history[-1]["skipped_steps"] == 1
 
 
+def test_steps_with_non_finite_gradients_count_towards_the_stop(run_kwargs: dict, monkeypatch) -> None:
+    """Finite losses but NaN gradients on every step (fp32: no grad scaler to skip them): the run stops after
+    max_bad_steps instead of skipping every step to the end (a finite loss in between used to reset the count)."""
+    from distill_cli import engine
+
+    def nan_norm(params, max_norm):
+        return torch.tensor(float("nan"))
+
+    monkeypatch.setattr(engine.nn.utils, "clip_grad_norm_", nan_norm)
+    kwargs = {**run_kwargs, "epochs": 3, "batch": 2, "max_bad_steps": 3, "nbs": 2, "amp": False}
+    with pytest.warns(UserWarning, match="non-finite gradients"), pytest.raises(DistillError) as stopped:
+        train(recipe="none", **kwargs)
+    assert stopped.value.exit_code == EXIT_RUNTIME and "3 consecutive non-finite steps" in stopped.value.message
+
+
 def test_crafted_checkpoint_cannot_run_code(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
 

@@ -62,6 +62,26 @@ def test_the_shuffle_depends_only_on_seed_and_epoch() -> None:
     assert sorted(orders[0]) == list(range(8))
 
 
+def test_the_ddp_shuffle_follows_the_same_rule() -> None:
+    """Each rank's share of epoch e, however many passes the persistent workers began early: set_epoch before an
+    epoch would come one pass late (epoch 1 would repeat epoch 0's order), and a resume would shuffle differently."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from distill_cli.data import DistributedEpochOrder
+
+    data = list(range(10))
+    for rank in (0, 1):
+        order = DistributedEpochOrder(data, num_replicas=2, rank=rank, seed=3)
+        passes = [list(order) for _ in range(3)]  # no set_epoch between the passes
+        reference = DistributedSampler(data, num_replicas=2, rank=rank, seed=3)
+        for epoch, indices in enumerate(passes):
+            reference.set_epoch(epoch)
+            assert indices == list(reference)
+        resumed = DistributedEpochOrder(data, num_replicas=2, rank=rank, seed=3)
+        resumed.start(2)
+        assert list(resumed) == passes[2] and passes[0] != passes[1]
+
+
 def test_resume_of_a_run_started_by_another_version_is_refused(run_kwargs: dict) -> None:
     """The training state changes between versions (optimizer groups, config fields): one clear line, no traceback."""
     kwargs = {**run_kwargs, "epochs": 2, "name": "old", "report": False}

@@ -23,9 +23,9 @@ class DistillContext:
 
     ``teacher_conf`` (B, A): the teacher's max sigmoid class score per anchor; ``fg_mask`` (B, A): anchors the
     detection assigner gave a ground-truth box (the student's positives); ``anchors`` (A, 2) anchor centres in grid
-    units from ``make_anchors``; ``level_sizes``: (H, W) of each Detect level, to map per-anchor values to feature
-    maps; ``gt_boxes`` (n, 4) normalised xywh ground-truth boxes of image ``gt_image`` (n,); ``strides`` (A,) each
-    anchor's stride in pixels; ``imgsz`` (H, W) of the batch.
+    units from ``make_anchors``; ``level_sizes``: (H, W) of each of the teacher's Detect levels, to map
+    ``teacher_conf`` to feature maps; ``gt_boxes`` (n, 4) normalised xywh ground-truth boxes of image ``gt_image``
+    (n,); ``strides`` (A,) each anchor's stride in pixels; ``imgsz`` (H, W) of the batch.
     """
 
     teacher_conf: torch.Tensor
