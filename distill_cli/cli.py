@@ -130,9 +130,7 @@ def train(
     student: str | None = typer.Option(None, help="Student .pt (fine-tune) or yaml (from scratch)."),
     data: str | None = typer.Option(None, help="ultralytics data yaml."),
     recipe: str | None = typer.Option(
-        None,
-        help="Recipe name (see `yolodistill recipes`) or YAML path; `default` is `default-scratch` for a yaml student.",
-        show_default=DEFAULT_RECIPE,
+        None, help="Recipe name (see `yolodistill recipes`) or YAML path.", show_default=DEFAULT_RECIPE
     ),
     epochs: int | None = config_option("epochs"),
     batch: int | None = config_option("batch", "Global batch size."),

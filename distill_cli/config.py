@@ -23,7 +23,6 @@ from .rules import Rule, build, device_problem, layers_problem, rule
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "default"
-SCRATCH_DEFAULT_RECIPE = "default-scratch"  # what ``default`` means for a student trained from a yaml
 ULTRALYTICS_NBS = 64  # ultralytics' nominal batch size
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 MAX_IMGSZ = 16384
@@ -281,14 +280,6 @@ def read_yaml(path: Path, what: str) -> Any:
         raise DistillError(f"cannot read {what} '{path}': {e}") from e
     except yaml.YAMLError as e:
         raise DistillError(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
-
-
-def recipe_for(name_or_path: str, student: object) -> str:
-    """``default`` is two measured recipes: the fine-tune one for a trained .pt student and ``default-scratch`` for
-    a yaml student (CWD teaches a student that learns its features from nothing, and unsettles a trained one:
-    benchmarks/RESULTS.md). Any other name or path is itself."""
-    scratch = name_or_path == DEFAULT_RECIPE and not str(student).endswith(".pt")
-    return SCRATCH_DEFAULT_RECIPE if scratch else name_or_path
 
 
 def load_recipe(name_or_path: str = DEFAULT_RECIPE) -> Recipe:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from .config import ProbeOptions, load_recipe, recipe_for
+from .config import ProbeOptions, load_recipe
 from .distiller import output_problem
 from .features import pair_layers, probe_layers
 from .losses import LOSSES
@@ -33,7 +33,7 @@ def probe_channels(
     teacher_infos, student_infos = probe_layers(teacher_model, imgsz), probe_layers(student_model, imgsz)
     selections: dict[str, str | list[int]] = {"default": layers or "head_inputs"}
     if recipe is not None and layers is None:
-        spec = load_recipe(recipe_for(recipe, student))
+        spec = load_recipe(recipe)
         selections = {
             name: term.layers if term.layers is not None else spec.layers
             for name, term in spec.losses.items()

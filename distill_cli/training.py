@@ -18,7 +18,7 @@ from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 
 from . import dist
 from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
-from .config import ULTRALYTICS_NBS, RunConfig, apply_overrides, load_recipe, recipe_for
+from .config import ULTRALYTICS_NBS, RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
 from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
@@ -41,11 +41,10 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | None = None, **ov
     """A RunConfig from an optional base, a recipe name/path and field overrides (``epochs=5``,
     ``**{"losses.cwd.weight": 2}``)."""
     cfg = cfg or RunConfig()
-    if recipe is None and not cfg.recipe.losses:  # a config that names its recipe but does not hold it yet
-        recipe = cfg.recipe_name or None
     if recipe is not None:
-        recipe = recipe_for(recipe, overrides.get("student", cfg.student))
         cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=recipe)
+    elif not cfg.recipe.losses and cfg.recipe_name:
+        cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))
     return apply_overrides(cfg, overrides)  # also checks every field against the schema's rules
 
 

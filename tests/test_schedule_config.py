@@ -19,7 +19,6 @@ from distill_cli.config import (
 )
 from distill_cli.errors import DistillError
 from distill_cli.schedule import lr_factor, weight_factor
-from distill_cli.training import resolve_config
 
 EPOCHS, SPE = 10, 5  # 50 steps
 
@@ -63,22 +62,11 @@ def test_lr_factor_linear_and_cosine() -> None:
 
 def test_every_shipped_recipe_loads_and_is_described() -> None:
     names = list_recipes()
-    shipped = ("mgd", "cwd", "pkd", "logits", "mgd+logits", "cwd+logits", "sl2", "at", "default", "default-scratch")
+    shipped = ("mgd", "cwd", "pkd", "logits", "mgd+logits", "cwd+logits", "sl2", "at", "default")
     for required in (*shipped, "none", "bckd", "crosskd"):
         assert required in names
     rows = describe_recipes()
     assert all(row["description"] for row in rows)
-
-
-def test_default_recipe_depends_on_how_the_student_starts() -> None:
-    """`default` fine-tunes a .pt student with output terms only and adds CWD for a yaml student (RESULTS.md);
-    a recipe named explicitly is taken as it is, and the name stored says which one ran."""
-    scratch = resolve_config(recipe="default", student="yolov8n.yaml")
-    assert scratch.recipe_name == "default-scratch" and list(scratch.recipe.losses) == ["cwd", "cls_kd", "box_kd"]
-    finetune = resolve_config(recipe="default", student="yolov8n-bccd.pt")
-    assert finetune.recipe_name == "default" and list(finetune.recipe.losses) == ["cls_kd", "box_kd"]
-    assert resolve_config(student="yolov8n.yaml").recipe_name == "default-scratch"  # no --recipe: the default
-    assert resolve_config(recipe="cwd", student="yolov8n.yaml").recipe_name == "cwd"
 
 
 def test_unknown_keys_are_errors_naming_valid_keys() -> None:
