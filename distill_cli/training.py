@@ -21,7 +21,7 @@ from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
 from .config import ULTRALYTICS_NBS, RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
-from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
+from .engine import TrainState, nominal_accumulate, sync_balance_sums, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
 from .models import class_names, count_params, load_model
@@ -89,7 +89,7 @@ def load_models(cfg: RunConfig, data: dict) -> tuple[nn.Module | None, nn.Module
     teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if cfg.recipe.losses else None
     student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
     names = dict(enumerate(names.values() if isinstance(names, dict) else names))
-    if str(cfg.student).endswith(".pt") and class_names(student) != list(names.values()):
+    if fine_tunes(cfg) and class_names(student) != list(names.values()):
         student = with_classes(student, names)
     student.names = names
     for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
@@ -101,9 +101,27 @@ def resolve_auto(cfg: RunConfig) -> RunConfig:
     """The settings that depend on how the student starts, resolved once (config.yaml and a resumed run say what
     was done): a trained .pt student is fine-tuned with its BatchNorm statistics frozen and a step every batch; a
     yaml student trains from scratch exactly as ultralytics trains it (benchmarks/RESULTS.md has the measurements)."""
-    finetune = str(cfg.student).endswith(".pt")
+    finetune = fine_tunes(cfg)
     bn_stats = cfg.bn_stats if cfg.bn_stats != "auto" else "frozen" if finetune else "update"
     return replace(cfg, bn_stats=bn_stats, nbs=cfg.nbs or (cfg.batch if finetune else ULTRALYTICS_NBS))
+
+
+def fine_tunes(cfg: RunConfig) -> bool:
+    """A trained .pt student is fine-tuned; a model yaml trains from scratch."""
+    return str(cfg.student).endswith(".pt")
+
+
+def resolve_ema(cfg: RunConfig, batches: int) -> RunConfig:
+    """The EMA's decay and time constant, when auto (0). From scratch: ultralytics' (0.9999, tau 2000 steps). A
+    fine-tune of a few hundred steps would get a copy of the live weights from those (its decay is 0.06 after 130
+    steps), so there the average spans a fifth of the run: decay 1 - 5 / steps, time constant 3/4 of that span;
+    50000+ steps give ultralytics' values again. Steps are counted at the nominal accumulation (a warm-up that
+    accumulates less adds a few; benchmarks/RESULTS.md has the measurements)."""
+    decay, tau = 0.9999, 2000.0
+    if fine_tunes(cfg):
+        span = max(batches // min(nominal_accumulate(cfg), batches) / 5, 1.0)
+        decay, tau = min(1 - 1 / span, decay), min(0.75 * span, tau)
+    return replace(cfg, ema_decay=cfg.ema_decay or decay, ema_tau=cfg.ema_tau or tau)
 
 
 def with_classes(pretrained: nn.Module, names: dict[int, str]) -> nn.Module:
@@ -199,7 +217,9 @@ def prepare(
     if info.is_main:
         val_loader = build_loader(data, cfg.val_split, hyp, batch * 2, cfg.workers, stride, train=False)
     student = student.to(device)
-    ema = ModelEMA(student) if cfg.ema and info.is_main else None  # before the Distiller hooks the student
+    cfg = resolve_ema(cfg, len(train_loader) * cfg.epochs)
+    # the EMA copies the student before the Distiller hooks it
+    ema = ModelEMA(student, cfg.ema_decay, cfg.ema_tau) if cfg.ema and info.is_main else None
     student.criterion = student.init_criterion()  # on the device: the loss keeps the device it was built on
     distiller = Distiller(student, terms, pairs).to(device)
     model = distiller
@@ -252,8 +272,8 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
     cfg, device = state.cfg, state.device
     start = time.time()
     teacher_model = state.teacher.model if state.teacher else None
-    fine_tune = str(cfg.student).endswith(".pt")  # the starting student is "epoch 0", the mark to beat
-    if log and (cfg.report or fine_tune) and log.baseline is None:  # a resumed run brings the one of its start
+    # a fine-tune's starting student is "epoch 0", the mark to beat
+    if log and (cfg.report or fine_tunes(cfg)) and log.baseline is None:  # a resumed run brings the one of its start
         log.baseline = measure_baseline(state, teacher_model, val_loader, full=cfg.report)
     baseline = log.baseline if log else None
     final = None

@@ -3,10 +3,12 @@ adapters train, the teacher never changes."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from ultralytics import YOLO
 
 from distill_cli.config import list_recipes
@@ -109,8 +111,9 @@ def test_class_mismatch_stops_output_distillation_before_anything_is_written(run
 def test_a_fine_tuned_student_keeps_its_batchnorm_statistics_and_steps_every_batch(
     run_kwargs: dict, tmp_path: Path
 ) -> None:
-    """A .pt student is fine-tuned with frozen BatchNorm statistics and an optimizer step per batch; a yaml
-    student trains as ultralytics trains (statistics updated, nominal batch 64)."""
+    """A .pt student is fine-tuned with frozen BatchNorm statistics, an optimizer step per batch and an EMA that
+    averages over a fifth of the run; a yaml student trains as ultralytics trains (statistics updated, nominal batch
+    64, ultralytics' EMA)."""
     from ultralytics.nn.tasks import DetectionModel
 
     from distill_cli.data import SYNTHETIC_CLASSES
@@ -132,6 +135,31 @@ def test_a_fine_tuned_student_keeps_its_batchnorm_statistics_and_steps_every_bat
         assert unchanged == frozen and state.cfg.bn_stats == ("frozen" if frozen else "update")
         assert state.cfg.nbs == (run_kwargs["batch"] if frozen else 64)
         assert state.ema.updates == (result.epochs_done * state.steps_per_epoch if frozen else 1)
+        steps = result.epochs_done * state.steps_per_epoch  # 2 here: a copy of the live weights in a fine-tune
+        decay = 0.0 if frozen else 0.9999 * (1 - math.exp(-steps / 2000))
+        assert state.ema.decay(steps) == pytest.approx(decay) and (state.cfg.ema_decay > 0) != frozen
+        saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+        assert (saved["ema_decay"], saved["ema_tau"]) == (state.cfg.ema_decay, state.cfg.ema_tau)
+
+
+def test_a_short_fine_tune_averages_its_weights_and_a_long_one_gets_ultralytics_ema() -> None:
+    """ultralytics' EMA is still a copy of the live weights at the end of a 130-step fine-tune (decay 0.063): ours
+    averages over its last ~26 steps (decay 0.96); from 50000 steps on, and from scratch, it is ultralytics' EMA;
+    values given with --set are kept."""
+    from distill_cli.config import RunConfig
+    from distill_cli.training import resolve_ema
+
+    def ema(batches: int, **fields: object) -> tuple[float, float]:
+        cfg = resolve_ema(RunConfig(**{"student": "s.pt", "batch": 8, "nbs": 8, **fields}), batches)
+        return cfg.ema_decay, cfg.ema_tau
+
+    assert ema(130) == pytest.approx((1 - 1 / 26, 19.5))  # decay reached at the end: 0.96 x (1 - e^-6.7)
+    assert ema(520, nbs=32) == ema(130)  # 4 batches a step: the same 130 optimizer steps
+    assert ema(3, nbs=64) == (0.0, 0.75)  # shorter than 5 steps: a copy of the live weights
+    assert ema(20_000) == pytest.approx((0.99975, 2000))  # long enough for tau 2000, decay still fitted
+    ultralytics = (0.9999, 2000.0)
+    assert ema(400_000) == ema(130, student="yolov8n.yaml") == ultralytics
+    assert ema(130, ema_decay=0.9999, ema_tau=2000) == ultralytics
 
 
 def test_a_fine_tune_picks_its_optimizer_by_ultralytics_iteration_count(
@@ -139,7 +167,6 @@ def test_a_fine_tune_picks_its_optimizer_by_ultralytics_iteration_count(
 ) -> None:
     """A step every batch must not make optimizer: auto count 64/batch times more iterations than ultralytics
     (which would pick MuSGD where ultralytics picks AdamW); the chosen precision is written into the config."""
-    import yaml
     from ultralytics.nn.tasks import DetectionModel
 
     from distill_cli import training
