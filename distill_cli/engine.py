@@ -83,10 +83,11 @@ def train_one_epoch(
     sums: dict[str, torch.Tensor] = {}
     count = 0
     nw = warmup_steps(state.cfg, state.steps_per_epoch)
+    target = target_accumulate(state.cfg, state.steps_per_epoch)
     for i, batch in enumerate(loader):
         set_learning_rate(state, epoch)
         if nw and state.step <= nw:  # accumulate ramps up with the warm-up, as in ultralytics
-            state.accumulate = max(1, round(interp(state.step, nw, 1, target_accumulate(state))))
+            state.accumulate = max(1, round(interp(state.step, nw, 1, target)))
         batch = preprocess(batch, state.device)
         weights = term_weights(state)
         active = tuple(name for name, w in weights.items() if w > 0)
@@ -134,9 +135,9 @@ def nominal_accumulate(cfg: RunConfig) -> int:
     return max(round(cfg.nbs / cfg.batch), 1)
 
 
-def target_accumulate(state: TrainState) -> int:
+def target_accumulate(cfg: RunConfig, steps_per_epoch: int) -> int:
     """The nominal accumulation, capped at the run's length so that short runs still step."""
-    return min(nominal_accumulate(state.cfg), state.steps_per_epoch * state.cfg.epochs)
+    return min(nominal_accumulate(cfg), steps_per_epoch * cfg.epochs)
 
 
 def preprocess(batch: dict, device: torch.device) -> dict:

@@ -21,7 +21,7 @@ from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
 from .config import ULTRALYTICS_NBS, RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
-from .engine import TrainState, nominal_accumulate, sync_balance_sums, target_accumulate, train_one_epoch, validate
+from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
 from .models import class_names, count_params, load_model
@@ -111,7 +111,7 @@ def fine_tunes(cfg: RunConfig) -> bool:
     return str(cfg.student).endswith(".pt")
 
 
-def resolve_ema(cfg: RunConfig, batches: int) -> RunConfig:
+def resolve_ema(cfg: RunConfig, steps_per_epoch: int) -> RunConfig:
     """The EMA's decay and time constant, when auto (0). From scratch: ultralytics' (0.9999, tau 2000 steps). A
     fine-tune of a few hundred steps would get a copy of the live weights from those (its decay is 0.06 after 130
     steps), so there the average spans a fifth of the run: decay 1 - 5 / steps, time constant 3/4 of that span;
@@ -119,7 +119,8 @@ def resolve_ema(cfg: RunConfig, batches: int) -> RunConfig:
     accumulates less adds a few; benchmarks/RESULTS.md has the measurements)."""
     decay, tau = 0.9999, 2000.0
     if fine_tunes(cfg):
-        span = max(batches // min(nominal_accumulate(cfg), batches) / 5, 1.0)
+        steps = steps_per_epoch * cfg.epochs // target_accumulate(cfg, steps_per_epoch)
+        span = max(steps / 5, 1.0)
         decay, tau = min(1 - 1 / span, decay), min(0.75 * span, tau)
     return replace(cfg, ema_decay=cfg.ema_decay or decay, ema_tau=cfg.ema_tau or tau)
 
@@ -217,7 +218,7 @@ def prepare(
     if info.is_main:
         val_loader = build_loader(data, cfg.val_split, hyp, batch * 2, cfg.workers, stride, train=False)
     student = student.to(device)
-    cfg = resolve_ema(cfg, len(train_loader) * cfg.epochs)
+    cfg = resolve_ema(cfg, len(train_loader))
     # the EMA copies the student before the Distiller hooks it
     ema = ModelEMA(student, cfg.ema_decay, cfg.ema_tau) if cfg.ema and info.is_main else None
     student.criterion = student.init_criterion()  # on the device: the loss keeps the device it was built on
@@ -251,7 +252,7 @@ def prepare(
         accumulate=1,
         world_size=info.world_size,
     )
-    state.accumulate = target_accumulate(state)
+    state.accumulate = target_accumulate(cfg, state.steps_per_epoch)
     log = None
     if info.is_main:  # the run dir appears only now, when everything the loop needs was built
         run_dir = Path(checkpoint["run_dir"]) if checkpoint else guard.create(cfg.project, cfg.name)

@@ -149,8 +149,8 @@ def test_a_short_fine_tune_averages_its_weights_and_a_long_one_gets_ultralytics_
     from distill_cli.config import RunConfig
     from distill_cli.training import resolve_ema
 
-    def ema(batches: int, **fields: object) -> tuple[float, float]:
-        cfg = resolve_ema(RunConfig(**{"student": "s.pt", "batch": 8, "nbs": 8, **fields}), batches)
+    def ema(batches: int, **fields: object) -> tuple[float, float]:  # one epoch of ``batches``
+        cfg = resolve_ema(RunConfig(**{"student": "s.pt", "batch": 8, "nbs": 8, "epochs": 1, **fields}), batches)
         return cfg.ema_decay, cfg.ema_tau
 
     assert ema(130) == pytest.approx((1 - 1 / 26, 19.5))  # decay reached at the end: 0.96 x (1 - e^-6.7)
