@@ -25,6 +25,7 @@ PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "default"
 ULTRALYTICS_NBS = 64  # ultralytics' nominal batch size
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
+STUDENT_INITS = ("random", "teacher")
 MAX_IMGSZ = 16384
 
 
@@ -103,6 +104,9 @@ class Recipe:
     layers: str | list[int] = field(default="head_inputs", metadata=LAYERS)
     losses: dict[str, LossSpec] = field(default_factory=dict)
     balance: Balance = field(default_factory=Balance)
+    # where a student built from a yaml starts: random (as ultralytics), or teacher: a selection of the teacher's
+    # weights when the two differ in width only (weight_selection.py); a trained .pt student keeps its own
+    init: str = ranged("random", choices=STUDENT_INITS)
 
 
 @dataclass
@@ -358,7 +362,8 @@ def describe_recipes() -> list[dict[str, str]]:
     rows = []
     for name in list_recipes():
         recipe = load_recipe(name)
-        terms = ", ".join(f"{k} {v.weight:g}" for k, v in recipe.losses.items()) or "-"
+        parts = [f"{k} {v.weight:g}" for k, v in recipe.losses.items()]
+        terms = ", ".join(parts + (["init from the teacher"] if recipe.init == "teacher" else [])) or "-"
         rows.append({"name": name, "terms": terms, "description": recipe.description})
     return rows
 

@@ -60,6 +60,7 @@ def print_probe(report: dict[str, Any]) -> None:
         )
     rows = [[name, verdict] for name, verdict in report["output_terms"].items()]
     console.print(table("output and cross-head terms on this pair", ["method", "applies?"], rows))
+    console.print(f"student init from the teacher's weights (recipe init: teacher): {report['weight_selection']}")
 
 
 EVAL_COLUMNS = ["model", "params", "gflops", "mAP50-95", "mAP50", "ms_per_img"]
@@ -83,6 +84,7 @@ class TrainProgress:
     def on_start(self, info: dict[str, Any]) -> None:
         console.print(f"[bold]run dir[/] {info['run_dir']}  student params {info['params']:,}  classes {info['names']}")
         console.print(f"  {info['precision']}")
+        console.print(f"  {info['student_init']}")
         terms = ", ".join(f"{k} x{w:g}" for k, w in info["terms"].items()) or "no distillation"
         console.print(f"  recipe {info['recipe']}: {terms}")
         for term, pairs in info["pairs"].items():

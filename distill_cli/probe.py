@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from torch import nn
+
 from .config import ProbeOptions, load_recipe
 from .distiller import output_problem
 from .features import pair_layers, probe_layers
 from .losses import LOSSES
 from .models import load_model
 from .rules import validated
+from .weight_selection import selection_problem
 
 
 def probe_channels(
@@ -54,4 +57,16 @@ def probe_channels(
             for name, cls in sorted(LOSSES.items())
             if cls.level != "feature"
         },
+        "weight_selection": weight_selection_verdict(student, teacher_model, opts.trust_checkpoint),
     }
+
+
+def weight_selection_verdict(student: str, teacher_model: nn.Module, trust: bool) -> str:
+    """Whether a recipe's ``init: teacher`` seeds this student with a selection of the teacher's weights."""
+    if str(student).endswith(".pt"):
+        return "no: a trained .pt student keeps its own weights"
+    # a yaml student is built for the data's classes when it trains: here, the teacher's (as output terms need)
+    candidate = load_model(student, "student", nc=teacher_model.model[-1].nc, trust=trust)
+    candidate.names = teacher_model.names
+    problem = selection_problem(candidate, teacher_model)
+    return f"no: {problem}" if problem else "applies"

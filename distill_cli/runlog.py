@@ -137,9 +137,17 @@ class RunLog:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
 
     def start(
-        self, pairs: dict[str, list[Pair]], params: int, names: list[str], resumed_from: int, state: Any, precision: str
+        self,
+        pairs: dict[str, list[Pair]],
+        params: int,
+        names: list[str],
+        resumed_from: int,
+        state: Any,
+        precision: str,
+        student_init: str,
     ) -> None:
-        """``state`` (the live TrainState) is passed for API users and tests that inspect the models."""
+        """``state`` (the live TrainState) is passed for API users and tests that inspect the models; ``precision``
+        and ``student_init`` are a line each for the console."""
         self.steps_per_epoch = state.steps_per_epoch
         info = {
             "run_dir": str(self.run_dir),
@@ -149,6 +157,7 @@ class RunLog:
             "pairs": {k: [p.as_dict() for p in v] for k, v in pairs.items()},
             "epochs": self.cfg.epochs,
             "precision": precision,
+            "student_init": student_init,
             "recipe": self.cfg.recipe_name,
             "terms": {k: v.weight for k, v in self.cfg.recipe.losses.items()},
             "state": state,

@@ -18,17 +18,26 @@ from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 
 from . import dist
 from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
-from .config import ULTRALYTICS_NBS, RunConfig, apply_overrides, load_recipe
+from .config import ULTRALYTICS_NBS, Recipe, RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
 from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
-from .models import class_names, count_params, load_model
+from .models import class_names, count_params
 from .optimizer import build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
 from .report import feature_agreement, measure_baseline, write_report
 from .runlog import RunLog, TrainResult
+from .start import (
+    calibrate_selected,
+    fine_tunes,
+    init_note,
+    load_models,
+    needs_teacher,
+    seed_student,
+    seeds_from_teacher,
+)
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -43,7 +52,7 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | None = None, **ov
     cfg = cfg or RunConfig()
     if recipe is not None:
         cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=recipe)
-    elif not cfg.recipe.losses and cfg.recipe_name:
+    elif cfg.recipe == Recipe() and cfg.recipe_name:
         cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))
     return apply_overrides(cfg, overrides)  # also checks every field against the schema's rules
 
@@ -76,27 +85,6 @@ def select_device(spec: str) -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
-def load_models(cfg: RunConfig, data: dict) -> tuple[nn.Module | None, nn.Module]:
-    """(teacher or None when the recipe distils nothing, student with the data's class names)."""
-    names = data["names"]
-    if cfg.recipe.losses and str(cfg.teacher).endswith((".yaml", ".yml")):
-        if not cfg.allow_untrained_teacher:
-            raise DistillError(
-                f"teacher '{cfg.teacher}' is a model yaml, so it would be untrained; give its trained .pt "
-                f"(for a smoke test only: --set allow_untrained_teacher=true)"
-            )
-        warnings.warn("the teacher is built from a yaml, so it is untrained", stacklevel=2)
-    teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if cfg.recipe.losses else None
-    student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
-    names = dict(enumerate(names.values() if isinstance(names, dict) else names))
-    if fine_tunes(cfg) and class_names(student) != list(names.values()):
-        student = with_classes(student, names)
-    student.names = names
-    for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
-        param.requires_grad_(".dfl" not in name)
-    return teacher, student
-
-
 def resolve_auto(cfg: RunConfig) -> RunConfig:
     """The settings that depend on how the student starts, resolved once (config.yaml and a resumed run say what
     was done): a trained .pt student is fine-tuned with its BatchNorm statistics frozen and a step every batch; a
@@ -104,11 +92,6 @@ def resolve_auto(cfg: RunConfig) -> RunConfig:
     finetune = fine_tunes(cfg)
     bn_stats = cfg.bn_stats if cfg.bn_stats != "auto" else "frozen" if finetune else "update"
     return replace(cfg, bn_stats=bn_stats, nbs=cfg.nbs or (cfg.batch if finetune else ULTRALYTICS_NBS))
-
-
-def fine_tunes(cfg: RunConfig) -> bool:
-    """A trained .pt student is fine-tuned; a model yaml trains from scratch."""
-    return str(cfg.student).endswith(".pt")
 
 
 def resolve_ema(cfg: RunConfig, steps_per_epoch: int) -> RunConfig:
@@ -123,29 +106,6 @@ def resolve_ema(cfg: RunConfig, steps_per_epoch: int) -> RunConfig:
         span = max(steps / 5, 1.0)
         decay, tau = min(1 - 1 / span, decay), min(0.75 * span, tau)
     return replace(cfg, ema_decay=cfg.ema_decay or decay, ema_tau=cfg.ema_tau or tau)
-
-
-def with_classes(pretrained: nn.Module, names: dict[int, str]) -> nn.Module:
-    """A pretrained student (e.g. COCO's 80 classes) for data with other classes, as ultralytics fine-tunes one: the
-    same architecture built for the data's classes, every tensor whose shape still fits copied over, and the class
-    rows of classes both lists name (any case) carried over by name."""
-    from ultralytics.nn.tasks import DetectionModel
-
-    model = DetectionModel(pretrained.yaml, nc=len(names), verbose=False)
-    model.names = names  # read by ultralytics' load to remap the class rows by name
-    model.load(pretrained, verbose=False)
-    shared = {n.strip().lower() for n in class_names(pretrained)} & {n.strip().lower() for n in names.values()}
-    warnings.warn(
-        f"the student was trained for {pretrained.model[-1].nc} classes {_first(class_names(pretrained))} and the data "
-        f"has {len(names)} {_first(list(names.values()))}: its class layers start afresh"
-        + (f", but for the {len(shared)} classes both name" if shared else ""),
-        stacklevel=3,
-    )
-    return model
-
-
-def _first(names: list[str]) -> str:
-    return str(names) if len(names) <= 4 else f"{names[:4]}..."
 
 
 def checked_imgsz(cfg: RunConfig, stride: int) -> RunConfig:
@@ -169,7 +129,7 @@ def train(
     Under ``torchrun`` every rank calls this; rank 0 alone writes files, validates and calls back.
     """
     cfg, checkpoint = load_resume(resume) if resume is not None else (resolve_config(cfg, recipe, **overrides), None)
-    for key in ("teacher", "student", "data") if cfg.recipe.losses else ("student", "data"):
+    for key in ("teacher", "student", "data") if needs_teacher(cfg) else ("student", "data"):
         if not getattr(cfg, key):
             raise DistillError(f"no {key} given; pass --{key}")
     info = dist.from_environment()
@@ -193,7 +153,9 @@ def prepare(
     # deterministic runs use PyTorch's own kernels, so that a resumed run equals an uninterrupted one bit for bit.
     torch.backends.mkldnn.enabled = not (cfg.deterministic and device.type == "cpu")
     data = load_data(cfg.data, cfg.val_split)
-    teacher_model, student = load_models(cfg, data)
+    teacher_model, student = load_models(cfg, data, resuming=checkpoint is not None)
+    cfg = seed_student(cfg, student, teacher_model) if checkpoint is None else cfg
+    teacher_model = teacher_model if cfg.recipe.losses else None
     optimizer_nbs = cfg.nbs or ULTRALYTICS_NBS  # optimizer: auto counts iterations as ultralytics does
     cfg = resolve_precision(resolve_auto(cfg), device)
     stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
@@ -218,6 +180,8 @@ def prepare(
     if info.is_main:
         val_loader = build_loader(data, cfg.val_split, hyp, batch * 2, cfg.workers, stride, train=False)
     student = student.to(device)
+    if seeds_from_teacher(cfg) and checkpoint is None:
+        calibrate_selected(student, data, hyp, batch, stride, device)
     cfg = resolve_ema(cfg, len(train_loader))
     # the EMA copies the student before the Distiller hooks it
     ema = ModelEMA(student, cfg.ema_decay, cfg.ema_tau) if cfg.ema and info.is_main else None
@@ -264,7 +228,7 @@ def prepare(
         update_criterion(student)
     if log:
         note = precision_note(amp_dtype, teacher_dtype if teacher else amp_dtype or torch.float32, device)
-        log.start(pairs, count_params(student), class_names(student), start_epoch, state, note)
+        log.start(pairs, count_params(student), class_names(student), start_epoch, state, note, init_note(cfg))
     return state, log, (train_loader, val_loader), hyp, start_epoch
 
 

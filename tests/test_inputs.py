@@ -111,7 +111,7 @@ def test_every_skip_reason_is_counted_and_named(run_kwargs: dict, tmp_path: Path
 
 
 def test_a_yaml_teacher_is_refused_unless_allowed(run_kwargs: dict) -> None:
-    from distill_cli.training import load_models
+    from distill_cli.start import load_models
 
     result = runner.invoke(app, train_args({**run_kwargs, "teacher": "yolov8s.yaml"}))
     line = one_error_line(result)
@@ -119,7 +119,8 @@ def test_a_yaml_teacher_is_refused_unless_allowed(run_kwargs: dict) -> None:
     assert "allow_untrained_teacher" in line and not Path(run_kwargs["project"]).exists()
     cfg = RunConfig(teacher="yolov8s.yaml", student="yolov8n.yaml", recipe=load_recipe("cwd"))
     with pytest.warns(UserWarning, match="untrained"):
-        teacher, _ = load_models(RunConfig(**{**vars(cfg), "allow_untrained_teacher": True}), {"names": {0: "a"}})
+        untrained = RunConfig(**{**vars(cfg), "allow_untrained_teacher": True})
+        teacher, _ = load_models(untrained, {"names": {0: "a"}}, resuming=False)
     assert teacher is not None
 
 

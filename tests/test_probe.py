@@ -21,6 +21,7 @@ def test_yolov8n_student_yolov8s_teacher_default_pairing() -> None:
         (128, 256, 16, "128 -> 256, 1x1 conv"),
         (256, 512, 32, "256 -> 512, 1x1 conv"),
     ]
+    assert report["weight_selection"] == "applies"
     layer15 = next(i for i in report["student"]["layers"] if i["index"] == 15)
     assert (layer15["module"], layer15["channels"], layer15["height"], layer15["stride"]) == ("C2f", 64, 32, 8)
 
@@ -29,6 +30,7 @@ def test_across_families_v8s_teacher_yolo11n_student() -> None:
     report = probe_channels("yolov8s.yaml", "yolo11n.yaml", imgsz=128)
     assert [(p["student"], p["teacher"]) for p in report["pairs"]["default"]] == [(16, 15), (19, 18), (22, 21)]
     assert [p[2] for p in pairs_of(report)] == [8, 16, 32]
+    assert report["weight_selection"] == "no: the teacher's layers differ from the student's (another family or depth)"
 
 
 def test_layer_groups_and_index_lists_pair_by_stride() -> None:
@@ -51,3 +53,4 @@ def test_recipe_pairings_are_shown_per_feature_term() -> None:
 def test_real_bccd_checkpoints() -> None:
     report = probe_channels(str(BCCD_TEACHER), str(BCCD_STUDENT), imgsz=512)
     assert [p[:3] for p in pairs_of(report)] == [(64, 128, 8), (128, 256, 16), (256, 512, 32)]
+    assert report["weight_selection"] == "no: a trained .pt student keeps its own weights"

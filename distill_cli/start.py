@@ -1,0 +1,103 @@
+"""What a run starts from: the teacher (when the recipe uses one) and the student, with the data's classes and its
+first weights (its own when trained, else random or a selection of the teacher's: weight_selection.py)."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .data import build_loader
+from .engine import preprocess
+from .errors import DistillError
+from .models import class_names, load_model
+from .weight_selection import calibrate_batchnorm, calibration_batches, select_weights, selection_problem
+
+
+def fine_tunes(cfg: RunConfig) -> bool:
+    """A trained .pt student is fine-tuned; a model yaml trains from scratch."""
+    return str(cfg.student).endswith(".pt")
+
+
+def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module | None, nn.Module]:
+    """(teacher, or None when the recipe neither distils nor seeds the student; student with the data's classes)."""
+    names = data["names"]
+    wanted = needs_teacher(cfg) and not (resuming and not cfg.recipe.losses)  # a resumed run was seeded already
+    if wanted and str(cfg.teacher).endswith((".yaml", ".yml")):
+        if not cfg.allow_untrained_teacher:
+            raise DistillError(
+                f"teacher '{cfg.teacher}' is a model yaml, so it would be untrained; give its trained .pt "
+                f"(for a smoke test only: --set allow_untrained_teacher=true)"
+            )
+        warnings.warn("the teacher is built from a yaml, so it is untrained", stacklevel=2)
+    teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if wanted else None
+    student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
+    names = dict(enumerate(names.values() if isinstance(names, dict) else names))
+    if fine_tunes(cfg) and class_names(student) != list(names.values()):
+        student = with_classes(student, names)
+    student.names = names
+    for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
+        param.requires_grad_(".dfl" not in name)
+    return teacher, student
+
+
+def seeds_from_teacher(cfg: RunConfig) -> bool:
+    """The recipe starts a yaml student from a selection of the teacher's weights (a .pt student keeps its own)."""
+    return cfg.recipe.init == "teacher" and not fine_tunes(cfg)
+
+
+def needs_teacher(cfg: RunConfig) -> bool:
+    return bool(cfg.recipe.losses) or seeds_from_teacher(cfg)
+
+
+def seed_student(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) -> RunConfig:
+    """Select the teacher's weights into a yaml student when the recipe asks; when the pair does not allow it, say
+    why and record ``init: random`` in the config (config.yaml then says how the run started)."""
+    if teacher is None or not seeds_from_teacher(cfg):
+        return cfg
+    problem = selection_problem(student, teacher)
+    if problem:
+        warnings.warn(f"the student starts from random weights, not from the teacher's: {problem}", stacklevel=3)
+        return replace(cfg, recipe=replace(cfg.recipe, init="random"))
+    select_weights(student, teacher)
+    return cfg
+
+
+def calibrate_selected(student: nn.Module, data: dict, hyp, batch: int, stride: int, device: torch.device) -> None:
+    """BatchNorm statistics for the selected weights, from the first train images as validation sees images."""
+    loader = build_loader(data, "train", hyp, batch, 0, stride, train=False)
+    batches = itertools.islice(loader, calibration_batches(batch))
+    calibrate_batchnorm(student, (preprocess(b, device)["img"] for b in batches))
+
+
+def init_note(cfg: RunConfig) -> str:
+    if fine_tunes(cfg):
+        return "student init: its trained weights"
+    return f"student init: {'weight selection from the teacher' if seeds_from_teacher(cfg) else 'random'}"
+
+
+def with_classes(pretrained: nn.Module, names: dict[int, str]) -> nn.Module:
+    """A pretrained student (e.g. COCO's 80 classes) for data with other classes, as ultralytics fine-tunes one: the
+    same architecture built for the data's classes, every tensor whose shape still fits copied over, and the class
+    rows of classes both lists name (any case) carried over by name."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel(pretrained.yaml, nc=len(names), verbose=False)
+    model.names = names  # read by ultralytics' load to remap the class rows by name
+    model.load(pretrained, verbose=False)
+    shared = {n.strip().lower() for n in class_names(pretrained)} & {n.strip().lower() for n in names.values()}
+    warnings.warn(
+        f"the student was trained for {pretrained.model[-1].nc} classes {_first(class_names(pretrained))} and the data "
+        f"has {len(names)} {_first(list(names.values()))}: its class layers start afresh"
+        + (f", but for the {len(shared)} classes both name" if shared else ""),
+        stacklevel=3,
+    )
+    return model
+
+
+def _first(names: list[str]) -> str:
+    return str(names) if len(names) <= 4 else f"{names[:4]}..."
