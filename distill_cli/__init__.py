@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import DistillError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _API = {
     "train": "training",
