@@ -6,6 +6,7 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   shared     fine-tune yolov8n-bccd.pt, imgsz 256, 8 epochs, batch 16 (the setting of issue #14's target)
   finetune2  fine-tune yolov8n-bccd.pt, imgsz 352, 5 epochs, batch 8 (other imgsz, epochs and batch)
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
+  scratch2   yolov8n.yaml from scratch, imgsz 320, 15 epochs, batch 16 (other imgsz and epochs)
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
   gpu        yolov8n.yaml from scratch, imgsz 512, 80 epochs, batch 16 (GPU; benchmarks/gpu.sh)
   smoke      the gpu setting in miniature, for gpu.sh's CPU smoke mode
@@ -57,6 +58,7 @@ SETTINGS = {
     "shared": Setting(STUDENT, TEACHER, 256, 8, 16),
     "finetune2": Setting(STUDENT, TEACHER, 352, 5, 8),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
+    "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),
     "gpu": Setting("yolov8n.yaml", TEACHER, 512, 80, 16),  # issue #4's table (benchmarks/gpu.sh)
     "smoke": Setting("yolov8n.yaml", TEACHER, 96, 2, 8),  # gpu.sh's smoke mode: the same script, tiny, on a CPU
