@@ -22,6 +22,15 @@ from .conftest import save_model, train_args, tree
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """A shell that starts pytest in the background (``cmd &`` without job control) ignores SIGINT in it, and the
+    interrupted start-ups below rely on Python's own handler: install it whatever the launch."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def small_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ultralytics.nn.tasks import DetectionModel
