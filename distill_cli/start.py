@@ -3,19 +3,20 @@ first weights (its own when trained, else random or a selection of the teacher's
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from dataclasses import replace
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
+from ultralytics.data.build import build_yolo_dataset
+from ultralytics.utils import IterableSimpleNamespace
 
 from .config import RunConfig
-from .data import build_loader
 from .engine import preprocess
 from .errors import DistillError
 from .models import class_names, load_model
-from .weight_selection import calibrate_batchnorm, calibration_batches, select_weights, selection_problem
+from .weight_selection import CALIBRATION_IMAGES, calibrate_batchnorm, select_weights, selection_problem
 
 
 def fine_tunes(cfg: RunConfig) -> bool:
@@ -68,10 +69,13 @@ def seed_student(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) 
 
 
 def calibrate_selected(student: nn.Module, data: dict, hyp, batch: int, stride: int, device: torch.device) -> None:
-    """BatchNorm statistics for the selected weights, from the first train images as validation sees images."""
-    loader = build_loader(data, "train", hyp, batch, 0, stride, train=False)
-    batches = itertools.islice(loader, calibration_batches(batch))
-    calibrate_batchnorm(student, (preprocess(b, device)["img"] for b in batches))
+    """BatchNorm statistics for the selected weights, from the first train images (within ``fraction``) letterboxed
+    to the square training size, without augmentation; never cached (``cache`` would load the whole split again)."""
+    settings = IterableSimpleNamespace(**{**vars(hyp), "cache": False})
+    dataset = build_yolo_dataset(settings, data["train"], batch, data, mode="val", rect=False, stride=stride)
+    count = min(CALIBRATION_IMAGES, max(1, round(len(dataset) * hyp.fraction)))
+    loader = DataLoader(Subset(dataset, range(count)), batch_size=batch, collate_fn=dataset.collate_fn)
+    calibrate_batchnorm(student, (preprocess(b, device)["img"] for b in loader))
 
 
 def init_note(cfg: RunConfig) -> str:

@@ -13,7 +13,6 @@ within, and the same head map serves the layers that read those channels. The te
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -46,8 +45,11 @@ def selection_problem(student: nn.Module, teacher: nn.Module) -> str | None:
             return f"{name} is {tuple(t.shape)} in the teacher against {tuple(s.shape)} in the student"
     t_modules = dict(teacher.named_modules())
     for name, module in student.named_modules():
-        if isinstance(module, (Attention, AAttn)) and t_modules[name].num_heads < module.num_heads:
-            return f"{name} has fewer attention heads in the teacher than in the student"
+        parts = ("num_heads", "head_dim", "key_dim")  # AAttn has no key_dim: its q and k are head_dim wide
+        if isinstance(module, (Attention, AAttn)) and any(
+            getattr(t_modules[name], part, 0) < getattr(module, part, 0) for part in parts
+        ):
+            return f"{name} has fewer or narrower attention heads in the teacher than in the student"
     return None
 
 
@@ -106,10 +108,6 @@ def select_weights(student: nn.Module, teacher: nn.Module) -> None:
             t = t.index_select(dim, kept.to(t.device))
         selected[name] = t
     student.load_state_dict(selected)  # copies into the student's own dtype and device
-
-
-def calibration_batches(batch: int) -> int:
-    return math.ceil(CALIBRATION_IMAGES / batch)
 
 
 @torch.no_grad()

@@ -139,6 +139,13 @@ def test_a_teacher_with_the_same_number_of_other_classes_is_refused() -> None:
     assert "other classes" in selection_problem(student, teacher)
 
 
+def test_a_teacher_with_narrower_attention_heads_is_refused() -> None:
+    """More heads of fewer channels would pass the shape checks: a spread of a narrower head repeats channels."""
+    student, teacher = build("yolo11n.yaml"), build("yolo11s.yaml")
+    teacher.model[10].m[0].attn.head_dim = 32
+    assert "fewer or narrower attention heads" in selection_problem(student, teacher)
+
+
 def test_batchnorm_statistics_are_the_average_over_the_calibration_batches() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=0.03))
