@@ -144,7 +144,7 @@ class RunConfig:
     close_mosaic: int = ranged(10, ge=0)
     ema: bool = True
     # EMA of the student: decay reached with time constant ema_tau optimizer steps (ultralytics' ModelEMA). 0 = auto:
-    # ultralytics' 0.9999 and 2000 from scratch; a fine-tune averages over about the last fifth of its steps
+    # ultralytics' 0.9999 and 2000 from scratch; a fine-tune averages over about the last tenth of its steps
     ema_decay: float = ranged(0.0, ge=0, lt=1)
     ema_tau: float = ranged(0.0, ge=0)
     seed: int = ranged(0, ge=0, le=2**31 - 1)

@@ -40,6 +40,9 @@ from .start import (
 )
 
 Callback = Callable[[str, dict[str, Any]], None]
+# the span of a fine-tune's EMA, as a share of its optimizer steps (benchmarks/RESULTS.md: an average over the last
+# ~10% of the steps beat one over ~20% and a copy of the live weights)
+FINETUNE_EMA_SHARE = 0.1
 
 
 class Interrupted(Exception):
@@ -97,13 +100,14 @@ def resolve_auto(cfg: RunConfig) -> RunConfig:
 def resolve_ema(cfg: RunConfig, steps_per_epoch: int) -> RunConfig:
     """The EMA's decay and time constant, when auto (0). From scratch: ultralytics' (0.9999, tau 2000 steps). A
     fine-tune of a few hundred steps would get a copy of the live weights from those (its decay is 0.06 after 130
-    steps), so there the average spans a fifth of the run: decay 1 - 5 / steps, time constant 3/4 of that span;
-    50000+ steps give ultralytics' values again. Steps are counted at the nominal accumulation (a warm-up that
-    accumulates less adds a few; benchmarks/RESULTS.md has the measurements)."""
+    steps), so there the average spans about the last tenth of the run: decay 1 - 10 / steps, reached with a time
+    constant of 3/4 of that span (the ramp is over long before the end); from 100000 steps on, ultralytics' values.
+    Steps are counted at the nominal accumulation (a warm-up that accumulates less adds a few; benchmarks/RESULTS.md
+    has the measurements)."""
     decay, tau = 0.9999, 2000.0
     if fine_tunes(cfg):
         steps = steps_per_epoch * cfg.epochs // target_accumulate(cfg, steps_per_epoch)
-        span = max(steps / 5, 1.0)
+        span = max(steps * FINETUNE_EMA_SHARE, 1.0)
         decay, tau = min(1 - 1 / span, decay), min(0.75 * span, tau)
     return replace(cfg, ema_decay=cfg.ema_decay or decay, ema_tau=cfg.ema_tau or tau)
 

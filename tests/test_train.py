@@ -112,8 +112,8 @@ def test_a_fine_tuned_student_keeps_its_batchnorm_statistics_and_steps_every_bat
     run_kwargs: dict, tmp_path: Path
 ) -> None:
     """A .pt student is fine-tuned with frozen BatchNorm statistics, an optimizer step per batch and an EMA that
-    averages over a fifth of the run; a yaml student trains as ultralytics trains (statistics updated, nominal batch
-    64, ultralytics' EMA)."""
+    averages over the last tenth of the run; a yaml student trains as ultralytics trains (statistics updated,
+    nominal batch 64, ultralytics' EMA)."""
     from ultralytics.nn.tasks import DetectionModel
 
     from distill_cli.data import SYNTHETIC_CLASSES
@@ -144,8 +144,11 @@ def test_a_fine_tuned_student_keeps_its_batchnorm_statistics_and_steps_every_bat
 
 def test_a_short_fine_tune_averages_its_weights_and_a_long_one_gets_ultralytics_ema() -> None:
     """ultralytics' EMA is still a copy of the live weights at the end of a 130-step fine-tune (decay 0.063): ours
-    averages over its last ~26 steps (decay 0.96); from 50000 steps on, and from scratch, it is ultralytics' EMA;
-    values given with --set are kept."""
+    averages over its last ~13 steps (decay 0.923, reached well before the end); from 100000 steps on, and from
+    scratch, it is ultralytics' EMA; values given with --set are kept."""
+    from torch import nn
+    from ultralytics.utils.torch_utils import ModelEMA
+
     from distill_cli.config import RunConfig
     from distill_cli.training import resolve_ema
 
@@ -153,10 +156,13 @@ def test_a_short_fine_tune_averages_its_weights_and_a_long_one_gets_ultralytics_
         cfg = resolve_ema(RunConfig(**{"student": "s.pt", "batch": 8, "nbs": 8, "epochs": 1, **fields}), batches)
         return cfg.ema_decay, cfg.ema_tau
 
-    assert ema(130) == pytest.approx((1 - 1 / 26, 19.5))  # decay reached at the end: 0.96 x (1 - e^-6.7)
+    assert ema(130) == pytest.approx((1 - 1 / 13, 9.75))
+    decay, tau = ema(130)  # ultralytics' ramp, decay x (1 - e^(-updates / tau)), is over by the last step
+    assert ModelEMA(nn.Linear(1, 1), decay, tau).decay(130) == pytest.approx(1 - 1 / 13, abs=1e-5)
     assert ema(520, nbs=32) == ema(130)  # 4 batches a step: the same 130 optimizer steps
-    assert ema(3, nbs=64) == (0.0, 0.75)  # shorter than 5 steps: a copy of the live weights
-    assert ema(20_000) == pytest.approx((0.99975, 2000))  # long enough for tau 2000, decay still fitted
+    assert ema(3, nbs=64) == (0.0, 0.75)  # under 10 steps: a copy of the live weights
+    assert ema(5_000) == pytest.approx((0.998, 375))  # decay and time constant both fitted
+    assert ema(30_000) == pytest.approx((1 - 1 / 3000, 2000))  # long enough for tau 2000, decay still fitted
     ultralytics = (0.9999, 2000.0)
     assert ema(400_000) == ema(130, student="yolov8n.yaml") == ultralytics
     assert ema(130, ema_decay=0.9999, ema_tau=2000) == ultralytics
