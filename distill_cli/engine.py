@@ -122,12 +122,14 @@ def train_one_epoch(
 
 def train_mode(state: TrainState) -> None:
     """Training mode; with ``bn_stats: frozen`` the student's BatchNorm layers stay in eval mode (running statistics
-    kept and used; their scale and shift still train), as detection fine-tuning usually freezes them."""
+    kept and used; their scale and shift still train), as detection fine-tuning usually freezes them. Those of the
+    ``freeze`` layers always do: a frozen layer computes what it computed before the run."""
     state.model.train()
-    if state.cfg.bn_stats == "frozen":
-        for module in state.distiller.student.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    student = state.distiller.student
+    fixed = student if state.cfg.bn_stats == "frozen" else student.model[: state.cfg.freeze]
+    for module in fixed.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def nominal_accumulate(cfg: RunConfig) -> int:

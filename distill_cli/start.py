@@ -15,6 +15,7 @@ from ultralytics.utils import IterableSimpleNamespace
 from .config import RunConfig
 from .engine import preprocess
 from .errors import DistillError
+from .features import Pair
 from .models import class_names, load_model
 from .weight_selection import CALIBRATION_IMAGES, calibrate_batchnorm, select_weights, selection_problem
 
@@ -44,6 +45,23 @@ def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module |
     for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
         param.requires_grad_(".dfl" not in name)
     return teacher, student
+
+
+def freeze_layers(student: nn.Module, count: int, pairs: dict[str, list[Pair]]) -> None:
+    """Keep the student's first ``count`` layers fixed (ultralytics' ``freeze=N``): no gradient reaches them, so the
+    optimizer skips them and the backward pass stops above them. A layer that a feature term distils stays trainable:
+    freezing it would leave that term nothing but its adapter to train."""
+    layers = len(student.model)
+    if count >= layers:
+        raise DistillError(f"freeze {count} leaves nothing to train: the student has {layers} layers; freeze fewer")
+    distilled = sorted(p.student for term_pairs in pairs.values() for p in term_pairs if p.student < count)
+    if distilled:
+        raise DistillError(
+            f"freeze {count} would fix student layer {distilled[0]}, which the recipe distils; "
+            f"freeze at most {distilled[0]} layers or distil later layers (--layers)"
+        )
+    for layer in student.model[:count]:
+        layer.requires_grad_(False)
 
 
 def seeds_from_teacher(cfg: RunConfig) -> bool:

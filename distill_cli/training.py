@@ -32,6 +32,7 @@ from .runlog import RunLog, TrainResult
 from .start import (
     calibrate_selected,
     fine_tunes,
+    freeze_layers,
     init_note,
     load_models,
     needs_teacher,
@@ -178,6 +179,7 @@ def prepare(
     )
     student.args = hyp
     terms, pairs = build_terms(student, teacher_model, cfg.recipe, cfg.imgsz) if teacher_model else ({}, {})
+    freeze_layers(student, cfg.freeze, pairs)
     rank = info.rank if info.enabled else -1
     train_loader = build_loader(data, "train", hyp, batch, cfg.workers, stride, train=True, rank=rank)
     val_loader = None
