@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import DistillError
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 
 _API = {
     "train": "training",

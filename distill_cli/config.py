@@ -128,9 +128,8 @@ class RunConfig:
     # BatchNorm running statistics while training: frozen (eval mode) keeps a trained student's statistics, which
     # short fine-tunes otherwise wreck in the first epoch; auto = frozen for a .pt student, update for a yaml one
     bn_stats: str = ranged("auto", choices=("auto", "update", "frozen"))
-    # the student's first N layers keep their weights (ultralytics' freeze=N; probe-channels shows where the backbone
-    # ends: 10 layers in YOLOv8). Measured: it helps a short fine-tune at the imgsz the student was trained at and
-    # costs where the student must adapt (benchmarks/RESULTS.md), so 0 (nothing frozen) is the default
+    # the student's first N layers stay fixed (ultralytics' freeze=N; the backbone is 10 layers in YOLOv8, 11 in
+    # YOLO11/26: probe-channels shows it); off by default: no gain beyond seed noise measured (benchmarks/RESULTS.md)
     freeze: int = ranged(0, ge=0)
     optimizer: str = ranged("auto", choices=_optimizers, ignore_case=True, text="auto or an ultralytics optimizer")
     lr0: float = ranged(0.01, gt=0)

@@ -53,13 +53,13 @@ def freeze_layers(student: nn.Module, count: int, pairs: dict[str, list[Pair]]) 
     freezing it would leave that term nothing but its adapter to train."""
     layers = len(student.model)
     if count >= layers:
-        raise DistillError(f"freeze {count} leaves nothing to train: the student has {layers} layers; freeze fewer")
-    distilled = sorted(p.student for term_pairs in pairs.values() for p in term_pairs if p.student < count)
-    if distilled:
         raise DistillError(
-            f"freeze {count} would fix student layer {distilled[0]}, which the recipe distils; "
-            f"freeze at most {distilled[0]} layers or distil later layers (--layers)"
+            f"freeze {count} leaves nothing to train: the student has {layers} layers; freeze <= {layers - 1}"
         )
+    distilled = sorted((p.student, term) for term, term_pairs in pairs.items() for p in term_pairs if p.student < count)
+    if distilled:
+        layer, term = distilled[0]
+        raise DistillError(f"freeze {count} would fix student layer {layer}, which '{term}' distils; freeze <= {layer}")
     for layer in student.model[:count]:
         layer.requires_grad_(False)
 
@@ -98,8 +98,10 @@ def calibrate_selected(student: nn.Module, data: dict, hyp, batch: int, stride: 
 
 def init_note(cfg: RunConfig) -> str:
     if fine_tunes(cfg):
-        return "student init: its trained weights"
-    return f"student init: {'weight selection from the teacher' if seeds_from_teacher(cfg) else 'random'}"
+        start = "its trained weights"
+    else:
+        start = "weight selection from the teacher" if seeds_from_teacher(cfg) else "random"
+    return f"student init: {start}" + (f"; layers 0-{cfg.freeze - 1} frozen" if cfg.freeze else "")
 
 
 def with_classes(pretrained: nn.Module, names: dict[int, str]) -> nn.Module:
