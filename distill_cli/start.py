@@ -49,8 +49,8 @@ def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module |
 
 def freeze_layers(student: nn.Module, count: int, pairs: dict[str, list[Pair]]) -> None:
     """Keep the student's first ``count`` layers fixed (ultralytics' ``freeze=N``): no gradient reaches them, so the
-    optimizer skips them and the backward pass stops above them. A layer that a feature term distils stays trainable:
-    freezing it would leave that term nothing but its adapter to train."""
+    optimizer skips them and the backward pass stops above them. A freeze that would fix a layer a feature or
+    cross-head term distils is refused: that term would have nothing but its adapter to train."""
     layers = len(student.model)
     if count >= layers:
         raise DistillError(
@@ -60,8 +60,8 @@ def freeze_layers(student: nn.Module, count: int, pairs: dict[str, list[Pair]]) 
     if distilled:
         layer, term = distilled[0]
         raise DistillError(f"freeze {count} would fix student layer {layer}, which '{term}' distils; freeze <= {layer}")
-    for layer in student.model[:count]:
-        layer.requires_grad_(False)
+    for module in student.model[:count]:
+        module.requires_grad_(False)
 
 
 def seeds_from_teacher(cfg: RunConfig) -> bool:
