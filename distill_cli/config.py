@@ -105,7 +105,7 @@ class Recipe:
     losses: dict[str, LossSpec] = field(default_factory=dict)
     balance: Balance = field(default_factory=Balance)
     # where a student built from a yaml starts: random (as ultralytics), or teacher: a selection of the teacher's
-    # weights when the two differ in width only (weight_selection.py); a trained .pt student keeps its own
+    # weights when the teacher has its layers, wider or repeated more often (weight_selection.py); a .pt keeps its own
     init: str = ranged("random", choices=STUDENT_INITS)
 
 

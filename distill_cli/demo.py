@@ -47,22 +47,27 @@ def run_demo(
         raise
 
 
-def demo_runs(root: Path, opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
-    imgsz, epochs = opts.imgsz, opts.epochs
-    data = str(make_synthetic_dataset(root / "data", opts.n_train, opts.n_val, size=imgsz, seed=opts.seed))
-    common = {
+def demo_settings(data: str, imgsz: int, epochs: int, project: Path, seed: int) -> dict[str, Any]:
+    """The training options every demo run shares (benchmarks/deeper.py trains with them too)."""
+    return {
         "data": data,
         "imgsz": imgsz,
         "batch": BATCH,
         "workers": 2,
-        "project": str(root),
+        "project": str(project),
         "close_mosaic": max(1, epochs // 4),
         "warmup_epochs": 1.0,
         "nbs": BATCH,  # an optimizer step every batch: a tiny dataset needs the updates more than the smoothing
         "val_interval": 1000,
         "device": "cpu",
-        "seed": opts.seed,
+        "seed": seed,
     }
+
+
+def demo_runs(root: Path, opts: DemoOptions, say: Callable[[str], None]) -> dict[str, Any]:
+    imgsz, epochs = opts.imgsz, opts.epochs
+    data = str(make_synthetic_dataset(root / "data", opts.n_train, opts.n_val, size=imgsz, seed=opts.seed))
+    common = demo_settings(data, imgsz, epochs, root, opts.seed)
     rows: list[tuple[str, str]] = []
     total = 3 * len(FAMILIES)
     for i, (family, (teacher_cfg, student_cfg)) in enumerate(FAMILIES.items()):

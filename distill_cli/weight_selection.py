@@ -4,11 +4,14 @@ Weight selection (Xu et al., "Initializing Models with Larger Ones", ICLR 2024, 
 the student takes the elements of the teacher's tensor of the same name at an even spread along each dimension.
 The paper spreads by rounding ``linspace(0, T-1, S)``; here element ``floor(i * T / S)`` of a teacher dimension of
 size T for a student one of size S, which is every k-th element where the teacher is k times wider (YOLOv8s -> v8n:
-twice) and keeps the selection consistent across concatenations whose parts share one width ratio: the channels a
-layer keeps are those the next one reads, through C2f splits and neck concatenations too. Attention blocks lay their
-channels out per head (``[q, k, v]`` of each head in turn), so there whole heads are kept with their parts spread
-within, and the same head map serves the layers that read those channels. The teacher needs the student's layers
-(one family, one depth), kernels, classes and box bins; otherwise the student keeps its random start.
+twice), so the channels a layer keeps are those the next one reads. Where the parts of a concatenation differ in
+width ratio (YOLOv8m's 576-channel P5 beside its 384-channel P4, for v8n's 256 and 128) each part keeps its own
+spread, and the convs that read the concatenation take the same channels. Attention blocks lay their channels out
+per head (``[q, k, v]`` of each head in turn), so there whole heads are kept with their parts spread within.
+A deeper teacher (YOLOv8m/l/x for v8n/s) gives each repeated block of the student the teacher's first ones, the
+paper's layer selection for depth; a C2f-style block's output conv then reads its leading chunks and those blocks'
+outputs. The teacher needs the student's layer types in the same places (one family), kernels, classes and box bins;
+otherwise the student keeps its random start.
 """
 
 from __future__ import annotations
@@ -17,11 +20,18 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from ultralytics.nn.modules.block import AAttn, Attention
+from ultralytics.nn.modules.block import C2, C2PSA, C3, A2C2f, AAttn, Attention, C2f, GhostBottleneck
+from ultralytics.nn.modules.conv import Concat
 
 from .models import class_names
 
 Indices = dict[int, torch.Tensor]  # dimension -> the teacher's elements kept along it (elsewhere: the even spread)
+# blocks that repeat a sub-block ``m`` a depth-dependent number of times. Concatenating ones feed every sub-block's
+# output to their output conv, after a number of leading chunks (C2f: both halves of cv1; A2C2f: cv1), so a teacher's
+# extra sub-blocks are left out by not reading their chunks. Serial ones chain them, so only a residual extra
+# sub-block (its branch at zero: the identity) can be left out.
+CONCATENATED: dict[type, int] = {C2f: 2, A2C2f: 1}
+SERIAL = (C3, C2, C2PSA)
 CALIBRATION_IMAGES = 128
 
 
@@ -35,11 +45,14 @@ def selection_problem(student: nn.Module, teacher: nn.Module) -> str | None:
     s_head, t_head = student.model[-1], teacher.model[-1]
     if s_head.reg_max != t_head.reg_max or class_names(student) != class_names(teacher):
         return "the teacher's head predicts other classes or box bins than the student's"
-    s_state, t_state = student.state_dict(), teacher.state_dict()
-    if s_state.keys() != t_state.keys():
-        return "the teacher's layers differ from the student's (another family or depth)"
-    for name, s in s_state.items():
-        t = t_state[name]
+    problem = structure_problem(student, teacher)
+    if problem:
+        return problem
+    t_state = teacher.state_dict()
+    for name, s in student.state_dict().items():
+        t = t_state.get(name)
+        if t is None:
+            return f"the teacher has no {name}"
         fits = s.dim() == t.dim() and all(a <= b for a, b in zip(s.shape, t.shape, strict=True))
         if not fits or s.shape[2:] != t.shape[2:]:  # kernels: a spread of a wider one would take off-centre taps
             return f"{name} is {tuple(t.shape)} in the teacher against {tuple(s.shape)} in the student"
@@ -51,6 +64,29 @@ def selection_problem(student: nn.Module, teacher: nn.Module) -> str | None:
         ):
             return f"{name} has fewer or narrower attention heads in the teacher than in the student"
     return None
+
+
+def structure_problem(student: nn.Module, teacher: nn.Module) -> str | None:
+    """The teacher must have every module of the student, of the same type; beyond them, only further repeats of a
+    block's sub-block (a deeper teacher: YOLOv8m for v8n), residual ones where the block chains them."""
+    s_modules, t_modules = dict(student.named_modules()), dict(teacher.named_modules())
+    for name, module in s_modules.items():
+        t = t_modules.get(name)
+        if type(t) is not type(module):
+            where = f"{type(t).__name__} in the teacher" if t is not None else "not in the teacher"
+            return f"the teacher's layers differ from the student's ({name}: {type(module).__name__}, {where})"
+        if isinstance(module, SERIAL):
+            chained = next((i for i, block in enumerate(t.m) if i >= len(module.m) and not residual(block)), None)
+            if chained is not None:
+                return f"{name}.m.{chained} is a chained block only in the teacher, without a shortcut to leave it out"
+    stacks = tuple(f"{name}.m." for name, module in s_modules.items() if isinstance(module, (*CONCATENATED, *SERIAL)))
+    extra = next((name for name in t_modules if name not in s_modules and not name.startswith(stacks)), None)
+    return f"the teacher's layers differ from the student's ({extra}: only in the teacher)" if extra else None
+
+
+def residual(block: nn.Module) -> bool:
+    """Whether the block adds its input to its output (Bottleneck and PSABlock with a shortcut, GhostBottleneck)."""
+    return bool(getattr(block, "add", False)) or isinstance(block, GhostBottleneck)
 
 
 def head_rows(s_heads: int, t_heads: int, s_parts: tuple[int, ...], t_parts: tuple[int, ...]) -> torch.Tensor:
@@ -84,9 +120,105 @@ def attention_indices(student: nn.Module, teacher: nn.Module) -> dict[str, Indic
     return chosen
 
 
+def stack_indices(student: nn.Module, teacher: nn.Module) -> dict[str, Indices]:
+    """The input channels of each C2f-style block's output conv, which reads ``[lead chunks, sub-block 0 .. n-1]``:
+    the student's lead chunks and sub-blocks take the teacher's first ones, each chunk spread within."""
+    t_modules = dict(teacher.named_modules())
+    chosen: dict[str, Indices] = {}
+    for name, s in student.named_modules():
+        lead = next((lead for kind, lead in CONCATENATED.items() if isinstance(s, kind)), None)
+        if lead is None:
+            continue
+        t = t_modules[name]
+        s_chunks, t_chunks = lead + len(s.m), lead + len(t.m)
+        s_width, t_width = s.cv2.conv.in_channels // s_chunks, t.cv2.conv.in_channels // t_chunks
+        chunks = [c * t_width + spread(s_width, t_width) for c in range(s_chunks)]
+        chosen[f"{name}.cv2.conv.weight"] = {1: torch.cat(chunks)}
+    return chosen
+
+
+@torch.no_grad()
+def traced_layers(model: nn.Module, size: int) -> tuple[list[int], dict[str, int]]:
+    """One eval-mode forward: each layer's output width, and the convs that read their layer's input as it came
+    (conv name -> the layer whose output that is)."""
+    widths: list[int] = []
+    inputs: list[tuple[torch.Tensor, int]] = []  # the running layer's inputs and the layers they come from
+    readers: dict[str, int] = {}
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    for index, layer in enumerate(model.model):
+        sources = layer_sources(index, layer)
+
+        def enter(_m: nn.Module, args: tuple, sources: list[int] = sources) -> None:
+            tensors = args[0] if isinstance(args[0], list) else [args[0]]
+            inputs[:] = list(zip(tensors, sources, strict=False))
+
+        handles.append(layer.register_forward_pre_hook(enter))
+        handles.append(layer.register_forward_hook(lambda _m, _i, out: widths.append(out_width(out))))
+        for name, conv in layer.named_modules(prefix=f"model.{index}"):
+            if isinstance(conv, nn.Conv2d) and conv.groups == 1:
+
+                def read(_m: nn.Module, args: tuple, name: str = name) -> None:
+                    source = next((src for tensor, src in inputs if tensor is args[0]), None)
+                    if source is not None:
+                        readers[name] = source
+
+                handles.append(conv.register_forward_pre_hook(read))
+    modes, parameter = {module: module.training for module in model.modules()}, next(model.parameters())
+    try:
+        model.eval()(torch.zeros(1, 3, size, size, dtype=parameter.dtype, device=parameter.device))
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+        for handle in handles:
+            handle.remove()
+    return widths, readers
+
+
+def layer_sources(index: int, layer: nn.Module) -> list[int]:
+    """The layers whose outputs this one reads (none for the image)."""
+    froms = [layer.f] if isinstance(layer.f, int) else layer.f
+    return [source for source in (index - 1 if f == -1 else f for f in froms) if source >= 0]
+
+
+def out_width(out: torch.Tensor | list | tuple) -> int:
+    """A layer's output channels."""
+    return out.shape[1] if isinstance(out, torch.Tensor) else 0  # a head's outputs are read by no layer
+
+
+def kept_channels(student: nn.Module, teacher: nn.Module) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Per layer of the student, the teacher's output channels it keeps: a concatenation each part's at the
+    teacher's offset of that part, a layer without weights (upsampling) those of its input, any other layer the even
+    spread. And the convs that read their layer's input (conv name -> the layer whose output that is)."""
+    size = 2 * int(max(student.stride.max(), teacher.stride.max()))  # the smallest map is 2 x 2: widths only
+    s_widths, readers = traced_layers(student, size)
+    t_widths, _ = traced_layers(teacher, size)
+    kept: list[torch.Tensor] = []
+    for index, layer in enumerate(student.model):
+        sources = layer_sources(index, layer)
+        passes_on = len(sources) == 1 and s_widths[index] == s_widths[sources[0]] and not list(layer.parameters())
+        if isinstance(layer, Concat):
+            offsets = [sum(t_widths[s] for s in sources[:i]) for i in range(len(sources))]
+            kept.append(torch.cat([offset + kept[s] for offset, s in zip(offsets, sources, strict=True)]))
+        elif passes_on:
+            kept.append(kept[sources[0]])
+        else:
+            kept.append(spread(s_widths[index], t_widths[index]))
+    return kept, readers
+
+
+def input_indices(student: nn.Module, teacher: nn.Module) -> dict[str, Indices]:
+    """The input channels of every conv that reads its layer's input: those its source layer kept."""
+    kept, readers = kept_channels(student, teacher)
+    return {f"{name}.weight": {1: kept[source]} for name, source in readers.items()}
+
+
 def selection_indices(student: nn.Module, teacher: nn.Module) -> dict[str, list[torch.Tensor]]:
     """For every student tensor, the teacher's elements it takes along each of its dimensions."""
-    special = attention_indices(student, teacher)
+    special: dict[str, Indices] = {}
+    finders = (input_indices, stack_indices, attention_indices)
+    for found in (find(student, teacher) for find in finders):
+        for name, per_dim in found.items():
+            special.setdefault(name, {}).update(per_dim)
     t_state = teacher.state_dict()
     return {
         name: [

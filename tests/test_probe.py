@@ -30,7 +30,8 @@ def test_across_families_v8s_teacher_yolo11n_student() -> None:
     report = probe_channels("yolov8s.yaml", "yolo11n.yaml", imgsz=128)
     assert [(p["student"], p["teacher"]) for p in report["pairs"]["default"]] == [(16, 15), (19, 18), (22, 21)]
     assert [p[2] for p in pairs_of(report)] == [8, 16, 32]
-    assert report["weight_selection"] == "no: the teacher's layers differ from the student's (another family or depth)"
+    verdict = "no: the teacher's layers differ from the student's (model.2: C3k2, C2f in the teacher)"
+    assert report["weight_selection"] == verdict
 
 
 def test_layer_groups_and_index_lists_pair_by_stride() -> None:

@@ -14,11 +14,12 @@ from ultralytics.nn.tasks import DetectionModel
 from distill_cli.errors import DistillError
 from distill_cli.training import train
 from distill_cli.weight_selection import (
+    SERIAL,
     calibrate_batchnorm,
+    kept_channels,
     select_weights,
     selection_indices,
     selection_problem,
-    spread,
 )
 
 from .test_train import Recorder
@@ -51,7 +52,16 @@ def test_each_student_tensor_takes_every_other_element_where_the_teacher_is_twic
 
 
 @pytest.mark.parametrize(
-    "pair", [("yolov8n.yaml", "yolov8s.yaml"), ("yolo11n.yaml", "yolo11s.yaml"), ("yolo26n.yaml", "yolo26s.yaml")]
+    "pair",
+    [
+        ("yolov8n.yaml", "yolov8s.yaml"),
+        ("yolo11n.yaml", "yolo11s.yaml"),
+        ("yolo26n.yaml", "yolo26s.yaml"),
+        ("yolov8n.yaml", "yolov8m.yaml"),  # deeper (2 C2f blocks for 1), P5 576 wide beside P4's 384 (n: 256, 128)
+        ("yolov8n.yaml", "yolov8l.yaml"),  # 3 blocks for 1; widths x4 except P5 (x2)
+        ("yolo11m.yaml", "yolo11l.yaml"),  # deeper C3k2 (concatenating) and C2PSA (chained residual PSA blocks)
+        ("yolo12n.yaml", "yolo12s.yaml"),  # area attention (A2C2f)
+    ],
 )
 def test_the_selection_is_consistent_through_every_concatenation_split_and_attention_head(
     pair: tuple[str, str],
@@ -59,17 +69,27 @@ def test_the_selection_is_consistent_through_every_concatenation_split_and_atten
     """A teacher whose layers ignore the input channels the student does not keep computes, on the channels the
     student keeps, exactly what the selected student computes: so each student layer reads the channels its previous
     layer kept. Taking the first half of each tensor breaks this at the first C2f split and every neck
-    concatenation; taking every other channel inside attention blocks mixes one head's q, k and v."""
+    concatenation; taking every other channel inside attention blocks mixes one head's q, k and v; one spread over
+    a whole concatenation breaks it where the parts differ in width ratio; for a deeper teacher, a C2f's output conv
+    must read the chunks of the blocks the student has (the teacher's extra blocks then contribute nothing), and a
+    chained stack's first blocks (the teacher's extra ones, residual, made the identity)."""
     torch.manual_seed(0)
     student, teacher = build(pair[0]), with_random_statistics(build(pair[1]))
+    s_modules = dict(student.named_modules())
+    for name, stack in teacher.named_modules():
+        if isinstance(stack, SERIAL) and name in s_modules:  # in the student too: its extra blocks
+            for norm in (m for b in stack.m[len(s_modules[name].m) :] for m in b.modules()):
+                if isinstance(norm, torch.nn.BatchNorm2d):  # the residual branch's output: zero
+                    torch.nn.init.zeros_(norm.weight), torch.nn.init.zeros_(norm.bias)
     kept = selection_indices(student, teacher)
     with torch.no_grad():
         for name, param in teacher.named_parameters():
-            if param.dim() == 4 and param.shape[1] > 1:  # not a depthwise conv: zero the inputs no one keeps
+            if name in kept and param.dim() == 4 and param.shape[1] > 1:  # not depthwise: zero the inputs not kept
                 dropped = torch.ones(param.shape[1], dtype=torch.bool)
                 dropped[kept[name][1]] = False
                 param[:, dropped] = 0
     select_weights(student, teacher)
+    layer_channels, _ = kept_channels(student, teacher)
     maps: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
     for role, model in (("student", student), ("teacher", teacher)):
         for layer in model.eval().model[:-1]:  # every layer's output map; the head's outputs are compared below
@@ -78,8 +98,7 @@ def test_the_selection_is_consistent_through_every_concatenation_split_and_atten
     with torch.no_grad():
         expected, got = teacher(x)[0], student(x)[0]
     for index, (s_map, t_map) in enumerate(zip(maps["student"], maps["teacher"], strict=True)):
-        kept_channels = t_map[:, spread(s_map.shape[1], t_map.shape[1])]
-        torch.testing.assert_close(s_map, kept_channels, rtol=1e-4, atol=1e-4, msg=f"layer {index}")
+        torch.testing.assert_close(s_map, t_map[:, layer_channels[index]], rtol=1e-4, atol=1e-4, msg=f"layer {index}")
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -117,11 +136,31 @@ def test_other_families_select_between_their_n_and_s_scales(pair: tuple[str, str
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items() if v.is_floating_point())
 
 
+def test_a_deeper_teacher_gives_its_first_blocks_and_each_concatenated_part_its_own_spread() -> None:
+    """YOLOv8m for v8n: layer 2 is a C2f of 1 block (cv2 reads 3 chunks of 16) against 2 (4 chunks of 48); layer
+    11 concatenates the upsampled P5 (256 of 576) with layer 6 (128 of 384)."""
+    torch.manual_seed(0)
+    student, teacher = build("yolov8n.yaml"), build("yolov8m.yaml")
+    assert selection_problem(student, teacher) is None
+    kept = selection_indices(student, teacher)
+    assert kept["model.2.cv2.conv.weight"][1].tolist() == [c * 48 + 3 * i for c in range(3) for i in range(16)]
+    concat = [i * 576 // 256 for i in range(256)] + [576 + 3 * i for i in range(128)]
+    assert concat[:6] == [0, 2, 4, 6, 9, 11] and kept["model.12.cv1.conv.weight"][1].tolist() == concat
+    select_weights(student, teacher)
+    s, t = student.state_dict(), teacher.state_dict()
+    assert torch.equal(s["model.4.m.1.cv1.conv.weight"], t["model.4.m.1.cv1.conv.weight"][::3, ::3])  # 2 of 4
+    chunks = kept["model.2.cv2.conv.weight"][1]
+    assert torch.equal(s["model.2.cv2.conv.weight"], t["model.2.cv2.conv.weight"][::3][:, chunks])
+
+
 @pytest.mark.parametrize(
     ("student_yaml", "teacher_yaml", "nc", "reason"),
     [
-        ("yolov8n.yaml", "yolov8m.yaml", 3, "the teacher's layers differ from the student's"),  # deeper
-        ("yolov8n.yaml", "yolo11s.yaml", 3, "the teacher's layers differ from the student's"),  # another family
+        ("yolov8n.yaml", "yolo11s.yaml", 3, "(model.2: C2f, C3k2 in the teacher)"),  # another family
+        ("yolo11n.yaml", "yolo11m.yaml", 3, "(model.2.m.0: Bottleneck, C3k in the teacher)"),  # other blocks
+        ("yolov8m.yaml", "yolov8s.yaml", 3, "(model.2.m.1: Bottleneck, not in the teacher)"),  # shallower teacher
+        # YOLOv5's head chains C3 bottlenecks without a shortcut: leaving the teacher's second one out changes the map
+        ("yolov5n.yaml", "yolov5m.yaml", 3, "model.13.m.1 is a chained block only in the teacher, without a shortcut"),
         ("yolov8n.yaml", "yolov8s.yaml", 6, "other classes or box bins"),  # 6 = 2 x 3, still other classes
         ("yolov8s.yaml", "yolov8n.yaml", 3, "model.0.conv.weight is (16, 3, 3, 3) in the teacher against (32, 3"),
     ],
