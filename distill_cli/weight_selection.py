@@ -29,7 +29,8 @@ Indices = dict[int, torch.Tensor]  # dimension -> the teacher's elements kept al
 # blocks that repeat a sub-block ``m`` a depth-dependent number of times. Concatenating ones feed every sub-block's
 # output to their output conv, after a number of leading chunks (C2f: both halves of cv1; A2C2f: cv1), so a teacher's
 # extra sub-blocks are left out by not reading their chunks. Serial ones chain them, so only a residual extra
-# sub-block (its branch at zero: the identity) can be left out.
+# sub-block (its branch at zero: the identity) can be left out. Matched with isinstance: C3k2, C2fPSA and C2fCIB keep
+# C2f's layout, C3k and C3x C3's.
 CONCATENATED: dict[type, int] = {C2f: 2, A2C2f: 1}
 SERIAL = (C3, C2, C2PSA)
 CALIBRATION_IMAGES = 128
@@ -67,8 +68,9 @@ def selection_problem(student: nn.Module, teacher: nn.Module) -> str | None:
 
 
 def structure_problem(student: nn.Module, teacher: nn.Module) -> str | None:
-    """The teacher must have every module of the student, of the same type; beyond them, only further repeats of a
-    block's sub-block (a deeper teacher: YOLOv8m for v8n), residual ones where the block chains them."""
+    """Why the teacher's modules cannot seed the student's (None when they can): the teacher must have every module
+    of the student, of the same type; beyond them, only further repeats of a block's sub-block (a deeper teacher:
+    YOLOv8m for v8n), residual ones where the block chains them."""
     s_modules, t_modules = dict(student.named_modules()), dict(teacher.named_modules())
     for name, module in s_modules.items():
         t = t_modules.get(name)
@@ -76,17 +78,21 @@ def structure_problem(student: nn.Module, teacher: nn.Module) -> str | None:
             where = f"{type(t).__name__} in the teacher" if t is not None else "not in the teacher"
             return f"the teacher's layers differ from the student's ({name}: {type(module).__name__}, {where})"
         if isinstance(module, SERIAL):
-            chained = next((i for i, block in enumerate(t.m) if i >= len(module.m) and not residual(block)), None)
-            if chained is not None:
-                return f"{name}.m.{chained} is a chained block only in the teacher, without a shortcut to leave it out"
-    stacks = tuple(f"{name}.m." for name, module in s_modules.items() if isinstance(module, (*CONCATENATED, *SERIAL)))
-    extra = next((name for name in t_modules if name not in s_modules and not name.startswith(stacks)), None)
+            first_chained = next((i for i, b in enumerate(t.m) if i >= len(module.m) and not residual(b)), None)
+            if first_chained is not None:
+                where = f"{name}.m.{first_chained}"
+                return f"{where} is a chained block only in the teacher, without a shortcut to leave it out"
+    stack_prefixes = tuple(f"{n}.m." for n, module in s_modules.items() if isinstance(module, (*CONCATENATED, *SERIAL)))
+    extra = next((n for n in t_modules if n not in s_modules and not n.startswith(stack_prefixes)), None)
     return f"the teacher's layers differ from the student's ({extra}: only in the teacher)" if extra else None
 
 
 def residual(block: nn.Module) -> bool:
-    """Whether the block adds its input to its output (Bottleneck and PSABlock with a shortcut, GhostBottleneck)."""
-    return bool(getattr(block, "add", False)) or isinstance(block, GhostBottleneck)
+    """Whether the block adds its input, unchanged, to its output (Bottleneck and PSABlock with a shortcut, a
+    GhostBottleneck of stride 1)."""
+    if isinstance(block, GhostBottleneck):
+        return isinstance(block.shortcut, nn.Identity)
+    return bool(getattr(block, "add", False))
 
 
 def head_rows(s_heads: int, t_heads: int, s_parts: tuple[int, ...], t_parts: tuple[int, ...]) -> torch.Tensor:
@@ -126,7 +132,7 @@ def stack_indices(student: nn.Module, teacher: nn.Module) -> dict[str, Indices]:
     t_modules = dict(teacher.named_modules())
     chosen: dict[str, Indices] = {}
     for name, s in student.named_modules():
-        lead = next((lead for kind, lead in CONCATENATED.items() if isinstance(s, kind)), None)
+        lead = next((chunks for kind, chunks in CONCATENATED.items() if isinstance(s, kind)), None)
         if lead is None:
             continue
         t = t_modules[name]
@@ -150,11 +156,13 @@ def traced_layers(model: nn.Module, size: int) -> tuple[list[int], dict[str, int
 
         def enter(_m: nn.Module, args: tuple, sources: list[int] = sources) -> None:
             tensors = args[0] if isinstance(args[0], list) else [args[0]]
-            inputs[:] = list(zip(tensors, sources, strict=False))
+            inputs[:] = list(zip(tensors, sources, strict=False))  # not strict: layer 0's image has no source
 
         handles.append(layer.register_forward_pre_hook(enter))
         handles.append(layer.register_forward_hook(lambda _m, _i, out: widths.append(out_width(out))))
         for name, conv in layer.named_modules(prefix=f"model.{index}"):
+            # a grouped conv takes its input channels along dim 0 (each group its own): it keeps the even spread,
+            # consistent where it reads a plain layer's output (no ultralytics yaml has one read a concatenation)
             if isinstance(conv, nn.Conv2d) and conv.groups == 1:
 
                 def read(_m: nn.Module, args: tuple, name: str = name) -> None:
@@ -195,7 +203,8 @@ def kept_channels(student: nn.Module, teacher: nn.Module) -> tuple[list[torch.Te
     kept: list[torch.Tensor] = []
     for index, layer in enumerate(student.model):
         sources = layer_sources(index, layer)
-        passes_on = len(sources) == 1 and s_widths[index] == s_widths[sources[0]] and not list(layer.parameters())
+        weightless = next(layer.parameters(), None) is None
+        passes_on = weightless and len(sources) == 1 and s_widths[index] == s_widths[sources[0]]
         if isinstance(layer, Concat):
             offsets = [sum(t_widths[s] for s in sources[:i]) for i in range(len(sources))]
             kept.append(torch.cat([offset + kept[s] for offset, s in zip(offsets, sources, strict=True)]))
