@@ -23,6 +23,7 @@ from torch import nn
 from ultralytics.nn.modules.block import C2, C2PSA, C3, A2C2f, AAttn, Attention, C2f, GhostBottleneck
 from ultralytics.nn.modules.conv import Concat
 
+from .features import probe_layers
 from .models import class_names
 
 Indices = dict[int, torch.Tensor]  # dimension -> the teacher's elements kept along it (elsewhere: the even spread)
@@ -144,10 +145,9 @@ def stack_indices(student: nn.Module, teacher: nn.Module) -> dict[str, Indices]:
 
 
 @torch.no_grad()
-def traced_layers(model: nn.Module, size: int) -> tuple[list[int], dict[str, int]]:
-    """One eval-mode forward: each layer's output width, and the convs that read their layer's input as it came
-    (conv name -> the layer whose output that is)."""
-    widths: list[int] = []
+def conv_readers(model: nn.Module, size: int) -> dict[str, int]:
+    """One eval-mode forward: the convs that read their layer's input as it came (conv name -> the layer whose
+    output that is)."""
     inputs: list[tuple[torch.Tensor, int]] = []  # the running layer's inputs and the layers they come from
     readers: dict[str, int] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -159,7 +159,6 @@ def traced_layers(model: nn.Module, size: int) -> tuple[list[int], dict[str, int
             inputs[:] = list(zip(tensors, sources, strict=False))  # not strict: layer 0's image has no source
 
         handles.append(layer.register_forward_pre_hook(enter))
-        handles.append(layer.register_forward_hook(lambda _m, _i, out: widths.append(out_width(out))))
         for name, conv in layer.named_modules(prefix=f"model.{index}"):
             # a grouped conv takes its input channels along dim 0 (each group its own): it keeps the even spread,
             # consistent where it reads a plain layer's output (no ultralytics yaml has one read a concatenation)
@@ -179,7 +178,7 @@ def traced_layers(model: nn.Module, size: int) -> tuple[list[int], dict[str, int
             module.train(training)
         for handle in handles:
             handle.remove()
-    return widths, readers
+    return readers
 
 
 def layer_sources(index: int, layer: nn.Module) -> list[int]:
@@ -188,31 +187,25 @@ def layer_sources(index: int, layer: nn.Module) -> list[int]:
     return [source for source in (index - 1 if f == -1 else f for f in froms) if source >= 0]
 
 
-def out_width(out: torch.Tensor | list | tuple) -> int:
-    """A layer's output channels."""
-    return out.shape[1] if isinstance(out, torch.Tensor) else 0  # a head's outputs are read by no layer
-
-
 def kept_channels(student: nn.Module, teacher: nn.Module) -> tuple[list[torch.Tensor], dict[str, int]]:
-    """Per layer of the student, the teacher's output channels it keeps: a concatenation each part's at the
-    teacher's offset of that part, a layer without weights (upsampling) those of its input, any other layer the even
-    spread. And the convs that read their layer's input (conv name -> the layer whose output that is)."""
+    """Per layer of the student below the head, the teacher's output channels it keeps: a concatenation each part's
+    at the teacher's offset of that part, a layer without weights (upsampling) those of its input, any other layer
+    the even spread. And the convs that read their layer's input (conv name -> the layer whose output that is)."""
     size = 2 * int(max(student.stride.max(), teacher.stride.max()))  # the smallest map is 2 x 2: widths only
-    s_widths, readers = traced_layers(student, size)
-    t_widths, _ = traced_layers(teacher, size)
+    s_widths, t_widths = ({info.index: info.channels for info in probe_layers(m, size)} for m in (student, teacher))
     kept: list[torch.Tensor] = []
-    for index, layer in enumerate(student.model):
+    for index, layer in enumerate(student.model[:-1]):  # the head's outputs feed no layer
         sources = layer_sources(index, layer)
         weightless = next(layer.parameters(), None) is None
-        passes_on = weightless and len(sources) == 1 and s_widths[index] == s_widths[sources[0]]
+        passes_on = weightless and len(sources) == 1 and s_widths.get(index) == s_widths.get(sources[0])
         if isinstance(layer, Concat):
             offsets = [sum(t_widths[s] for s in sources[:i]) for i in range(len(sources))]
             kept.append(torch.cat([offset + kept[s] for offset, s in zip(offsets, sources, strict=True)]))
         elif passes_on:
             kept.append(kept[sources[0]])
         else:
-            kept.append(spread(s_widths[index], t_widths[index]))
-    return kept, readers
+            kept.append(spread(s_widths.get(index, 0), t_widths.get(index, 0)))  # 0: no single map comes out
+    return kept, conv_readers(student, size)
 
 
 def input_indices(student: nn.Module, teacher: nn.Module) -> dict[str, Indices]:
