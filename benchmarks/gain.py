@@ -8,6 +8,7 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   finetune3  fine-tune yolov8n-bccd.pt, imgsz 320, 12 epochs, batch 16 (a check of the defaults chosen on the two above)
   native     fine-tune yolov8n-bccd.pt at the imgsz it was trained at (512), 4 epochs, batch 16
   imgsz640   fine-tune yolov8n-bccd.pt at ultralytics' default imgsz (640, above the 512 it was trained at), 6 epochs
+  batch32    fine-tune yolov8n-bccd.pt, imgsz 416, 8 epochs, batch 32 (7 optimizer steps an epoch; a check)
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
   scratch2   yolov8n.yaml from scratch, imgsz 320, 15 epochs, batch 16 (other imgsz and epochs)
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
@@ -63,6 +64,7 @@ SETTINGS = {
     "finetune3": Setting(STUDENT, TEACHER, 320, 12, 16),
     "native": Setting(STUDENT, TEACHER, 512, 4, 16),
     "imgsz640": Setting(STUDENT, TEACHER, 640, 6, 16),
+    "batch32": Setting(STUDENT, TEACHER, 416, 8, 32),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),

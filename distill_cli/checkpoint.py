@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -74,7 +75,9 @@ def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> di
         "balance": dict(state.balance),
         "balance_sums": dict(state.balance_sums),
         "skipped_steps": state.skipped_steps,
-        "run_dir": str(log.run_dir),
+        "run_dir": str(log.run_dir.resolve()),
+        # gradients summed since the last optimizer step (an accumulation may span an epoch's end); None when none
+        "grads": [p.grad for group in state.optimizer.param_groups for p in group["params"]],
         "history": log.history,
         "best_fitness": log.best_fitness,
         "best_epoch": log.best_epoch,
@@ -100,7 +103,10 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
             f"{made_by}, or start it again"
         )
     cfg = config_from_dict(ckpt["distill"]["config"])
-    return cfg, {**resume, "run_dir": resume["run_dir"]}
+    # the run continues in the folder that holds its last.pt, wherever that folder is now and whatever the current
+    # folder (a run dir saved relative to the folder it started from would otherwise resolve against this one)
+    run_dir = Path(os.path.abspath(last)).parent.parent if last.parent.name == "weights" else Path(resume["run_dir"])
+    return cfg, {**resume, "run_dir": str(run_dir)}
 
 
 def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, train_loader) -> int:
@@ -111,6 +117,8 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, t
         state.ema.ema.load_state_dict(ckpt["ema"])
         state.ema.updates = ckpt["ema_updates"]
     state.optimizer.load_state_dict(ckpt["optimizer"])
+    for param, grad in zip([p for g in state.optimizer.param_groups for p in g["params"]], ckpt["grads"], strict=True):
+        param.grad = None if grad is None else grad.to(param.device)
     if ckpt["scaler"]:  # empty when the scaler is off (bf16, fp32)
         state.scaler.load_state_dict(ckpt["scaler"])
     state.step, state.last_opt_step, state.accumulate = ckpt["step"], ckpt["last_opt_step"], ckpt["accumulate"]

@@ -185,17 +185,20 @@ def train(
         "layers": parse_layers(layers),
     }
     overrides = {k: v for k, v in options.items() if v is not None} | parse_overrides(set_)
+    taken = sorted({"recipe", "resume", "cfg", "callback"} & set(overrides))
+    if taken:  # arguments of train(), not config fields
+        raise DistillError(f"--set {taken[0]}: not a config field; use --{taken[0]} where there is one")
+    resume = resume or None
+    recipe = recipe if resume else recipe or "default"
     if device and "," in device and "WORLD_SIZE" not in os.environ:  # one process per GPU, via torchrun
-        from .dist import launch
+        from .dist import device_ids, launch
+        from .training import check_inputs
 
+        device_ids(device)  # the quick check first
+        check_inputs(recipe, resume, **overrides)  # bad input: one error line here, not one per process
         raise typer.Exit(launch(without_option(sys.argv[1:], "--device"), device))
-    if resume:
-        if overrides:
-            raise DistillError(f"--resume continues a run as it was configured; drop {', '.join(sorted(overrides))}")
-        result = run_train(resume=resume, callback=None if json_out else TrainProgress())
-    else:
-        result = run_train(recipe=recipe or "default", callback=None if json_out else TrainProgress(), **overrides)
-    if json_out:
+    result = run_train(recipe=recipe, resume=resume, callback=None if json_out else TrainProgress(), **overrides)
+    if json_out and result is not None:  # the other ranks of a multi-GPU run return nothing; rank 0 prints
         print_json({**{k: v for k, v in vars(result).items() if k != "history"}, "beat_start": result.beat_start})
 
 

@@ -94,15 +94,21 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def device_ids(devices: str) -> list[str]:
+    """The CUDA device ids in ``--device 0,1,...``, each checked to exist on this machine."""
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    if not torch.cuda.is_available() or any(not d.isdigit() or int(d) >= torch.cuda.device_count() for d in ids):
+        raise DistillError(f"--device {devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return ids
+
+
 def launch(argv: list[str], devices: str) -> int:
     """``yolodistill train --device 0,1,...``: the same command under torchrun, one process per GPU.
 
     ``argv`` is the command line without ``--device``; each process gets ``--device cuda`` and sees only the listed
     GPUs. Returns torchrun's exit code.
     """
-    ids = [d.strip() for d in devices.split(",") if d.strip()]
-    if not torch.cuda.is_available() or any(not d.isdigit() or int(d) >= torch.cuda.device_count() for d in ids):
-        raise DistillError(f"--device {devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    ids = device_ids(devices)
     args = [*argv, "--device", "cuda"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(ids)}
     cmd = [

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from .errors import DistillError
 
 T = TypeVar("T")
+EXPONENT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
 DEVICE_PATTERN = re.compile(r"(|auto|cpu|cuda|gpu|cuda:\d+|\d+(,\d+)*)")
 
 
@@ -117,6 +118,8 @@ def coerce(tp: type, value: Any, where: str) -> Any:
             return value
         raise DistillError(f"'{where}' must be true or false, got {value!r}")
     if tp in (int, float):
+        if tp is float and isinstance(value, str) and EXPONENT.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads an exponent without a dot (1e9, 2e-5) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DistillError(f"'{where}' must be a number, got {value!r}")
         if abs(value) > 1e300 or not math.isfinite(value):  # (checked in this order: a huge int overflows a float)

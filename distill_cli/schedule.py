@@ -15,6 +15,16 @@ def stop_step(schedule: Schedule, epochs: int, steps_per_epoch: int) -> int:
     return max(0, stop) * steps_per_epoch
 
 
+def schedule_problem(name: str, schedule: Schedule, epochs: int) -> str | None:
+    """Why a term's ``stop_epoch`` leaves it no epoch of an ``epochs``-long run (it would silently train without
+    it), or None."""
+    if stop_step(schedule, epochs, 1) > 0:
+        return None
+    within = f"a stop_epoch in 1..{epochs - 1} or -1..-{epochs - 1}, or none" if epochs > 1 else "no stop_epoch"
+    where = f"losses.{name}.schedule.stop_epoch {schedule.stop_epoch}"
+    return f"{where} leaves '{name}' no epoch of the {epochs}; use {within}"
+
+
 def weight_factor(schedule: Schedule, step: int, epochs: int, steps_per_epoch: int) -> float:
     """Multiplier in [0, 1] on a term's weight at global ``step`` (0-based, counted across epochs).
 

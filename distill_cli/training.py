@@ -29,6 +29,7 @@ from .optimizer import build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
 from .report import feature_agreement, measure_baseline, write_report
 from .runlog import RunLog, TrainResult
+from .schedule import schedule_problem
 from .start import (
     calibrate_selected,
     fine_tunes,
@@ -58,7 +59,42 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | None = None, **ov
         cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=recipe)
     elif cfg.recipe == Recipe() and cfg.recipe_name:
         cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))
-    return apply_overrides(cfg, overrides)  # also checks every field against the schema's rules
+    if "recipe_name" in overrides:  # it names the recipe the terms came from; setting it alone would mislabel the run
+        raise DistillError("--set recipe_name: choose the recipe with --recipe (recipe= in the Python API)")
+    cfg = apply_overrides(cfg, overrides)  # also checks every field against the schema's rules
+    for name, spec in cfg.recipe.losses.items():
+        problem = schedule_problem(name, spec.schedule, cfg.epochs)
+        if problem:
+            raise DistillError(problem)
+    return cfg
+
+
+def run_config(
+    cfg: RunConfig | None, recipe: str | None, resume: str | Path | None, overrides: dict[str, Any]
+) -> tuple[RunConfig, dict[str, Any] | None]:
+    """The run's config and, when resuming, its saved state. A resumed run keeps its own config: only ``device``
+    may change (where it runs, e.g. the ``cuda`` that the multi-GPU launcher gives each process)."""
+    if resume is not None:
+        extra = sorted(set(overrides) - {"device"}) + ["recipe"] * bool(recipe) + ["cfg"] * (cfg is not None)
+        if extra:
+            raise DistillError(f"--resume continues a run as it was configured; drop {', '.join(extra)}")
+        cfg, checkpoint = load_resume(resume)
+        if "device" in overrides:
+            cfg = apply_overrides(cfg, {"device": overrides["device"]})
+    else:
+        cfg, checkpoint = resolve_config(cfg, recipe, **overrides), None
+    for key in ("teacher", "student", "data") if needs_teacher(cfg) else ("student", "data"):
+        if not getattr(cfg, key):
+            raise DistillError(f"no {key} given; pass --{key}")
+    return cfg, checkpoint
+
+
+def check_inputs(recipe: str | None = None, resume: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """What a run checks before it starts (config, resume state, data, both models), without starting it: the
+    multi-GPU launcher calls it once, so that bad input is one error line, not one per process."""
+    cfg, checkpoint = run_config(None, recipe, resume, overrides)
+    load_models(cfg, load_data(cfg.data, cfg.val_split), resuming=checkpoint is not None)
+    return cfg
 
 
 def terms_can_pause(cfg: RunConfig) -> bool:
@@ -133,10 +169,7 @@ def train(
     ``callback(event, info)`` receives ``start``, ``step`` (running means), ``epoch`` (the results row) and ``end``.
     Under ``torchrun`` every rank calls this; rank 0 alone writes files, validates and calls back.
     """
-    cfg, checkpoint = load_resume(resume) if resume is not None else (resolve_config(cfg, recipe, **overrides), None)
-    for key in ("teacher", "student", "data") if needs_teacher(cfg) else ("student", "data"):
-        if not getattr(cfg, key):
-            raise DistillError(f"no {key} given; pass --{key}")
+    cfg, checkpoint = run_config(cfg, recipe, resume, overrides)
     info = dist.from_environment()
     if "," in cfg.device and not info.enabled:
         raise DistillError(f"--device {cfg.device}: several devices need torchrun (see README, multi-GPU)")

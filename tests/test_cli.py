@@ -161,3 +161,30 @@ def test_train_names_the_recipe_that_runs(run_kwargs: dict) -> None:
     result = runner.invoke(app, [*train_args(run_kwargs, recipe="default"), "--no-report"])
     assert result.exit_code == 0, result.output
     assert "recipe default: cls_kd x3, box_kd x3" in result.output
+
+
+def test_train_json_prints_nothing_on_the_ranks_that_return_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun only rank 0 returns a result; the others must exit 0 quietly, not fail on it."""
+    from distill_cli import training
+
+    monkeypatch.setattr(training, "train", lambda **kwargs: None)
+    result = runner.invoke(app, ["train", "--student", "s.pt", "--json"])
+    assert result.exit_code == 0 and result.stdout == "", result.output
+
+
+def test_multi_gpu_launch_checks_the_inputs_once_first(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad input under --device 0,1 is the same one line (exit 2) as on one device, before any process starts."""
+    from distill_cli import dist
+
+    launched: list = []
+    monkeypatch.setattr(dist, "device_ids", lambda devices: ["0", "1"])  # as on a machine with two GPUs
+    monkeypatch.setattr(dist, "launch", lambda argv, devices: launched.append(argv) or 0)
+    missing = str(Path(run_kwargs["project"]) / "missing.yaml")
+    assert_one_line_error(runner.invoke(app, train_args(run_kwargs, data=missing, device="0,1")), "data yaml")
+    assert not launched and not Path(run_kwargs["project"]).exists()
+    assert runner.invoke(app, train_args(run_kwargs, device="0,1")).exit_code == 0 and launched
+
+
+@pytest.mark.parametrize("key", ["resume", "recipe"])
+def test_set_of_a_train_argument_is_one_line(key: str) -> None:
+    assert_one_line_error(runner.invoke(app, ["train", "--set", f"{key}=x"]), f"--set {key}: not a config field")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -36,10 +37,11 @@ def test_torchrun_two_processes_write_one_run(run_kwargs: dict, tmp_path: Path) 
         "--nproc_per_node=2",
         "-m",
         "distill_cli",
-        *train_args(run_kwargs, recipe="cwd+logits", epochs=2, project=project),
+        *train_args(run_kwargs, recipe="cwd+logits", epochs=2, project=project, json=None),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["epochs_done"] == 2  # rank 0's summary; rank 1 returns nothing and prints nothing
     assert [p.name for p in project.iterdir()] == ["exp"]  # one set of outputs, from rank 0
     rows = (project / "exp" / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and "cwd_raw" in rows[0]

@@ -33,8 +33,11 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["model"].state_dict()
 
 
-def test_interrupted_then_resumed_run_equals_an_uninterrupted_run(run_kwargs: dict) -> None:
-    kwargs = {**run_kwargs, **EXACT}
+@pytest.mark.parametrize("nbs", [4, 12], ids=["step-every-batch", "accumulation-across-epochs"])
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_run(run_kwargs: dict, nbs: int) -> None:
+    """With nbs 12 (up to 3 batches of 4 per optimizer step, ramped up over the warm-up; 2 batches an epoch) the cut
+    after epoch 1 falls inside an accumulation: the gradients summed so far must survive the resume."""
+    kwargs = {**run_kwargs, **EXACT, "nbs": nbs}
     straight = train(recipe="mgd+logits", **{**kwargs, "name": "straight"})
     with pytest.raises(DistillError) as stopped:
         train(recipe="mgd+logits", callback=interrupt_after_epoch(1), **{**kwargs, "name": "cut"})
@@ -93,3 +96,34 @@ def test_resume_of_a_run_started_by_another_version_is_refused(run_kwargs: dict)
     torch.save(ckpt, last)
     with pytest.raises(DistillError, match="started by yolodistill 0.1.0 and this is .*start it again"):
         train(resume=last.parent.parent)
+
+
+def test_a_resumed_run_continues_in_the_folder_of_its_last_pt(
+    run_kwargs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with a relative project folder, resumed from elsewhere (or after its folder was moved), goes on
+    writing beside its last.pt, not into a new folder under the current one."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    kwargs = {**run_kwargs, "epochs": 2, "project": "runs", "name": "cut", "report": False}
+    with pytest.raises(DistillError):
+        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
+    moved = tmp_path / "moved"
+    (tmp_path / "a" / "runs" / "cut").rename(moved)
+    monkeypatch.chdir(tmp_path / "b")
+    resumed = train(resume=moved / "weights" / "last.pt", device="cpu")  # the device may change; nothing else
+    assert resumed.run_dir == moved and resumed.epochs_done == 2
+    assert len((moved / "results.csv").read_text().splitlines()) == 3
+    assert not list((tmp_path / "b").iterdir()) and not (tmp_path / "a" / "runs" / "cut").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "dropped"),
+    [({"epochs": 5}, "epochs"), ({"recipe": "cwd"}, "recipe"), ({"device": "cpu", "lr0": 0.1}, "lr0")],
+)
+def test_resume_refuses_changes_to_the_run(run_kwargs: dict, options: dict, dropped: str) -> None:
+    kwargs = {**run_kwargs, "epochs": 2, "name": "cut", "report": False}
+    with pytest.raises(DistillError):
+        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
+    with pytest.raises(DistillError, match=f"continues a run as it was configured; drop {dropped}$"):
+        train(resume=Path(kwargs["project"]) / "cut", **options)

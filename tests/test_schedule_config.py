@@ -19,6 +19,7 @@ from distill_cli.config import (
 )
 from distill_cli.errors import DistillError
 from distill_cli.schedule import lr_factor, weight_factor
+from distill_cli.training import resolve_config
 
 EPOCHS, SPE = 10, 5  # 50 steps
 
@@ -133,3 +134,30 @@ def test_layer_lists_must_hold_indices() -> None:
     assert config_from_dict({"recipe": {"layers": [15, 18]}}).recipe.layers == [15, 18]
     with pytest.raises(DistillError, match="'layers' must be a layer group name or a list of layer indices"):
         config_from_dict({"recipe": {"layers": [15, "x"]}})
+
+
+@pytest.mark.parametrize(("stop", "epochs"), [(-10, 5), (-5, 5), (0, 5), (-1, 1)])
+def test_a_stop_epoch_that_leaves_a_term_no_epoch_is_refused(stop: int, epochs: int, tmp_path) -> None:
+    """It would train without that term while config.yaml and the checkpoints still name the recipe."""
+    term = {"losses.cls_kd.schedule.stop_epoch": stop}
+    with pytest.raises(DistillError, match=f"stop_epoch {stop} leaves 'cls_kd' no epoch of the {epochs}"):
+        resolve_config(recipe="default", epochs=epochs, project=str(tmp_path / "runs"), **term)
+    assert not (tmp_path / "runs").exists()
+    for stop_epoch in (1, -1, 7):  # one epoch with the term, all but the last one, never stopped
+        term = {"losses.cls_kd.schedule.stop_epoch": stop_epoch}
+        cfg = resolve_config(recipe="default", epochs=2, **term)
+        assert cfg.recipe.losses["cls_kd"].schedule.stop_epoch == stop_epoch
+
+
+def test_recipe_name_is_chosen_with_the_recipe_not_set() -> None:
+    with pytest.raises(DistillError, match="--set recipe_name: choose the recipe with --recipe"):
+        resolve_config(recipe="default", recipe_name="cwd")
+
+
+def test_float_fields_take_exponents_without_a_dot() -> None:
+    """YAML 1.1 reads ``1e9`` and ``2e-5`` as strings; a float field takes them as the numbers they are."""
+    cfg = apply_overrides(RunConfig(), parse_overrides(["grad_clip=1e9", "losses.mgd.alpha=2e-5"]))
+    assert cfg.grad_clip == 1e9 and cfg.recipe.losses["mgd"].params["alpha"] == 2e-5
+    for bad in ("grad_clip=abc", "grad_clip=1e999", "epochs=1e2"):
+        with pytest.raises(DistillError, match="must be a"):
+            apply_overrides(RunConfig(), parse_overrides([bad]))
