@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .config import RunConfig, config_from_dict
 from .data import loader_state, restore_loader
-from .engine import TrainState
+from .engine import TrainState, trained_params
 from .errors import EXIT_INTERRUPTED, DistillError
 from .models import read_checkpoint, save_student
 from .report import Baseline
@@ -77,7 +77,7 @@ def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> di
         "skipped_steps": state.skipped_steps,
         "run_dir": str(log.run_dir.resolve()),
         # gradients summed since the last optimizer step (an accumulation may span an epoch's end); None when none
-        "grads": [p.grad for group in state.optimizer.param_groups for p in group["params"]],
+        "grads": [p.grad for p in trained_params(state)],
         "history": log.history,
         "best_fitness": log.best_fitness,
         "best_epoch": log.best_epoch,
@@ -117,7 +117,7 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, t
         state.ema.ema.load_state_dict(ckpt["ema"])
         state.ema.updates = ckpt["ema_updates"]
     state.optimizer.load_state_dict(ckpt["optimizer"])
-    for param, grad in zip([p for g in state.optimizer.param_groups for p in g["params"]], ckpt["grads"], strict=True):
+    for param, grad in zip(trained_params(state), ckpt["grads"], strict=True):
         param.grad = None if grad is None else grad.to(param.device)
     if ckpt["scaler"]:  # empty when the scaler is off (bf16, fp32)
         state.scaler.load_state_dict(ckpt["scaler"])

@@ -179,10 +179,15 @@ def skip_step(state: TrainState, what: str) -> None:
         )
 
 
+def trained_params(state: TrainState) -> list[nn.Parameter]:
+    """Every parameter the optimizer steps (student and adapters), in its groups' order."""
+    return [p for group in state.optimizer.param_groups for p in group["params"]]
+
+
 def optimizer_step(state: TrainState) -> None:
     """Unscale, clip, step (skipped when gradients are non-finite), update the EMA of the student."""
     state.scaler.unscale_(state.optimizer)
-    params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    params = trained_params(state)
     norm = nn.utils.clip_grad_norm_(params, max_norm=state.cfg.grad_clip)
     if not torch.isfinite(norm) and not state.scaler.is_enabled():
         skip_step(state, "gradients")
