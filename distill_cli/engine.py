@@ -78,10 +78,12 @@ def set_learning_rate(state: TrainState, epoch: int) -> None:
 def train_one_epoch(
     state: TrainState, loader, epoch: int, on_log: Callable[[int, dict[str, float]], None] | None = None
 ) -> dict[str, float]:
-    """Train one epoch; returns the epoch's mean of every logged value (detection items, raw and weighted terms)."""
+    """Train one epoch; returns the epoch's mean of every logged value (detection items, raw and weighted terms)
+    per batch, and the gradient norm summary of its optimizer steps (``clip_summary``)."""
     train_mode(state)
     sums: dict[str, torch.Tensor] = {}
     count = 0
+    norms: list[float] = []  # each optimizer step's gradient norm before the clip
     nw = warmup_steps(state.cfg, state.steps_per_epoch)
     target = target_accumulate(state.cfg, state.steps_per_epoch)
     for i, batch in enumerate(loader):
@@ -108,7 +110,7 @@ def train_one_epoch(
             continue
         state.scaler.scale(loss).backward()
         if state.step - state.last_opt_step >= state.accumulate:
-            optimizer_step(state)
+            norms.append(optimizer_step(state))
             state.last_opt_step = state.step
         update_balance(state, det.total, terms)
         for k, v in logs.items():
@@ -117,7 +119,19 @@ def train_one_epoch(
         state.step += 1
         if on_log and (i % LOG_EVERY == 0 or i == len(loader) - 1):
             on_log(i, {k: float(v) / count for k, v in sums.items()})
-    return {k: float(v) / max(count, 1) for k, v in sums.items()}
+    return {k: float(v) / max(count, 1) for k, v in sums.items()} | clip_summary(norms, state.cfg.grad_clip)
+
+
+def clip_summary(norms: list[float], max_norm: float) -> dict[str, float]:
+    """The epoch's mean gradient norm before the clip and the share of optimizer steps the clip rescaled; empty for
+    an epoch without a finite optimizer step. A step's gradient is that of about ``nbs`` images (the loss is scaled
+    by the batch size and summed over the accumulated batches, as in ultralytics; the accumulation ramps up during
+    the warm-up), so at ultralytics' max_norm of 10 the share is often 1: every step rescaled to the same length.
+    Non-finite norms (steps skipped, or skipped by the fp16 scaler) are left out."""
+    finite = [n for n in norms if math.isfinite(n)]
+    if not finite:
+        return {}
+    return {"grad_norm": sum(finite) / len(finite), "clipped": sum(n > max_norm for n in finite) / len(finite)}
 
 
 def train_mode(state: TrainState) -> None:
@@ -184,12 +198,13 @@ def trained_params(state: TrainState) -> list[nn.Parameter]:
     return [p for group in state.optimizer.param_groups for p in group["params"]]
 
 
-def optimizer_step(state: TrainState) -> None:
-    """Unscale, clip, step (skipped when gradients are non-finite), update the EMA of the student."""
+def optimizer_step(state: TrainState) -> float:
+    """Unscale, clip, step (skipped when gradients are non-finite), update the EMA of the student; returns the
+    gradient norm before the clip."""
     state.scaler.unscale_(state.optimizer)
     params = trained_params(state)
-    norm = nn.utils.clip_grad_norm_(params, max_norm=state.cfg.grad_clip)
-    if not torch.isfinite(norm) and not state.scaler.is_enabled():
+    norm = float(nn.utils.clip_grad_norm_(params, max_norm=state.cfg.grad_clip))  # the step's one host sync
+    if not math.isfinite(norm) and not state.scaler.is_enabled():
         skip_step(state, "gradients")
     else:
         state.bad_steps = 0
@@ -198,6 +213,7 @@ def optimizer_step(state: TrainState) -> None:
     state.optimizer.zero_grad(set_to_none=True)
     if state.ema is not None:
         state.ema.update(state.distiller.student)
+    return norm
 
 
 def update_balance(state: TrainState, det_loss: torch.Tensor, terms: dict) -> None:

@@ -11,6 +11,7 @@ import torch
 import yaml
 from ultralytics import YOLO
 
+from distill_cli import engine
 from distill_cli.config import list_recipes
 from distill_cli.errors import DistillError
 from distill_cli.training import train
@@ -189,3 +190,38 @@ def test_a_fine_tune_picks_its_optimizer_by_ultralytics_iteration_count(
     assert counted == [1]  # ceil(8 images / max(batch 4, 64)) x 1 epoch, as ultralytics counts
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert saved["nbs"] == 4 and saved["bn_stats"] == "frozen" and saved["amp_dtype"] in ("bf16", "fp32")
+
+
+def test_clip_summary_is_the_mean_norm_and_the_share_of_steps_rescaled() -> None:
+    assert engine.clip_summary([4.0, 12.0, 20.0, float("inf")], max_norm=10.0) == {"grad_norm": 12.0, "clipped": 2 / 3}
+    assert engine.clip_summary([float("nan")], max_norm=10.0) == {}
+
+
+@pytest.mark.parametrize("grad_clip", [1e-6, 1e12])
+def test_results_record_each_epochs_gradient_norm_before_the_clip(
+    grad_clip: float, run_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    norms: list[float] = []  # this epoch's, reset by the callback at each epoch's end
+    per_epoch: list[list[float]] = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, **kwargs):
+        norm = clip(params, max_norm, **kwargs)
+        norms.append(float(norm))
+        return norm
+
+    def callback(event: str, info: dict) -> None:
+        if event == "epoch":
+            per_epoch.append(list(norms))
+            norms.clear()
+
+    monkeypatch.setattr(engine.nn.utils, "clip_grad_norm_", recording_clip)
+    # nbs = batch: an optimizer step every batch, 2 a epoch; the mean must be over them, epoch by epoch
+    options = {**run_kwargs, "epochs": 2, "nbs": 4, "grad_clip": grad_clip}
+    result = train(recipe="default", callback=callback, **options)
+    assert [len(n) for n in per_epoch] == [2, 2]
+    for row, seen in zip(result.history, per_epoch, strict=True):
+        assert row["grad_norm"] == pytest.approx(sum(seen) / len(seen), rel=1e-5)
+        assert row["clipped"] == (1.0 if grad_clip < 1 else 0.0)
+    header = (result.run_dir / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"grad_norm", "clipped"} <= set(header)
