@@ -78,6 +78,9 @@ def test_fp16_step_with_grad_scaler_moves_the_weights_like_fp32(run_kwargs: dict
     half = built_state(run_kwargs, amp_dtype="fp16")
     full = built_state(run_kwargs, amp=False)
     assert half.scaler.is_enabled() and not full.scaler.is_enabled()
+    # at the scaler's first scale (2^16) this untrained net's scaled fp16 gradients overflow on some CPUs (AMD EPYC),
+    # so that step is skipped and the scale backs off (the overflow test below); 2^12 still needs the unscale
+    half.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     assert half.teacher.runner.model[0].conv.weight.dtype == torch.float16
     start = student_weights(full)
     assert all(torch.equal(start[k], v) for k, v in student_weights(half).items())  # same seed, same start
