@@ -9,6 +9,8 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   native     fine-tune yolov8n-bccd.pt at the imgsz it was trained at (512), 4 epochs, batch 16
   imgsz640   fine-tune yolov8n-bccd.pt at ultralytics' default imgsz (640, above the 512 it was trained at), 6 epochs
   batch32    fine-tune yolov8n-bccd.pt, imgsz 416, 8 epochs, batch 32 (7 optimizer steps an epoch; a check)
+  finetune4  fine-tune yolov8n-bccd.pt, imgsz 288, 10 epochs, batch 12 (a check of the unclipped fine-tune)
+  batch32long  batch32 over 16 epochs (112 optimizer steps: does the default's loss there come from the run's length?)
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
   scratch2   yolov8n.yaml from scratch, imgsz 320, 15 epochs, batch 16 (other imgsz and epochs)
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
@@ -65,6 +67,8 @@ SETTINGS = {
     "native": Setting(STUDENT, TEACHER, 512, 4, 16),
     "imgsz640": Setting(STUDENT, TEACHER, 640, 6, 16),
     "batch32": Setting(STUDENT, TEACHER, 416, 8, 32),
+    "finetune4": Setting(STUDENT, TEACHER, 288, 10, 12),
+    "batch32long": Setting(STUDENT, TEACHER, 416, 16, 32),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),
@@ -160,8 +164,9 @@ def prepared_teacher(args: argparse.Namespace, setting: Setting, results: dict) 
 
 
 def jobs(cli: argparse.Namespace):
-    """(label, function(args, seed)) for every run of a setting."""
-    out = [(Path(r).stem, lambda a, s, r=r: run_ours(a, r, s)) for r in cli.recipes]
+    """(label, function(args, seed)) for every run of a setting; ``--set`` overrides are part of our runs' labels."""
+    extra = "".join(f", {o}" for o in cli.set)
+    out = [(Path(r).stem + extra, lambda a, s, r=r: run_ours(a, r, s)) for r in cli.recipes]
     if cli.ultralytics_plain:
         out.append(("ultralytics plain", lambda a, s: run_ultralytics(a, None, s)))
     out += [(f"ultralytics KD dis={d:g}", lambda a, s, d=d: run_ultralytics(a, d, s)) for d in cli.ultralytics_kd]

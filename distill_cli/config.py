@@ -24,6 +24,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "default"
 ULTRALYTICS_NBS = 64  # ultralytics' nominal batch size
+ULTRALYTICS_MAX_NORM = 10.0  # ultralytics' gradient clip
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 STUDENT_INITS = ("random", "teacher")
 MAX_IMGSZ = 16384
@@ -143,7 +144,9 @@ class RunConfig:
     # nominal batch size: gradients accumulate to it. 0 (auto): 64, as ultralytics, from scratch; the batch size (an
     # optimizer step every batch) when fine-tuning a .pt student, where a short run needs the updates
     nbs: int = ranged(0, ge=0)
-    grad_clip: float = ranged(10.0, gt=0)  # max norm of the gradient
+    # max norm of the gradient; 0 = auto: ultralytics' 10, but no clip when a .pt student is fine-tuned with an
+    # Adam-family optimizer (the clip rescaled every step there; without it the fine-tunes' means mostly rose)
+    grad_clip: float = ranged(0.0, ge=0)
     close_mosaic: int = ranged(10, ge=0)
     ema: bool = True
     # EMA of the student: decay reached with time constant ema_tau optimizer steps (ultralytics' ModelEMA). 0 = auto:

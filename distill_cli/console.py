@@ -85,6 +85,7 @@ class TrainProgress:
         console.print(f"[bold]run dir[/] {info['run_dir']}  student params {info['params']:,}  classes {info['names']}")
         console.print(f"  {info['precision']}")
         console.print(f"  {info['student_init']}")
+        console.print(f"  {info['optimizer']}")
         terms = ", ".join(f"{k} x{w:g}" for k, w in info["terms"].items()) or "no distillation"
         console.print(f"  recipe {info['recipe']}: {terms}")
         for term, pairs in info["pairs"].items():

@@ -13,7 +13,7 @@ from torch import nn
 from ultralytics.utils.torch_utils import ModelEMA
 
 from . import dist
-from .config import RunConfig
+from .config import ULTRALYTICS_MAX_NORM, RunConfig
 from .distiller import Distiller, Teacher
 from .errors import EXIT_RUNTIME, DistillError
 from .evaluation import Validation, run_validator
@@ -42,6 +42,7 @@ class TrainState:
     skipped_steps: int = 0
     balance: dict[str, float] = field(default_factory=dict)  # automatic per-term factors (1.0 until calibrated)
     balance_sums: dict[str, list[float]] = field(default_factory=dict)
+    max_grad_norm: float = ULTRALYTICS_MAX_NORM  # the clip (training.max_grad_norm resolves grad_clip)
     world_size: int = 1
 
     @property
@@ -119,7 +120,7 @@ def train_one_epoch(
         state.step += 1
         if on_log and (i % LOG_EVERY == 0 or i == len(loader) - 1):
             on_log(i, {k: float(v) / count for k, v in sums.items()})
-    return {k: float(v) / max(count, 1) for k, v in sums.items()} | clip_summary(norms, state.cfg.grad_clip)
+    return {k: float(v) / max(count, 1) for k, v in sums.items()} | clip_summary(norms, state.max_grad_norm)
 
 
 def clip_summary(norms: list[float], max_norm: float) -> dict[str, float]:
@@ -203,7 +204,7 @@ def optimizer_step(state: TrainState) -> float:
     gradient norm before the clip."""
     state.scaler.unscale_(state.optimizer)
     params = trained_params(state)
-    norm = float(nn.utils.clip_grad_norm_(params, max_norm=state.cfg.grad_clip))  # the step's one host sync
+    norm = float(nn.utils.clip_grad_norm_(params, max_norm=state.max_grad_norm))  # the step's one host sync
     if not math.isfinite(norm) and not state.scaler.is_enabled():
         skip_step(state, "gradients")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import os
 import shutil
 import time
@@ -93,6 +94,12 @@ def first_missing(folder: Path) -> Path | None:
     return missing
 
 
+def optimizer_note(cfg: RunConfig, max_norm: float) -> str:
+    """The start-up line of the optimizer and the clip in use (config.yaml keeps grad_clip 0 when it was auto)."""
+    clip = f"gradient clip at {max_norm:g}" if math.isfinite(max_norm) else "no gradient clip"
+    return f"optimizer {cfg.optimizer}, lr0 {cfg.lr0:g}, {clip}" + ("" if cfg.grad_clip else " (grad_clip auto)")
+
+
 def fitness(metrics: dict[str, float]) -> float:
     """ultralytics' model-selection score: 0.1 mAP50 + 0.9 mAP50-95."""
     return 0.1 * metrics.get("mAP50", 0.0) + 0.9 * metrics.get("mAP50-95", 0.0)
@@ -158,6 +165,7 @@ class RunLog:
             "epochs": self.cfg.epochs,
             "precision": precision,
             "student_init": student_init,
+            "optimizer": optimizer_note(self.cfg, state.max_grad_norm),
             "recipe": self.cfg.recipe_name,
             "terms": {k: v.weight for k, v in self.cfg.recipe.losses.items()},
             "state": state,

@@ -18,14 +18,14 @@ from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 
 from . import dist
 from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
-from .config import ULTRALYTICS_NBS, Recipe, RunConfig, apply_overrides, load_recipe
+from .config import ULTRALYTICS_MAX_NORM, ULTRALYTICS_NBS, Recipe, RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
 from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
 from .models import class_names, count_params
-from .optimizer import build_optimizer
+from .optimizer import ADAM_FAMILY, build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
 from .report import feature_agreement, measure_baseline, write_report
 from .runlog import RunLog, TrainResult
@@ -132,6 +132,18 @@ def resolve_auto(cfg: RunConfig) -> RunConfig:
     finetune = fine_tunes(cfg)
     bn_stats = cfg.bn_stats if cfg.bn_stats != "auto" else "frozen" if finetune else "update"
     return replace(cfg, bn_stats=bn_stats, nbs=cfg.nbs or (cfg.batch if finetune else ULTRALYTICS_NBS))
+
+
+def max_grad_norm(cfg: RunConfig) -> float:
+    """The clip's max norm: ``grad_clip`` when set; when auto (0), none for a .pt student fine-tuned with an
+    Adam-family optimizer, else ultralytics' 10. The loss is scaled by the batch, so a fine-tune's gradient norm is
+    in the hundreds to thousands and a clip at 10 rescales every step to the same norm; Adam's per-parameter
+    normalisation already bounds each update, and without the clip the default recipe's fine-tune means rose in 9
+    of 12 (benchmarks/RESULTS.md). SGD's step grows with the gradient, so SGD, MuSGD and RMSprop keep the clip, as do
+    students from scratch."""
+    if cfg.grad_clip:
+        return cfg.grad_clip
+    return math.inf if fine_tunes(cfg) and cfg.optimizer in ADAM_FAMILY else ULTRALYTICS_MAX_NORM
 
 
 def resolve_ema(cfg: RunConfig, steps_per_epoch: int) -> RunConfig:
@@ -253,6 +265,7 @@ def prepare(
         amp_dtype,
         len(train_loader),
         accumulate=1,
+        max_grad_norm=max_grad_norm(cfg),
         world_size=info.world_size,
     )
     state.accumulate = target_accumulate(cfg, state.steps_per_epoch)

@@ -12,9 +12,9 @@ import yaml
 from ultralytics import YOLO
 
 from distill_cli import engine
-from distill_cli.config import list_recipes
+from distill_cli.config import RunConfig, list_recipes
 from distill_cli.errors import DistillError
-from distill_cli.training import train
+from distill_cli.training import max_grad_norm, train
 
 
 class Recorder:
@@ -173,7 +173,8 @@ def test_a_fine_tune_picks_its_optimizer_by_ultralytics_iteration_count(
     run_kwargs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A step every batch must not make optimizer: auto count 64/batch times more iterations than ultralytics
-    (which would pick MuSGD where ultralytics picks AdamW); the chosen precision is written into the config."""
+    (which would pick MuSGD where ultralytics picks AdamW); the chosen precision is written into the config, and
+    with grad_clip auto an AdamW fine-tune runs unclipped and its start-up line says so."""
     from ultralytics.nn.tasks import DetectionModel
 
     from distill_cli import training
@@ -184,12 +185,44 @@ def test_a_fine_tune_picks_its_optimizer_by_ultralytics_iteration_count(
     counted = []
     original = training.build_optimizer
     monkeypatch.setattr(training, "build_optimizer", lambda m, c, nc, it: counted.append(it) or original(m, c, nc, it))
+    max_norms: list[float] = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        engine.nn.utils, "clip_grad_norm_", lambda p, max_norm: max_norms.append(max_norm) or clip(p, max_norm)
+    )
     trained = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
     trained.names = dict(enumerate(SYNTHETIC_CLASSES))
-    result = train(recipe="cwd", report=False, **{**run_kwargs, "student": str(save_model(tmp_path / "s.pt", trained))})
+    started: list[dict] = []
+
+    def callback(event: str, info: dict) -> None:
+        started.extend([info] if event == "start" else [])
+
+    student = str(save_model(tmp_path / "s.pt", trained))
+    result = train(recipe="cwd", report=False, callback=callback, **{**run_kwargs, "student": student})
     assert counted == [1]  # ceil(8 images / max(batch 4, 64)) x 1 epoch, as ultralytics counts
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert saved["nbs"] == 4 and saved["bn_stats"] == "frozen" and saved["amp_dtype"] in ("bf16", "fp32")
+    # grad_clip auto: an AdamW fine-tune's steps are not clipped
+    assert saved["optimizer"] == "AdamW" and saved["grad_clip"] == 0
+    assert max_norms and set(max_norms) == {math.inf}
+    assert started[0]["optimizer"] == "optimizer AdamW, lr0 0.001429, no gradient clip (grad_clip auto)"
+
+
+@pytest.mark.parametrize(
+    ("student", "optimizer", "grad_clip", "expected"),
+    [
+        ("s.pt", "AdamW", 0.0, math.inf),  # auto: an Adam-family fine-tune runs without the clip
+        ("s.pt", "NAdam", 0.0, math.inf),
+        ("s.pt", "SGD", 0.0, 10.0),  # SGD's step grows with the gradient: ultralytics' clip
+        ("yolov8n.yaml", "AdamW", 0.0, 10.0),  # from scratch: ultralytics' clip
+        ("s.pt", "AdamW", 3.0, 3.0),  # a value given is always the clip
+        ("yolov8n.yaml", "SGD", 1e9, 1e9),
+    ],
+)
+def test_the_clip_is_off_only_for_an_adam_fine_tune_when_auto(
+    student: str, optimizer: str, grad_clip: float, expected: float
+) -> None:
+    assert max_grad_norm(RunConfig(student=student, optimizer=optimizer, grad_clip=grad_clip)) == expected
 
 
 def test_clip_summary_is_the_mean_norm_and_the_share_of_steps_rescaled() -> None:
