@@ -13,7 +13,7 @@ from torch import nn
 from ultralytics.utils.torch_utils import ModelEMA
 
 from . import dist
-from .config import ULTRALYTICS_MAX_NORM, RunConfig
+from .config import RunConfig
 from .distiller import Distiller, Teacher
 from .errors import EXIT_RUNTIME, DistillError
 from .evaluation import Validation, run_validator
@@ -36,13 +36,13 @@ class TrainState:
     amp_dtype: torch.dtype | None  # None: fp32
     steps_per_epoch: int
     accumulate: int
+    max_grad_norm: float  # the clip, resolved from grad_clip by training.max_grad_norm (inf: none)
     step: int = 0  # global step, across epochs
     last_opt_step: int = -1
     bad_steps: int = 0  # consecutive non-finite steps
     skipped_steps: int = 0
     balance: dict[str, float] = field(default_factory=dict)  # automatic per-term factors (1.0 until calibrated)
     balance_sums: dict[str, list[float]] = field(default_factory=dict)
-    max_grad_norm: float = ULTRALYTICS_MAX_NORM  # the clip (training.max_grad_norm resolves grad_clip)
     world_size: int = 1
 
     @property

@@ -237,7 +237,19 @@ def balance_on_rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = apply_overrides(RunConfig(recipe=load_recipe("cwd")), {"balance.target": 1.0, "balance.steps": 1})
-    state = TrainState(cfg, None, None, None, None, None, torch.device("cpu"), None, steps_per_epoch=1, accumulate=1)
+    state = TrainState(
+        cfg,
+        None,
+        None,
+        None,
+        None,
+        None,
+        torch.device("cpu"),
+        None,
+        steps_per_epoch=1,
+        accumulate=1,
+        max_grad_norm=10.0,
+    )
     update_balance(state, torch.tensor(2.0 + 2 * rank), {"cwd": torch.tensor(1.0 + 3 * rank)})  # det 2|4, cwd 1|4
     Path(out, f"rank{rank}.txt").write_text(str(state.balance["cwd"]))
     dist.destroy_process_group()

@@ -118,7 +118,19 @@ def test_automatic_balance_scales_each_term_to_its_target_share() -> None:
         RunConfig(recipe=load_recipe("cwd+logits")),
         {"balance.target": 0.5, "balance.steps": 2, "losses.cwd.weight": 2.0},
     )
-    state = TrainState(cfg, None, None, None, None, None, torch.device("cpu"), None, steps_per_epoch=10, accumulate=1)
+    state = TrainState(
+        cfg,
+        None,
+        None,
+        None,
+        None,
+        None,
+        torch.device("cpu"),
+        None,
+        steps_per_epoch=10,
+        accumulate=1,
+        max_grad_norm=10.0,
+    )
     for det, cwd, cls in ((4.0, 1.0, 0.1), (2.0, 3.0, 0.3)):
         terms = {"cwd": torch.tensor(cwd), "cls_kd": torch.tensor(cls), "dfl_kd": torch.tensor(0.0)}
         update_balance(state, torch.tensor(det), terms)
