@@ -148,6 +148,9 @@ class RunConfig:
     # Adam-family optimizer (the clip rescaled every step there; without it the fine-tunes' means mostly rose)
     grad_clip: float = ranged(0.0, ge=0)
     close_mosaic: int = ranged(10, ge=0)
+    # random resize of each training image by a gain in [1 - scale, 1 + scale] (ultralytics' scale). None = auto:
+    # ultralytics' 0.5 from scratch, no resize (0) in a fine-tune (benchmarks/RESULTS.md)
+    scale: float | None = ranged(None, ge=0, le=1)
     ema: bool = True
     # EMA of the student: decay reached with time constant ema_tau optimizer steps (ultralytics' ModelEMA). 0 = auto:
     # ultralytics' 0.9999 and 2000 from scratch; a fine-tune averages over about the last tenth of its steps

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from ultralytics.utils import DEFAULT_CFG
 from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 
 from . import dist
@@ -45,6 +46,9 @@ Callback = Callable[[str, dict[str, Any]], None]
 # the span of a fine-tune's EMA, as a share of its optimizer steps (benchmarks/RESULTS.md: an average over the last
 # ~10% of the steps beat one over ~20% and a copy of the live weights)
 FINETUNE_EMA_SHARE = 0.1
+# a fine-tune's random resize of its training images: none (the student as given has learned that jitter; without it
+# both recipes' means rose in the fine-tune settings, benchmarks/RESULTS.md 2026-12-03)
+FINETUNE_SCALE = 0.0
 
 
 class Interrupted(Exception):
@@ -127,11 +131,14 @@ def select_device(spec: str) -> torch.device:
 
 def resolve_auto(cfg: RunConfig) -> RunConfig:
     """The settings that depend on how the student starts, resolved once (config.yaml and a resumed run say what
-    was done): a trained .pt student is fine-tuned with its BatchNorm statistics frozen and a step every batch; a
-    yaml student trains from scratch exactly as ultralytics trains it (benchmarks/RESULTS.md has the measurements)."""
+    was done): a trained .pt student is fine-tuned with its BatchNorm statistics frozen, a step every batch and its
+    training images not resized at random; a yaml student trains from scratch exactly as ultralytics trains it
+    (benchmarks/RESULTS.md has the measurements)."""
     finetune = fine_tunes(cfg)
     bn_stats = cfg.bn_stats if cfg.bn_stats != "auto" else "frozen" if finetune else "update"
-    return replace(cfg, bn_stats=bn_stats, nbs=cfg.nbs or (cfg.batch if finetune else ULTRALYTICS_NBS))
+    nbs = cfg.nbs or (cfg.batch if finetune else ULTRALYTICS_NBS)
+    scale = cfg.scale if cfg.scale is not None else FINETUNE_SCALE if finetune else DEFAULT_CFG.scale
+    return replace(cfg, bn_stats=bn_stats, nbs=nbs, scale=scale)
 
 
 def max_grad_norm(cfg: RunConfig) -> float:
@@ -215,6 +222,7 @@ def prepare(
         imgsz=cfg.imgsz,
         batch=batch,
         close_mosaic=cfg.close_mosaic,
+        scale=cfg.scale,
         cache=cfg.cache,
         fraction=cfg.fraction,
         workers=cfg.workers,

@@ -14,7 +14,7 @@ from ultralytics import YOLO
 from distill_cli import engine
 from distill_cli.config import RunConfig, list_recipes
 from distill_cli.errors import DistillError
-from distill_cli.training import max_grad_norm, train
+from distill_cli.training import max_grad_norm, resolve_auto, train
 
 
 class Recorder:
@@ -109,18 +109,42 @@ def test_class_mismatch_stops_output_distillation_before_anything_is_written(run
         train(recipe="cwd", **run_kwargs)
 
 
-def test_a_fine_tuned_student_keeps_its_batchnorm_statistics_and_steps_every_batch(
-    run_kwargs: dict, tmp_path: Path
-) -> None:
-    """A .pt student is fine-tuned with frozen BatchNorm statistics, an optimizer step per batch and an EMA that
-    averages over the last tenth of the run; a yaml student trains as ultralytics trains (statistics updated,
-    nominal batch 64, ultralytics' EMA)."""
-    from ultralytics.nn.tasks import DetectionModel
+def random_resize_scales(dataset) -> set[float]:
+    """The ``scale`` of every RandomPerspective in a dataset's transforms (inside nested Compose too)."""
+    from ultralytics.data.augment import Compose, RandomPerspective
 
+    found, todo = set(), [dataset.transforms]
+    while todo:
+        transform = todo.pop()
+        if isinstance(transform, RandomPerspective):
+            found.add(transform.scale)
+        elif isinstance(transform, Compose):
+            todo.extend(transform.transforms)
+    return found
+
+
+def test_a_fine_tune_keeps_batchnorm_statistics_steps_every_batch_averages_late_and_does_not_resize(
+    run_kwargs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A .pt student is fine-tuned with frozen BatchNorm statistics, an optimizer step per batch, an EMA that
+    averages over the last tenth of the run and no random resize of its training images; a yaml student trains as
+    ultralytics trains (statistics updated, nominal batch 64, ultralytics' EMA and resize jitter)."""
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import DEFAULT_CFG
+
+    from distill_cli import training
     from distill_cli.data import SYNTHETIC_CLASSES
 
     from .conftest import save_model
 
+    loaders = []
+    original = training.build_loader
+
+    def recorded_loader(*args, **kwargs):
+        loaders.append(original(*args, **kwargs))
+        return loaders[-1]
+
+    monkeypatch.setattr(training, "build_loader", recorded_loader)
     torch.manual_seed(0)
     trained = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
     trained.names = dict(enumerate(SYNTHETIC_CLASSES))
@@ -141,6 +165,20 @@ def test_a_fine_tuned_student_keeps_its_batchnorm_statistics_and_steps_every_bat
         assert state.ema.decay(steps) == pytest.approx(decay) and (state.cfg.ema_decay > 0) != frozen
         saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
         assert (saved["ema_decay"], saved["ema_tau"]) == (state.cfg.ema_decay, state.cfg.ema_tau)
+        scale = 0.0 if frozen else DEFAULT_CFG.scale  # ultralytics' 0.5
+        train_set = next(loader.dataset for loader in loaders if loader.dataset.augment)
+        assert saved["scale"] == scale and random_resize_scales(train_set) == {scale}
+        loaders.clear()
+
+
+@pytest.mark.parametrize(
+    ("student", "scale", "expected"),
+    [("s.pt", None, 0.0), ("s.yaml", None, 0.5), ("s.yaml", 0.0, 0.0), ("s.pt", 0.5, 0.5), ("s.pt", 0.2, 0.2)],
+)
+def test_scale_auto_is_no_resize_in_a_fine_tune_and_ultralytics_from_scratch_and_a_given_value_wins(
+    student: str, scale: float | None, expected: float
+) -> None:
+    assert resolve_auto(RunConfig(student=student, scale=scale)).scale == expected
 
 
 def test_a_short_fine_tune_averages_its_weights_and_a_long_one_gets_ultralytics_ema() -> None:
