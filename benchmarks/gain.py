@@ -12,6 +12,7 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   finetune4  fine-tune yolov8n-bccd.pt, imgsz 288, 10 epochs, batch 12 (a check of the unclipped fine-tune)
   batch32long  batch32 over 16 epochs (112 optimizer steps: does the default's loss there come from the run's length?)
   finetune5  fine-tune yolov8n-bccd.pt, imgsz 320, 6 epochs, batch 8 (a check after the choice, like finetune4)
+  finetune6  fine-tune yolov8n-bccd.pt, imgsz 384, 7 epochs, batch 24 (added after version 0.3.8's choice, to check it)
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
   scratch2   yolov8n.yaml from scratch, imgsz 320, 15 epochs, batch 16 (other imgsz and epochs)
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
@@ -71,6 +72,7 @@ SETTINGS = {
     "finetune4": Setting(STUDENT, TEACHER, 288, 10, 12),
     "batch32long": Setting(STUDENT, TEACHER, 416, 16, 32),
     "finetune5": Setting(STUDENT, TEACHER, 320, 6, 8),
+    "finetune6": Setting(STUDENT, TEACHER, 384, 7, 24),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),

@@ -160,7 +160,7 @@ def test_train_names_the_recipe_that_runs(run_kwargs: dict) -> None:
     """The start-up lines name the recipe and its terms with their weights."""
     result = runner.invoke(app, [*train_args(run_kwargs, recipe="default"), "--no-report"])
     assert result.exit_code == 0, result.output
-    assert "recipe default: cls_kd x3, box_kd x3" in result.output
+    assert "recipe default: cls_kd x1.5, box_kd x3" in result.output
 
 
 def test_train_json_prints_nothing_on_the_ranks_that_return_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
