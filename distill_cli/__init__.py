@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import DistillError
 
-__version__ = "0.3.8"
+__version__ = "0.3.9"
 
 _API = {
     "train": "training",

@@ -27,6 +27,7 @@ ULTRALYTICS_NBS = 64  # ultralytics' nominal batch size
 ULTRALYTICS_MAX_NORM = 10.0  # ultralytics' gradient clip
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 STUDENT_INITS = ("random", "teacher")
+ADAPTER_INITS = ("fit", "random")
 MAX_IMGSZ = 16384
 
 
@@ -108,6 +109,9 @@ class Recipe:
     # where a student built from a yaml starts: random (as ultralytics), or teacher: a selection of the teacher's
     # weights when the teacher has its layers, wider or repeated more often (weight_selection.py); a .pt keeps its own
     init: str = ranged("random", choices=STUDENT_INITS)
+    # where the 1x1 adapters of feature and cross-head terms start: fit, the least-squares map from the student's
+    # layer to the teacher's over the first train images (adapter_fit.py), or random, PyTorch's initialisation
+    adapters: str = ranged("fit", choices=ADAPTER_INITS)
 
 
 @dataclass

@@ -140,8 +140,13 @@ def train_mode(state: TrainState) -> None:
     kept and used; their scale and shift still train), as detection fine-tuning usually freezes them. Those of the
     ``freeze`` layers always do: a frozen layer computes what it computed before the run."""
     state.model.train()
-    student = state.distiller.student
-    fixed = student if state.cfg.bn_stats == "frozen" else student.model[: state.cfg.freeze]
+    student_train_mode(state.distiller.student, state.cfg)
+
+
+def student_train_mode(student: nn.Module, cfg: RunConfig) -> None:
+    """The student's part of ``train_mode``: what its layers compute in a training step."""
+    student.train()
+    fixed = student if cfg.bn_stats == "frozen" else student.model[: cfg.freeze]
     for module in fixed.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()

@@ -51,6 +51,11 @@ class FeatureHooks:
         self.remove()
 
 
+def as_rows(feature: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C): each position is a sample, channels its features."""
+    return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+
+
 @dataclass
 class LayerInfo:
     index: int

@@ -14,6 +14,7 @@ from torch import nn
 from . import plots
 from .engine import TrainState, preprocess, validate
 from .evaluation import Validation
+from .features import as_rows
 from .models import class_names
 from .runlog import fitness
 from .schedule import weight_factor
@@ -32,11 +33,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     y = y.double() - y.double().mean(0)
     cross = (y.T @ x).norm() ** 2
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()).clamp(min=1e-12))
-
-
-def as_rows(feature: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N*H*W, C): each position is a sample, channels its features."""
-    return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
 
 
 @torch.no_grad()

@@ -89,19 +89,26 @@ def seed_student(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) 
 def calibrate_selected(student: nn.Module, data: dict, hyp, batch: int, stride: int, device: torch.device) -> None:
     """BatchNorm statistics for the selected weights, from the first train images (within ``fraction``) letterboxed
     to the square training size, without augmentation; never cached (``cache`` would load the whole split again)."""
+    calibrate_batchnorm(student, first_train_images(data, hyp, batch, stride, device))
+
+
+def first_train_images(data: dict, hyp, batch: int, stride: int, device: torch.device):
+    """Batches of the first train images (within ``fraction``) letterboxed to the square training size, without
+    augmentation; never cached (``cache`` would load the whole split again)."""
     settings = IterableSimpleNamespace(**{**vars(hyp), "cache": False})
     dataset = build_yolo_dataset(settings, data["train"], batch, data, mode="val", rect=False, stride=stride)
     count = min(CALIBRATION_IMAGES, max(1, round(len(dataset) * hyp.fraction)))
     loader = DataLoader(Subset(dataset, range(count)), batch_size=batch, collate_fn=dataset.collate_fn)
-    calibrate_batchnorm(student, (preprocess(b, device)["img"] for b in loader))
+    return (preprocess(b, device)["img"] for b in loader)
 
 
-def init_note(cfg: RunConfig) -> str:
+def init_note(cfg: RunConfig, adapters: bool) -> str:
     if fine_tunes(cfg):
         start = "its trained weights"
     else:
         start = "weight selection from the teacher" if seeds_from_teacher(cfg) else "random"
-    return f"student init: {start}" + (f"; layers 0-{cfg.freeze - 1} frozen" if cfg.freeze else "")
+    frozen = f"; layers 0-{cfg.freeze - 1} frozen" if cfg.freeze else ""
+    return f"student init: {start}{frozen}" + (f"; adapters: {cfg.recipe.adapters}" if adapters else "")
 
 
 def with_classes(pretrained: nn.Module, names: dict[int, str]) -> nn.Module:

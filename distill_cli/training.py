@@ -18,6 +18,7 @@ from ultralytics.utils import DEFAULT_CFG
 from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 
 from . import dist
+from .adapter_fit import adapter_targets, fit_adapters
 from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
 from .config import ULTRALYTICS_MAX_NORM, ULTRALYTICS_NBS, Recipe, RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
@@ -34,6 +35,7 @@ from .schedule import schedule_problem
 from .start import (
     calibrate_selected,
     fine_tunes,
+    first_train_images,
     freeze_layers,
     init_note,
     load_models,
@@ -246,6 +248,14 @@ def prepare(
     ema = ModelEMA(student, cfg.ema_decay, cfg.ema_tau) if cfg.ema and info.is_main else None
     student.criterion = student.init_criterion()  # on the device: the loss keeps the device it was built on
     distiller = Distiller(student, terms, pairs).to(device)
+    amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
+    teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
+    teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype) if teacher_model else None
+    if teacher is not None:
+        distiller.bind_teacher(teacher)
+        # before DDP, which then broadcasts rank 0's fit; a resumed run's adapters come from its checkpoint
+        if cfg.recipe.adapters == "fit" and checkpoint is None and adapter_targets(distiller):
+            fit_adapters(distiller, teacher, first_train_images(data, hyp, batch, stride, device), cfg)
     model = distiller
     if info.enabled:  # adapters train inside the wrapped module, so their gradients are averaged too
         model = DistributedDataParallel(
@@ -253,11 +263,6 @@ def prepare(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=terms_can_pause(cfg),
         )
-    amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
-    teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
-    teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype) if teacher_model else None
-    if teacher is not None:
-        distiller.bind_teacher(teacher)
     # each rank's dataset is the whole split (the sampler divides it), and cfg.batch is the global batch
     iterations = math.ceil(len(train_loader.dataset) / max(cfg.batch, optimizer_nbs)) * cfg.epochs
     optimizer, cfg = build_optimizer(distiller, cfg, len(data["names"]), iterations)
@@ -288,7 +293,15 @@ def prepare(
         update_criterion(student)
     if log:
         note = precision_note(amp_dtype, teacher_dtype if teacher else amp_dtype or torch.float32, device)
-        log.start(pairs, count_params(student), class_names(student), start_epoch, state, note, init_note(cfg))
+        log.start(
+            pairs,
+            count_params(student),
+            class_names(student),
+            start_epoch,
+            state,
+            note,
+            init_note(cfg, bool(adapter_targets(distiller))),
+        )
     return state, log, (train_loader, val_loader), hyp, start_epoch
 
 

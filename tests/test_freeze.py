@@ -47,7 +47,7 @@ def test_frozen_layers_keep_weights_and_statistics_while_the_rest_trains(
     assert any(".running_mean" in k for k in moved) != trained
     assert not any(p.requires_grad for p in student.model[:10].parameters())
     assert all(p.requires_grad for p in student.model[10:-1].parameters())
-    assert lines[0].endswith("; layers 0-9 frozen")
+    assert lines[0].endswith("; layers 0-9 frozen; adapters: fit")
 
 
 @pytest.mark.parametrize(

@@ -41,8 +41,12 @@ def test_sigterm_in_a_real_process_leaves_a_resumable_last_pt(run_kwargs: dict, 
     assert "resume" in torch.load(last, map_location="cpu", weights_only=False)
 
 
+RANDOM_ADAPTERS = {"adapters": "random"}  # a fit would call the teacher before the first step
+
+
 def poison_teacher(monkeypatch: pytest.MonkeyPatch, bad_call: Callable[[int], bool], value: float) -> None:
-    """Fill every teacher feature with ``value`` on the teacher calls (1-based) for which ``bad_call`` holds."""
+    """Fill every teacher feature with ``value`` on the teacher calls (1-based) for which ``bad_call`` holds. The
+    runs that use it start their adapters at random (``RANDOM_ADAPTERS``), so that every call counted is a step's."""
     from distill_cli import distiller
 
     original = distiller.Teacher.__call__
@@ -60,7 +64,7 @@ def poison_teacher(monkeypatch: pytest.MonkeyPatch, bad_call: Callable[[int], bo
 
 def test_nan_in_a_teacher_feature_skips_steps_then_stops(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     poison_teacher(monkeypatch, lambda n: n > 2, float("nan"))  # two good steps, then NaN features for good
-    kwargs = {**run_kwargs, "epochs": 3, "batch": 2, "max_bad_steps": 3}
+    kwargs = {**run_kwargs, **RANDOM_ADAPTERS, "epochs": 3, "batch": 2, "max_bad_steps": 3}
     with pytest.warns(UserWarning, match="non-finite cwd_raw"), pytest.raises(DistillError) as stopped:
         train(recipe="cwd", **kwargs)
     assert stopped.value.exit_code == EXIT_RUNTIME and "3 consecutive non-finite steps" in stopped.value.message
@@ -72,7 +76,7 @@ def test_nan_in_a_teacher_feature_skips_steps_then_stops(run_kwargs: dict, monke
 def test_a_single_bad_step_is_skipped_and_counted(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     poison_teacher(monkeypatch, lambda n: n == 2, float("inf"))
     with pytest.warns(UserWarning, match="step skipped"):
-        result = train(recipe="cwd", **{**run_kwargs, "batch": 2})
+        result = train(recipe="cwd", **{**run_kwargs, **RANDOM_ADAPTERS, "batch": 2})
     assert result.skipped_steps == 1 and result.history[-1]["skipped_steps"] == 1
 
 
@@ -208,6 +212,8 @@ def test_a_non_finite_step_at_the_calibration_step_delays_the_balance(
     poison_teacher(monkeypatch, lambda n: n == 2, float("nan"))
     balance = {"balance.target": 1.0, "balance.steps": 2}
     with pytest.warns(UserWarning, match="non-finite"):
-        result = train(recipe="cwd", **{**run_kwargs, "epochs": 2, "batch": 2, "report": False, **balance})
+        result = train(
+            recipe="cwd", **{**run_kwargs, **RANDOM_ADAPTERS, "epochs": 2, "batch": 2, "report": False, **balance}
+        )
     assert result.skipped_steps == 1
     assert result.history[-1]["balance/cwd"] > 0

@@ -91,7 +91,7 @@ class DistillLoss(nn.Module):
 class FeatureLoss(DistillLoss):
     """Compares one student feature map with one teacher map. Owns the adapter that maps the student's channels to
     the teacher's (a trainable 1x1 conv, or identity when they already match), so adapters train and checkpoint with
-    the student."""
+    the student. A new run starts each conv as the least-squares map between the two layers (``adapter_fit.py``)."""
 
     level = "feature"
 
@@ -124,7 +124,8 @@ class OutputLoss(DistillLoss):
 
 class CrossLoss(DistillLoss):
     """Runs the student's Detect inputs, each through an adapter to the teacher's width, through the teacher's
-    frozen head, and compares those predictions with the teacher's own. Owns one adapter per Detect level."""
+    frozen head, and compares those predictions with the teacher's own. Owns one adapter per Detect level, fitted
+    at the start of a new run as the feature terms' are (``adapter_fit.py``)."""
 
     level = "cross"
 
