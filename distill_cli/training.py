@@ -248,13 +248,14 @@ def prepare(
     ema = ModelEMA(student, cfg.ema_decay, cfg.ema_tau) if cfg.ema and info.is_main else None
     student.criterion = student.init_criterion()  # on the device: the loss keeps the device it was built on
     distiller = Distiller(student, terms, pairs).to(device)
+    has_adapters = bool(adapter_targets(distiller))
     amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
     teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
     teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype) if teacher_model else None
     if teacher is not None:
         distiller.bind_teacher(teacher)
         # before DDP, which then broadcasts rank 0's fit; a resumed run's adapters come from its checkpoint
-        if cfg.recipe.adapters == "fit" and checkpoint is None and adapter_targets(distiller):
+        if cfg.recipe.adapters == "fit" and checkpoint is None and has_adapters:
             fit_adapters(distiller, teacher, first_train_images(data, hyp, batch, stride, device), cfg)
     model = distiller
     if info.enabled:  # adapters train inside the wrapped module, so their gradients are averaged too
@@ -300,7 +301,7 @@ def prepare(
             start_epoch,
             state,
             note,
-            init_note(cfg, bool(adapter_targets(distiller))),
+            init_note(cfg, has_adapters),
         )
     return state, log, (train_loader, val_loader), hyp, start_epoch
 

@@ -26,9 +26,8 @@ from .test_resume import interrupt_after_epoch
 def test_the_ridge_solution_matches_an_independent_least_squares_solve() -> None:
     """``W = C_ts (C_ss + lambda I)^-1`` against ``lstsq`` of the centred rows stacked on ``sqrt(n lambda) I``."""
     generator = torch.Generator().manual_seed(0)
-    s = torch.randn(400, 5, generator=generator, dtype=torch.float64) * torch.tensor(
-        [1.0, 2, 0.5, 3, 1], dtype=torch.float64
-    )
+    scales = torch.tensor([1.0, 2, 0.5, 3, 1], dtype=torch.float64)
+    s = torch.randn(400, 5, generator=generator, dtype=torch.float64) * scales + 3.0  # off-centre: the centring counts
     t = (
         s @ torch.randn(5, 3, generator=generator, dtype=torch.float64)
         + torch.randn(400, 3, generator=generator, dtype=torch.float64) * 0.1
