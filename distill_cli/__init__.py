@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import DistillError
 
-__version__ = "0.3.9"
+__version__ = "0.3.10"
 
 _API = {
     "train": "training",

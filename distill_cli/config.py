@@ -28,6 +28,7 @@ ULTRALYTICS_MAX_NORM = 10.0  # ultralytics' gradient clip
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 STUDENT_INITS = ("random", "teacher")
 ADAPTER_INITS = ("fit", "random")
+TEACHER_SCALES = ("1", "2", "auto")
 MAX_IMGSZ = 16384
 
 
@@ -112,6 +113,9 @@ class Recipe:
     # where the 1x1 adapters of feature and cross-head terms start: fit, the least-squares map from the student's
     # layer to the teacher's over the first train images (adapter_fit.py), or random, PyTorch's initialisation
     adapters: str = ranged("fit", choices=ADAPTER_INITS)
+    # the size at which the teacher sees the batch, as a multiple of the student's: 2 for a student trained well
+    # below the size the teacher was trained at (output terms only), auto picks 1 or 2 by that size (teacher_scale.py)
+    teacher_scale: str = ranged("1", choices=TEACHER_SCALES)
 
 
 @dataclass
@@ -248,7 +252,10 @@ def _loss_entry(name: str, value: Any) -> dict[str, Any]:
     params = value.get("params") or {}
     if not isinstance(params, dict):
         raise DistillError(f"recipe loss '{name}': 'params' must be a mapping")
-    entry["params"] = {**params, **{k: v for k, v in value.items() if k not in spec_keys | {"params"}}}
+    beside = {k: v for k, v in value.items() if k not in spec_keys | {"params"}}
+    if twice := sorted(set(params) & set(beside)):
+        raise DistillError(f"recipe loss '{name}': {', '.join(twice)} given in 'params' and beside it; give it once")
+    entry["params"] = {**params, **beside}
     entry.setdefault("type", name)
     return entry
 

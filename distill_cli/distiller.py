@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from ultralytics.utils.loss import E2ELoss
 from ultralytics.utils.tal import make_anchors
@@ -16,6 +17,7 @@ from .errors import DistillError
 from .features import FeatureHooks, Pair, pair_layers, probe_layers
 from .losses import LOSSES, CrossLoss, DistillContext, OutputLoss, build_loss
 from .models import class_names
+from .teacher_scale import scaled_head
 
 Head = dict[str, dict[str, torch.Tensor]]  # branch ("one2many", and "one2one" for end-to-end heads) -> raw outputs
 
@@ -66,24 +68,35 @@ class Teacher:
     """Frozen teacher: eval mode always, no grad, never saved, never optimised.
 
     ``model`` is the teacher as loaded (fp32, used to validate it); ``runner`` is a private Conv+BN-fused copy in
-    ``dtype`` (bf16/fp16 under AMP) and channels_last, which runs every training step.
+    ``dtype`` (bf16/fp16 under AMP) and channels_last, which runs every training step. With ``scale`` 2 its head
+    outputs are those of the batch seen at twice its size, mapped onto the student's anchors (teacher_scale.py).
     """
 
-    def __init__(self, model: nn.Module, layers: list[int], device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: nn.Module, layers: list[int], device: torch.device, dtype: torch.dtype, scale: int = 1
+    ) -> None:
         self.model = model.to(device).eval().requires_grad_(False)
         self.runner = inference_copy(self.model).to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self.runner.eval().requires_grad_(False)
-        self.dtype = dtype
+        self.dtype, self.scale = dtype, scale
         self.hooks = FeatureHooks(self.runner, layers)
 
     @property
     def head(self) -> nn.Module:
         return self.runner.model[-1]
 
+    def run(self, images: torch.Tensor) -> dict | tuple:
+        return self.runner(images.to(self.dtype).contiguous(memory_format=torch.channels_last))
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> TeacherOutput:
-        preds = self.runner(images.to(self.dtype).contiguous(memory_format=torch.channels_last))
-        return TeacherOutput(self.hooks.pop(), head_branches(preds))
+        head = head_branches(self.run(images))
+        out = TeacherOutput(self.hooks.pop(), head)
+        if self.scale == 2:  # feature terms are refused with it (check_compatible): only the head is remapped
+            big = head_branches(self.run(F.interpolate(images.float(), scale_factor=2, mode="bilinear")))
+            self.hooks.pop()
+            out.head = {b: scaled_head(big[b], head[b], self.head.reg_max, images.shape[2]) for b in head}
+        return out
 
 
 class Distiller(nn.Module):
@@ -211,6 +224,11 @@ def check_compatible(student: nn.Module, teacher: nn.Module, recipe: Recipe) -> 
     for name, spec in recipe.losses.items():
         if LOSSES[spec.type].level != "feature" and (problem := output_problem(spec.type, student, teacher, name)):
             raise DistillError(problem)
+        if recipe.teacher_scale == "2" and LOSSES[spec.type].level != "output":
+            raise DistillError(
+                f"term '{name}' ({spec.type}) reads the teacher's features, which teacher_scale "
+                f"{recipe.teacher_scale} does not map onto the student's; use teacher_scale 1 or output terms only"
+            )
     s_names, t_names = class_names(student), class_names(teacher)
     if s_names != t_names:
         warnings.warn(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import tempfile
@@ -91,8 +92,25 @@ def read_checkpoint(path: Path, role: str, trust: bool) -> Any:
                 f"if you trust its author, pass --trust-checkpoint"
             ) from e
         raise DistillError(f"{role} '{path}' is not a loadable checkpoint: {str(e).splitlines()[0]}") from e
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ModuleNotFoundError) as e:
+    # AttributeError: ultralytics reads .model of whatever the file holds when it is not a dict (a bare tensor)
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        OSError,
+        ModuleNotFoundError,
+        AttributeError,
+    ) as e:
         raise DistillError(f"{role} '{path}' is not a loadable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def stride_multiple(imgsz: int, stride: int) -> int:
+    """``imgsz`` rounded up to a multiple of the models' largest stride, with a warning when that changes it."""
+    size = max(stride, math.ceil(imgsz / stride) * stride)
+    if size != imgsz:
+        warnings.warn(f"imgsz {imgsz} is not a multiple of the stride {stride}; using {size}", stacklevel=2)
+    return size
 
 
 def _build_from_yaml(spec: str, role: str, nc: int | None) -> DetectionModel:

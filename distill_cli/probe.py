@@ -7,12 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from .config import ProbeOptions, load_recipe
+from .config import ProbeOptions, Recipe, load_recipe
 from .distiller import output_problem
 from .features import pair_layers, probe_layers
 from .losses import LOSSES
-from .models import load_model
+from .models import load_model, stride_multiple
 from .rules import validated
+from .teacher_scale import resolved
 from .weight_selection import selection_problem
 
 
@@ -31,12 +32,13 @@ def probe_channels(
     """
     opts = validated(ProbeOptions, locals())
     teacher, student, imgsz, layers, recipe = opts.teacher, opts.student, opts.imgsz, opts.layers, opts.recipe
+    spec = load_recipe(recipe) if recipe is not None else None  # checked even where --layers decides the pairing
     teacher_model = load_model(teacher, "teacher", trust=opts.trust_checkpoint)
-    student_model = load_model(student, "student", trust=opts.trust_checkpoint)
+    student_model = probe_student(student, teacher_model, opts.trust_checkpoint)
+    imgsz = stride_multiple(imgsz, int(max(teacher_model.stride.max(), student_model.stride.max())))
     teacher_infos, student_infos = probe_layers(teacher_model, imgsz), probe_layers(student_model, imgsz)
     selections: dict[str, str | list[int]] = {"default": layers or "head_inputs"}
-    if recipe is not None and layers is None:
-        spec = load_recipe(recipe)
+    if spec is not None and layers is None:
         selections = {
             name: term.layers if term.layers is not None else spec.layers
             for name, term in spec.losses.items()
@@ -57,16 +59,31 @@ def probe_channels(
             for name, cls in sorted(LOSSES.items())
             if cls.level != "feature"
         },
-        "weight_selection": weight_selection_verdict(student, teacher_model, opts.trust_checkpoint),
+        "weight_selection": weight_selection_verdict(student, student_model, teacher_model),
+        "teacher_scale": teacher_scale_verdict(imgsz, teacher_model),
     }
 
 
-def weight_selection_verdict(student: str, teacher_model: nn.Module, trust: bool) -> str:
+def probe_student(student: str, teacher_model: nn.Module, trust: bool) -> nn.Module:
+    """A trained .pt as it is; a yaml built, as training builds it for the data's classes, for the teacher's (the
+    classes output terms need)."""
+    if str(student).endswith(".pt"):
+        return load_model(student, "student", trust=trust)
+    model = load_model(student, "student", nc=teacher_model.model[-1].nc, trust=trust)
+    model.names = teacher_model.names
+    return model
+
+
+def teacher_scale_verdict(imgsz: int, teacher_model: nn.Module) -> str:
+    """What a recipe's ``teacher_scale: auto`` with output terms picks at this size."""
+    auto = resolved(Recipe(teacher_scale="auto", losses={}), imgsz, teacher_model).teacher_scale
+    trained = (teacher_model.args or {}).get("imgsz", "unknown")
+    return f"{auto} (imgsz {imgsz}, the teacher trained at {trained})"
+
+
+def weight_selection_verdict(student: str, student_model: nn.Module, teacher_model: nn.Module) -> str:
     """Whether a recipe's ``init: teacher`` seeds this student with a selection of the teacher's weights."""
     if str(student).endswith(".pt"):
         return "no: a trained .pt student keeps its own weights"
-    # a yaml student is built for the data's classes when it trains: here, the teacher's (as output terms need)
-    candidate = load_model(student, "student", nc=teacher_model.model[-1].nc, trust=trust)
-    candidate.names = teacher_model.names
-    problem = selection_problem(candidate, teacher_model)
+    problem = selection_problem(student_model, teacher_model)
     return f"no: {problem}" if problem else "applies"

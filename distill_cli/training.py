@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from .distiller import Distiller, Teacher, build_terms
 from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
-from .models import class_names, count_params
+from .models import class_names, count_params, stride_multiple
 from .optimizer import ADAM_FAMILY, build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
 from .report import feature_agreement, measure_baseline, write_report
@@ -43,6 +42,7 @@ from .start import (
     seed_student,
     seeds_from_teacher,
 )
+from .teacher_scale import resolved
 
 Callback = Callable[[str, dict[str, Any]], None]
 # the span of a fine-tune's EMA, as a share of its optimizer steps (benchmarks/RESULTS.md: an average over the last
@@ -170,13 +170,6 @@ def resolve_ema(cfg: RunConfig, steps_per_epoch: int) -> RunConfig:
     return replace(cfg, ema_decay=cfg.ema_decay or decay, ema_tau=cfg.ema_tau or tau)
 
 
-def checked_imgsz(cfg: RunConfig, stride: int) -> RunConfig:
-    size = max(stride, math.ceil(cfg.imgsz / stride) * stride)
-    if size != cfg.imgsz:
-        warnings.warn(f"imgsz {cfg.imgsz} is not a multiple of the stride {stride}; using {size}", stacklevel=2)
-    return replace(cfg, imgsz=size)
-
-
 def train(
     cfg: RunConfig | None = None,
     *,
@@ -218,7 +211,8 @@ def prepare(
     optimizer_nbs = cfg.nbs or ULTRALYTICS_NBS  # optimizer: auto counts iterations as ultralytics does
     cfg = resolve_precision(resolve_auto(cfg), device)
     stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
-    cfg = checked_imgsz(cfg, stride)
+    cfg = replace(cfg, imgsz=stride_multiple(cfg.imgsz, stride))
+    cfg = replace(cfg, recipe=resolved(cfg.recipe, cfg.imgsz, teacher_model))
     batch = dist.per_rank_batch(cfg.batch, info.world_size)
     hyp = hyperparameters(
         imgsz=cfg.imgsz,
@@ -251,7 +245,8 @@ def prepare(
     has_adapters = bool(adapter_targets(distiller))
     amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
     teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
-    teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype) if teacher_model else None
+    scale = int(cfg.recipe.teacher_scale)
+    teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype, scale) if teacher_model else None
     if teacher is not None:
         distiller.bind_teacher(teacher)
         # before DDP, which then broadcasts rank 0's fit; a resumed run's adapters come from its checkpoint

@@ -67,6 +67,20 @@ def test_file_that_is_not_a_checkpoint(tmp_path: Path, run_kwargs: dict) -> None
     assert_one_line_error(runner.invoke(app, args), "truncated.pt")
 
 
+def test_a_checkpoint_holding_a_bare_tensor_is_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)  # ultralytics reads .model of it: an AttributeError, exit 1 before
+    result = runner.invoke(app, ["probe-channels", "--teacher", str(path), "--student", "yolov8n.yaml"])
+    assert_one_line_error(result, "tensor.pt' is not a loadable checkpoint")
+
+
+def test_a_loss_parameter_given_twice_is_bad_input(tmp_path: Path) -> None:
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("losses:\n  cls_kd: {weight: 1, temperature: 3, params: {temperature: 2}}\n")
+    args = ["probe-channels", "--teacher", "yolov8s.yaml", "--student", "yolov8n.yaml", "--recipe", str(recipe)]
+    assert_one_line_error(runner.invoke(app, args), "temperature given in 'params' and beside it")
+
+
 def test_non_detection_checkpoint(tmp_path: Path) -> None:
     from ultralytics.nn.tasks import ClassificationModel
 

@@ -50,8 +50,27 @@ def test_recipe_pairings_are_shown_per_feature_term() -> None:
     assert list(report["pairs"]) == ["cwd"]  # output terms need no pairing
 
 
+def test_a_bad_recipe_is_refused_even_where_layers_decide_the_pairing() -> None:
+    with pytest.raises(DistillError, match="unknown recipe 'nonexistent'"):
+        probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=128, layers="neck", recipe="nonexistent")
+
+
+def test_an_imgsz_off_the_stride_is_rounded_up_as_training_rounds_it() -> None:
+    with pytest.warns(UserWarning, match="imgsz 33 is not a multiple of the stride 32; using 64"):
+        report = probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=33)
+    assert report["imgsz"] == 64
+
+
+def test_a_yaml_student_is_probed_with_the_teachers_classes(tiny_teacher) -> None:
+    report = probe_channels(str(tiny_teacher), "yolov8n.yaml", imgsz=64)  # the yaml alone says 80 classes
+    assert report["output_terms"]["cls_kd"] == report["output_terms"]["box_kd"] == "applies"
+    assert report["weight_selection"] == "applies"
+
+
 @needs_shared
 def test_real_bccd_checkpoints() -> None:
     report = probe_channels(str(BCCD_TEACHER), str(BCCD_STUDENT), imgsz=512)
     assert [p[:3] for p in pairs_of(report)] == [(64, 128, 8), (128, 256, 16), (256, 512, 32)]
     assert report["weight_selection"] == "no: a trained .pt student keeps its own weights"
+    assert report["teacher_scale"] == "1 (imgsz 512, the teacher trained at 512)"
+    assert probe_channels(str(BCCD_TEACHER), str(BCCD_STUDENT), imgsz=256)["teacher_scale"].startswith("2 (")

@@ -1,0 +1,70 @@
+"""The teacher on images shrunk to a student's size, seen as they are and at twice that size (recipe ``teacher_scale``).
+
+Each split image is shrunk (bilinear) so that its long side is the student's size, then ultralytics validates the
+teacher on it at that size and at twice it (letterboxing upsamples): what the teacher could teach a student trained at
+that size with ``teacher_scale`` 1 or 2. No training; about a minute per size on 2 CPU cores.
+
+    python benchmarks/teacher_scale.py --sizes 256 288 320 352 384 416 --out teacher-scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+import yaml  # noqa: E402
+from gain import BCCD, TEACHER  # noqa: E402  (benchmarks/ is the script's folder: gain.py's data and models)
+from PIL import Image  # noqa: E402
+from ultralytics import YOLO  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default=TEACHER)
+    p.add_argument("--data", default=BCCD)
+    p.add_argument("--split", default="val")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 288, 320, 352, 384, 416])
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def shrunk_split(data: str, split: str, size: int, root: Path) -> Path:
+    """A data yaml whose split is every image of ``split`` shrunk to a long side of ``size``, labels as they are."""
+    spec = yaml.safe_load(Path(data).read_text())
+    base = Path(data).parent / spec.get("path", ".")
+    images = base / spec[split]
+    (root / "images").mkdir(parents=True)
+    (root / "labels").symlink_to(images.parent.parent / "labels" / images.name)
+    for path in sorted(images.iterdir()):
+        with Image.open(path) as image:
+            ratio = size / max(image.size)
+            shrunk = image.resize((round(image.width * ratio), round(image.height * ratio)), Image.BILINEAR)
+            shrunk.save(root / "images" / path.name, quality=95)
+    out = root / "data.yaml"
+    out.write_text(yaml.safe_dump({"path": str(root), "train": "images", "val": "images", "names": spec["names"]}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = []
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as folder:
+            data = shrunk_split(args.data, args.split, size, Path(folder) / "split")
+            scores = {
+                view: YOLO(args.teacher).val(data=str(data), imgsz=view, batch=16, device="cpu", plots=False).box.map
+                for view in (size, 2 * size)
+            }
+        rows.append({"size": size, "as_is": scores[size], "twice": scores[2 * size]})
+        print(f"{size}: teacher {scores[size]:.4f} as is, {scores[2 * size]:.4f} at {2 * size}", flush=True)
+    Path(args.out).write_text(json.dumps({"teacher": args.teacher, "split": args.split, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
