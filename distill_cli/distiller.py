@@ -17,7 +17,7 @@ from .errors import DistillError
 from .features import FeatureHooks, Pair, pair_layers, probe_layers
 from .losses import LOSSES, CrossLoss, DistillContext, OutputLoss, build_loss
 from .models import class_names
-from .teacher_scale import scaled_head
+from .teacher_scale import scale_problem, scaled_head
 
 Head = dict[str, dict[str, torch.Tensor]]  # branch ("one2many", and "one2one" for end-to-end heads) -> raw outputs
 
@@ -92,7 +92,7 @@ class Teacher:
     def __call__(self, images: torch.Tensor) -> TeacherOutput:
         head = head_branches(self.run(images))
         out = TeacherOutput(self.hooks.pop(), head)
-        if self.scale == 2:  # feature terms are refused with it (check_compatible): only the head is remapped
+        if self.scale == 2:  # only terms that read the head take it (scale_problem): the features stay at 1x
             big = head_branches(self.run(F.interpolate(images.float(), scale_factor=2, mode="bilinear")))
             self.hooks.pop()
             out.head = {b: scaled_head(big[b], head[b], self.head.reg_max, images.shape[2]) for b in head}
@@ -224,11 +224,8 @@ def check_compatible(student: nn.Module, teacher: nn.Module, recipe: Recipe) -> 
     for name, spec in recipe.losses.items():
         if LOSSES[spec.type].level != "feature" and (problem := output_problem(spec.type, student, teacher, name)):
             raise DistillError(problem)
-        if recipe.teacher_scale == "2" and LOSSES[spec.type].level != "output":
-            raise DistillError(
-                f"term '{name}' ({spec.type}) reads the teacher's features, which teacher_scale "
-                f"{recipe.teacher_scale} does not map onto the student's; use teacher_scale 1 or output terms only"
-            )
+    if recipe.teacher_scale == "2" and (problem := scale_problem(recipe, teacher.model[-1])):
+        raise DistillError(f"teacher_scale 2: {problem}; use teacher_scale 1 or auto")
     s_names, t_names = class_names(student), class_names(teacher)
     if s_names != t_names:
         warnings.warn(

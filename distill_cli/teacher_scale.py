@@ -5,13 +5,16 @@ student's 256-px batch sees every object at half the size it learned; the studen
 weakened teacher. On BCCD's val split the shared YOLOv8s teacher scores 0.544 mAP50-95 at 256 px and **0.625** on the
 same 256-px images upsampled to 512 (bilinear, as here): the information is in the small image, the scale is not.
 
-How: the teacher runs on the batch upsampled 2x (and once at 1x). At 2x its level ``l`` has twice the student's grid
-of level ``l`` and its level ``l + 1`` the same grid, both at the object scale the student's level ``l`` sees. For each
-student anchor the candidates are the 2x teacher's level ``l`` (its 2x2 cells pooled to the most confident one) and
-level ``l + 1``; the last level, which has no ``l + 1``, takes the 1x teacher's instead. The most confident candidate
+How: the teacher runs on the batch upsampled 2x (and once at 1x). At 2x its level ``l + 1`` has the student's grid of
+level ``l`` and sees the objects the student's level ``l`` sees; its level ``l`` has twice that grid and objects an
+octave smaller, such as the smallest ones, which no 2x level of the student's grid would catch. For each student
+anchor the candidates are the 2x teacher's level ``l + 1`` and its level ``l`` (2x2 cells pooled to the most confident
+one); the last level, which has no ``l + 1``, takes the 1x teacher's instead. The most confident candidate
 (the largest class probability) gives the anchor's class logits and its box: decoded, halved into the student's pixels
 and written again relative to the student's anchor, as a two-hot distribution over the DFL bins whose expectation is
-the distance (plain distances for a head without bins, YOLO26). Output terms then read it as any teacher's head.
+the distance (plain distances for a head without bins). ``cls_kd``, ``box_kd`` and ``bckd`` then read it as any
+teacher's head; with other terms or an end-to-end head ``auto`` keeps the teacher at 1x and 2 is refused
+(``scale_problem``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from torch import nn
 from ultralytics.utils.tal import dist2bbox, make_anchors
 
 from .config import Recipe
-from .losses import LOSSES
 from .losses.output import distances
 
 # how far the 2x view may go past the size the teacher was trained at: the 512-px BCCD teacher, on val images shrunk to
@@ -34,17 +36,33 @@ from .losses.output import distances
 LARGEST_VIEW = 1.25
 
 
+# the terms that read only the teacher's class logits and its decoded boxes, which the mapping carries; dfl_kd reads
+# the box distributions, which it replaces with a two-hot (a softened one would pull towards the middle bin)
+REMAPPED_TERMS = ("cls_kd", "box_kd", "bckd")
+
+
+def scale_problem(recipe: Recipe, teacher_head: nn.Module) -> str | None:
+    """Why a teacher at twice the size cannot teach with this recipe and head, or None."""
+    if getattr(teacher_head, "one2one_cv2", None) is not None:
+        return "an end-to-end head (YOLO26) would have its one-to-one branch taught two anchors per object"
+    other = sorted(name for name, spec in recipe.losses.items() if spec.type not in REMAPPED_TERMS)
+    if other:
+        taken = ", ".join(REMAPPED_TERMS)
+        return f"term(s) {', '.join(other)} read more of the teacher than its class scores and boxes ({taken})"
+    return None
+
+
 def resolved(recipe: Recipe, imgsz: int, teacher: nn.Module | None) -> Recipe:
     """The recipe with ``teacher_scale: auto`` made 1 or 2: 2 where twice the student's size is at most
-    ``LARGEST_VIEW`` x the size the teacher was trained at (its checkpoint's ``imgsz``) and every term reads only the
-    head; 1 otherwise, or when that size is unknown."""
+    ``LARGEST_VIEW`` x the size the teacher was trained at (its checkpoint's ``imgsz``) and ``scale_problem`` finds
+    none; 1 otherwise, or when that size is unknown."""
     if recipe.teacher_scale != "auto":
         return recipe
     trained = (getattr(teacher, "args", None) or {}).get("imgsz")
     trained = max(trained) if isinstance(trained, (list, tuple)) and trained else trained
-    heads_only = all(LOSSES[spec.type].level == "output" for spec in recipe.losses.values())
     fits = isinstance(trained, (int, float)) and 2 * imgsz <= LARGEST_VIEW * trained
-    return replace(recipe, teacher_scale="2" if heads_only and fits else "1")
+    usable = teacher is not None and scale_problem(recipe, teacher.model[-1]) is None
+    return replace(recipe, teacher_scale="2" if fits and usable else "1")
 
 
 # one level as maps: class logits (B, nc, H, W), xyxy boxes (B, 4, H, W), largest class probability (B, 1, H, W)

@@ -109,37 +109,51 @@ def test_the_teacher_at_scale_2_runs_twice_and_answers_on_the_students_anchors(y
         assert not torch.equal(head[branch]["scores"], plain[branch]["scores"])
 
 
-def test_the_default_picks_2_for_a_teacher_trained_at_twice_the_size_and_feature_terms_refuse_2(
+def saved_teacher(path: Path, yaml_file: str, imgsz: int) -> Path:
+    """A checkpoint of an untrained teacher with the synthetic classes, trained (its train_args say) at ``imgsz``."""
+    torch.manual_seed(0)
+    model = DetectionModel(yaml_file, nc=3, verbose=False)
+    model.names = dict(enumerate(SYNTHETIC_CLASSES))
+    save_student(path, model, {"task": "detect", "imgsz": imgsz}, {"teacher": "", "recipe": "test"})
+    return path
+
+
+def test_the_default_picks_2_for_a_teacher_trained_at_twice_the_size_and_what_cannot_take_2_refuses_it(
     run_kwargs: dict, tmp_path: Path
 ) -> None:
-    torch.manual_seed(0)
-    model = DetectionModel("yolov8s.yaml", nc=3, verbose=False)
-    model.names = dict(enumerate(SYNTHETIC_CLASSES))
-    teacher = tmp_path / "teacher128.pt"
-    save_student(teacher, model, {"task": "detect", "imgsz": 128}, {"teacher": "", "recipe": "test"})
+    teacher = saved_teacher(tmp_path / "teacher128.pt", "yolov8s.yaml", 128)
     result = train(recipe="default", report=False, **{**run_kwargs, "teacher": str(teacher)})  # at 64 px
     assert result.best.is_file()
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["recipe"]["teacher_scale"] == "2"
-    with pytest.raises(DistillError, match="teacher_scale 2"):
+    with pytest.raises(DistillError, match="teacher_scale 2: term.s. cwd read more of the teacher"):
         train(recipe="cwd", report=False, teacher_scale=2, **{**run_kwargs, "name": "cwd"})
+    e2e = {
+        "name": "e2e",
+        "student": "yolo26n.yaml",
+        "teacher": str(saved_teacher(tmp_path / "e2e.pt", "yolo26s.yaml", 128)),
+    }
+    with pytest.raises(DistillError, match="teacher_scale 2: an end-to-end head"):
+        train(recipe="default", report=False, teacher_scale=2, **{**run_kwargs, **e2e})
     with pytest.raises(DistillError, match="teacher_scale"):
         train(recipe="default", report=False, teacher_scale=3, **{**run_kwargs, "name": "three"})
 
 
 @pytest.mark.parametrize(
-    ("imgsz", "trained", "recipe", "expected"),
+    ("imgsz", "trained", "recipe", "yaml", "expected"),
     [
-        (256, 512, "default", "2"),  # 512 is 2x: the teacher sees the objects at the size it learned
-        (320, 512, "default", "2"),  # 640 = 1.25 x 512: the largest view allowed
-        (352, 512, "default", "1"),  # 704 > 640: objects too large for it
-        (256, None, "default", "1"),  # a teacher whose training size is unknown
-        (256, [512, 512], "cwd", "1"),  # a feature term: its maps would not line up
+        (256, 512, "default", "yolov8s.yaml", "2"),  # 512 is 2x: the teacher sees the objects at the size it learned
+        (320, 512, "default", "yolov8s.yaml", "2"),  # 640 = 1.25 x 512: the largest view allowed
+        (352, 512, "default", "yolov8s.yaml", "1"),  # 704 > 640: objects too large for it
+        (256, None, "default", "yolov8s.yaml", "1"),  # a teacher whose training size is unknown
+        (256, [512, 512], "cwd", "yolov8s.yaml", "1"),  # a feature term: its maps would not line up
+        (256, 512, "logits", "yolov8s.yaml", "1"),  # dfl_kd: the mapped boxes are two-hot, not the teacher's bins
+        (256, 512, "default", "yolo26s.yaml", "1"),  # end to end: the one-to-one branch would get two anchors
     ],
 )
-def test_auto_picks_twice_the_size_where_that_view_is_not_too_large_for_the_teacher(
-    imgsz: int, trained: object, recipe: str, expected: str
+def test_auto_picks_twice_the_size_where_that_view_suits_the_teacher_and_the_recipe(
+    imgsz: int, trained: object, recipe: str, yaml: str, expected: str
 ) -> None:
-    teacher = torch.nn.Module()
+    teacher = DetectionModel(yaml, nc=NC, verbose=False)
     teacher.args = {"imgsz": trained} if trained else {}
     auto = replace(load_recipe(recipe), teacher_scale="auto")
     assert resolved(auto, imgsz, teacher).teacher_scale == expected
