@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from torch import nn
 
-from .config import ProbeOptions, Recipe, load_recipe
+from .config import ProbeOptions, load_recipe
 from .distiller import output_problem
 from .features import pair_layers, probe_layers
 from .losses import LOSSES
@@ -75,8 +75,8 @@ def probe_student(student: str, teacher_model: nn.Module, trust: bool) -> nn.Mod
 
 
 def teacher_scale_verdict(imgsz: int, teacher_model: nn.Module) -> str:
-    """What a recipe's ``teacher_scale: auto`` with output terms picks at this size."""
-    auto = resolved(Recipe(teacher_scale="auto", losses={}), imgsz, teacher_model).teacher_scale
+    """What the default recipe's ``teacher_scale: auto`` picks at this size (a recipe with other terms keeps 1)."""
+    auto = resolved(replace(load_recipe(), teacher_scale="auto"), imgsz, teacher_model).teacher_scale
     trained = (teacher_model.args or {}).get("imgsz", "unknown")
     return f"{auto} (imgsz {imgsz}, the teacher trained at {trained})"
 
