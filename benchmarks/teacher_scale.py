@@ -1,8 +1,11 @@
 """The teacher on images shrunk to a student's size, seen as they are and at twice that size (recipe ``teacher_scale``).
 
 Each split image is shrunk (bilinear) so that its long side is the student's size, then ultralytics validates the
-teacher on it at that size and at twice it (letterboxing upsamples): what the teacher could teach a student trained at
-that size with ``teacher_scale`` 1 or 2. No training; about a minute per size on 2 CPU cores.
+teacher on it at that size and at twice it (letterboxing upsamples, ``rect`` batches as ``YOLO.val``): what the
+teacher could teach a student trained at that size with ``teacher_scale`` 1 or 2. Then the head that training reads:
+``distiller.Teacher`` at scale 1 and 2 on square letterboxed batches (as training's), its head decoded on the
+student's anchors as a Detect head decodes its own; with 2 that is the mapped head of ``distill_cli/teacher_scale.py``,
+so the column checks the mapping end to end. No training; about two minutes per size on 2 CPU cores.
 
     python benchmarks/teacher_scale.py --sizes 256 288 320 352 384 416 --out teacher-scale.json
 """
@@ -10,6 +13,7 @@ that size with ``teacher_scale`` 1 or 2. No training; about a minute per size on
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -18,10 +22,17 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
+import torch  # noqa: E402
 import yaml  # noqa: E402
 from gain import BCCD, TEACHER  # noqa: E402  (benchmarks/ is the script's folder: gain.py's data and models)
 from PIL import Image  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
+from ultralytics.utils.tal import dist2bbox, make_anchors  # noqa: E402
+
+from distill_cli.distiller import Teacher  # noqa: E402
+from distill_cli.evaluation import run_validator  # noqa: E402
+from distill_cli.losses.output import distances  # noqa: E402
+from distill_cli.models import load_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +62,25 @@ def shrunk_split(data: str, split: str, size: int, root: Path) -> Path:
     return out
 
 
+def training_view(teacher: str, scale: int, data: Path, size: int) -> float:
+    """mAP50-95 of the head a training step reads from ``distiller.Teacher`` at ``scale``, decoded on the student's
+    anchors; the validator sees a teacher model whose forward is that (square batches, as training letterboxes)."""
+    model = load_model(teacher, "teacher")
+    viewed = Teacher(copy.deepcopy(model), [], torch.device("cpu"), torch.float32, scale)
+    reg_max = model.model[-1].reg_max
+
+    def forward(x: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, dict]:
+        head = viewed(x).head["one2many"]
+        strides = torch.tensor([x.shape[2] / f.shape[2] for f in head["feats"]])
+        anchors, anchor_strides = make_anchors(head["feats"], strides)
+        xywh = dist2bbox(distances(head["boxes"], reg_max), anchors.unsqueeze(0), xywh=True) * anchor_strides
+        return torch.cat([xywh.transpose(1, 2), head["scores"].float().sigmoid()], 1), head
+
+    model.forward = forward  # an instance attribute: the validator's backend calls it as the model's forward
+    split = {"data": str(data), "imgsz": size, "batch": 16, "device": "cpu", "split": "val", "rect": False}
+    return run_validator(model, split).metrics["mAP50-95"]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows = []
@@ -61,8 +91,15 @@ def main(argv: list[str] | None = None) -> None:
                 view: YOLO(args.teacher).val(data=str(data), imgsz=view, batch=16, device="cpu", plots=False).box.map
                 for view in (size, 2 * size)
             }
-        rows.append({"size": size, "as_is": scores[size], "twice": scores[2 * size]})
-        print(f"{size}: teacher {scores[size]:.4f} as is, {scores[2 * size]:.4f} at {2 * size}", flush=True)
+            seen = {scale: training_view(args.teacher, scale, data, size) for scale in (1, 2)}
+        rows.append(
+            {"size": size, "as_is": scores[size], "twice": scores[2 * size], "head_1": seen[1], "head_2": seen[2]}
+        )
+        print(
+            f"{size}: teacher {scores[size]:.4f} as is, {scores[2 * size]:.4f} at {2 * size}; the head training reads"
+            f" (square batches): {seen[1]:.4f} at teacher_scale 1, {seen[2]:.4f} at 2",
+            flush=True,
+        )
     Path(args.out).write_text(json.dumps({"teacher": args.teacher, "split": args.split, "rows": rows}, indent=1))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import DistillError
 
-__version__ = "0.3.10"
+__version__ = "0.3.11"
 
 _API = {
     "train": "training",

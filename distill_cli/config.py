@@ -59,6 +59,10 @@ def _checkpoints(value: list[str]) -> str | None:
     return next(filter(None, map(_checkpoint, value)), None) if value else "must name at least one checkpoint"
 
 
+def _image_file(value: str) -> str | None:
+    return None if Path(value).is_file() else "must be an image file that exists"
+
+
 def _out_name(value: str) -> str | None:
     return Rule(name=True).problem(Path(value).name) if value.strip() else "must not be empty"
 
@@ -227,7 +231,7 @@ class ExportOptions:
     format: str = ranged("onnx", choices=_export_formats, text="an ultralytics export format")
     imgsz: int = imgsz_field(640)
     output: str | None = None
-    image: str | None = None
+    image: str | None = field(default=None, metadata=rule(check=_image_file, text="an image file"))
     trust_checkpoint: bool = False
 
 

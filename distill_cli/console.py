@@ -61,7 +61,9 @@ def print_probe(report: dict[str, Any]) -> None:
     rows = [[name, verdict] for name, verdict in report["output_terms"].items()]
     console.print(table("output and cross-head terms on this pair", ["method", "applies?"], rows))
     console.print(f"student init from the teacher's weights (recipe init: teacher): {report['weight_selection']}")
-    console.print(f"teacher_scale auto, with the default's terms, would pick: {report['teacher_scale']}")
+    console.print(f"teacher scale (--recipe's teacher_scale, else the default's): {report['teacher_scale']}")
+    if report["note"]:
+        console.print(f"note: {report['note']}")
 
 
 EVAL_COLUMNS = ["model", "params", "gflops", "mAP50-95", "mAP50", "ms_per_img"]

@@ -218,6 +218,11 @@ def build_terms(
     return terms, pairs
 
 
+def uses_recipe_layers(recipe: Recipe) -> bool:
+    """Whether some term distils the recipe's ``layers``: a feature term without layers of its own."""
+    return any(LOSSES[spec.type].level == "feature" and spec.layers is None for spec in recipe.losses.values())
+
+
 def check_compatible(student: nn.Module, teacher: nn.Module, recipe: Recipe) -> None:
     """Output and cross-head terms must apply to this pair of heads (see ``output_problem``); feature distillation
     only warns on a class mismatch."""

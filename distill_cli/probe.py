@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 from torch import nn
 
-from .config import ProbeOptions, load_recipe
-from .distiller import output_problem
+from .config import ProbeOptions, Recipe, load_recipe
+from .distiller import output_problem, uses_recipe_layers
 from .features import pair_layers, probe_layers
 from .losses import LOSSES
 from .models import load_model, stride_multiple
 from .rules import validated
-from .teacher_scale import resolved
+from .teacher_scale import resolved, scale_problem, trained_imgsz
 from .weight_selection import selection_problem
 
 
@@ -37,6 +37,8 @@ def probe_channels(
     student_model = probe_student(student, teacher_model, opts.trust_checkpoint)
     imgsz = stride_multiple(imgsz, int(max(teacher_model.stride.max(), student_model.stride.max())))
     teacher_infos, student_infos = probe_layers(teacher_model, imgsz), probe_layers(student_model, imgsz)
+    recipe_terms = spec or load_recipe()
+    ignored = layers is not None and not uses_recipe_layers(recipe_terms)
     selections: dict[str, str | list[int]] = {"default": layers or "head_inputs"}
     if spec is not None and layers is None:
         selections = {
@@ -60,7 +62,10 @@ def probe_channels(
             if cls.level != "feature"
         },
         "weight_selection": weight_selection_verdict(student, student_model, teacher_model),
-        "teacher_scale": teacher_scale_verdict(imgsz, teacher_model),
+        "teacher_scale": teacher_scale_verdict(imgsz, teacher_model, recipe_terms),
+        "note": "train refuses these --layers with this recipe: none of its terms reads the recipe's layers"
+        if ignored
+        else "",
     }
 
 
@@ -74,11 +79,18 @@ def probe_student(student: str, teacher_model: nn.Module, trust: bool) -> nn.Mod
     return model
 
 
-def teacher_scale_verdict(imgsz: int, teacher_model: nn.Module) -> str:
-    """What the default recipe's ``teacher_scale: auto`` picks at this size (a recipe with other terms keeps 1)."""
-    auto = resolved(replace(load_recipe(), teacher_scale="auto"), imgsz, teacher_model).teacher_scale
-    trained = (teacher_model.args or {}).get("imgsz", "unknown")
-    return f"{auto} (imgsz {imgsz}, the teacher trained at {trained})"
+def teacher_scale_verdict(imgsz: int, teacher_model: nn.Module, recipe: Recipe) -> str:
+    """The scale at which the teacher will see the batch with ``recipe`` (auto resolved at this size), or why the
+    recipe's 2 is refused."""
+    if not recipe.losses:
+        return "no teacher pass (the recipe has no terms)"
+    if recipe.teacher_scale == "2" and (problem := scale_problem(recipe, teacher_model.model[-1])):
+        return f"refused: {problem}"
+    scale = resolved(recipe, imgsz, teacher_model).teacher_scale
+    how = "auto" if recipe.teacher_scale == "auto" else "the recipe's teacher_scale"
+    trained = trained_imgsz(teacher_model)
+    size = f"the teacher trained at {trained:g}" if trained else "the teacher's training size unknown"
+    return f"{scale} ({how}; imgsz {imgsz}, {size})"
 
 
 def weight_selection_verdict(student: str, student_model: nn.Module, teacher_model: nn.Module) -> str:

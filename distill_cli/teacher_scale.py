@@ -58,11 +58,21 @@ def resolved(recipe: Recipe, imgsz: int, teacher: nn.Module | None) -> Recipe:
     none; 1 otherwise, or when that size is unknown."""
     if recipe.teacher_scale != "auto":
         return recipe
-    trained = (getattr(teacher, "args", None) or {}).get("imgsz")
-    trained = max(trained) if isinstance(trained, (list, tuple)) and trained else trained
-    fits = isinstance(trained, (int, float)) and 2 * imgsz <= LARGEST_VIEW * trained
+    trained = trained_imgsz(teacher)
+    fits = trained is not None and 2 * imgsz <= LARGEST_VIEW * trained
     usable = teacher is not None and scale_problem(recipe, teacher.model[-1]) is None
     return replace(recipe, teacher_scale="2" if fits and usable else "1")
+
+
+def trained_imgsz(teacher: nn.Module | None) -> float | None:
+    """The image size a checkpoint was trained at (its ``train_args``; the larger side of a pair), or None."""
+    trained = (getattr(teacher, "args", None) or {}).get("imgsz")
+    sides = [v for v in (trained if isinstance(trained, (list, tuple)) else [trained]) if is_size(v)]
+    return max(sides) if sides else None
+
+
+def is_size(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 # one level as maps: class logits (B, nc, H, W), xyxy boxes (B, 4, H, W), largest class probability (B, 1, H, W)

@@ -21,7 +21,7 @@ from .adapter_fit import adapter_targets, fit_adapters
 from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
 from .config import ULTRALYTICS_MAX_NORM, ULTRALYTICS_NBS, Recipe, RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
-from .distiller import Distiller, Teacher, build_terms
+from .distiller import Distiller, Teacher, build_terms, uses_recipe_layers
 from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
@@ -68,11 +68,28 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | None = None, **ov
     if "recipe_name" in overrides:  # it names the recipe the terms came from; setting it alone would mislabel the run
         raise DistillError("--set recipe_name: choose the recipe with --recipe (recipe= in the Python API)")
     cfg = apply_overrides(cfg, overrides)  # also checks every field against the schema's rules
+    check_layers_read(cfg.recipe, overrides)
     for name, spec in cfg.recipe.losses.items():
         problem = schedule_problem(name, spec.schedule, cfg.epochs)
         if problem:
             raise DistillError(problem)
     return cfg
+
+
+def check_layers_read(recipe: Recipe, overrides: dict[str, Any]) -> None:
+    """Layers given for a recipe in which no term reads them would be ignored: bad input, not a silent no-op."""
+    given = next((key for key in ("layers", "recipe.layers") if key in overrides), None)
+    if given is None or uses_recipe_layers(recipe):
+        return
+    own = [name for name, spec in recipe.losses.items() if spec.layers is not None]
+    hint = (
+        f"--set losses.{own[0]}.layers=null makes {own[0]} read them"
+        if own
+        else "pick a recipe with a feature term (cwd, mgd, ...) or add one: --set losses.cwd.weight=1"
+    )
+    option = "--layers" if given == "layers" else "--set recipe.layers"
+    terms = ", ".join(recipe.losses) or "none"
+    raise DistillError(f"{option}: no term of the recipe (terms: {terms}) distils the recipe's layers; {hint}")
 
 
 def run_config(

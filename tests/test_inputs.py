@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,16 @@ def test_export_output_under_a_file_is_bad_input(tmp_path: Path, tiny_teacher: P
     blocker.write_text("a file")
     args = ["export", "--weights", str(tiny_teacher), "--output", str(blocker / "model.onnx")]
     assert "is a file" in one_error_line(runner.invoke(app, args))
+
+
+def test_export_with_a_missing_image_is_one_line_before_any_work(tmp_path: Path, tiny_teacher: Path) -> None:
+    """In a process of its own: OpenCV's own warning about the file went to the process's stderr before the error."""
+    args = ["export", "--weights", str(tiny_teacher), "--output", str(tmp_path / "m.onnx"), "--image", "missing.png"]
+    done = subprocess.run([sys.executable, "-m", "distill_cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == EXIT_USAGE and done.stderr.strip().splitlines() == [
+        "error: 'image' must be an image file that exists, got 'missing.png'"
+    ], done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_eval_on_a_missing_gpu_is_one_line(synthetic_data: Path, tiny_teacher: Path) -> None:

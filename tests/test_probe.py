@@ -55,6 +55,11 @@ def test_a_bad_recipe_is_refused_even_where_layers_decide_the_pairing() -> None:
         probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=128, layers="neck", recipe="nonexistent")
 
 
+def test_layers_that_training_would_refuse_with_the_recipe_are_flagged() -> None:
+    assert "train refuses these --layers" in probe_channels("yolov8s.yaml", "yolov8n.yaml", 64, layers="neck")["note"]
+    assert probe_channels("yolov8s.yaml", "yolov8n.yaml", 64, layers="neck", recipe="cwd")["note"] == ""
+
+
 def test_an_imgsz_off_the_stride_is_rounded_up_as_training_rounds_it() -> None:
     with pytest.warns(UserWarning, match="imgsz 33 is not a multiple of the stride 32; using 64"):
         report = probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=33)
@@ -72,5 +77,5 @@ def test_real_bccd_checkpoints() -> None:
     report = probe_channels(str(BCCD_TEACHER), str(BCCD_STUDENT), imgsz=512)
     assert [p[:3] for p in pairs_of(report)] == [(64, 128, 8), (128, 256, 16), (256, 512, 32)]
     assert report["weight_selection"] == "no: a trained .pt student keeps its own weights"
-    assert report["teacher_scale"] == "1 (imgsz 512, the teacher trained at 512)"
+    assert report["teacher_scale"] == "1 (auto; imgsz 512, the teacher trained at 512)"
     assert probe_channels(str(BCCD_TEACHER), str(BCCD_STUDENT), imgsz=256)["teacher_scale"].startswith("2 (")

@@ -173,3 +173,14 @@ def test_float_fields_take_exponents_without_a_dot() -> None:
     for bad in ("grad_clip=abc", "grad_clip=1e999", "epochs=1e2"):
         with pytest.raises(DistillError, match="must be a"):
             apply_overrides(RunConfig(), parse_overrides([bad]))
+
+
+def test_layers_for_a_recipe_whose_terms_do_not_read_them_is_refused() -> None:
+    with pytest.raises(DistillError, match=r"--layers: no term of the recipe \(terms: cls_kd, box_kd\) distils"):
+        resolve_config(recipe="default", layers="neck")  # output terms only: the layers would be ignored
+    with pytest.raises(DistillError, match="--set losses.cwd.layers=null makes cwd read them"):
+        resolve_config(recipe="cwd", **{"losses.cwd.layers": [15], "recipe.layers": "neck"})  # cwd has its own
+    assert resolve_config(recipe="cwd", layers="neck").recipe.layers == "neck"
+    assert resolve_config(recipe="default", layers="neck", **{"losses.mgd.weight": 1}).recipe.layers == "neck"
+    own = {"losses.cwd.layers": [15], "layers": "neck"}
+    assert resolve_config(recipe="cwd", **{**own, "losses.cwd.layers": None}).recipe.losses["cwd"].layers is None

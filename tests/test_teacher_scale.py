@@ -16,6 +16,7 @@ from distill_cli.distiller import Teacher
 from distill_cli.errors import DistillError
 from distill_cli.losses.output import distances
 from distill_cli.models import save_student
+from distill_cli.probe import probe_channels
 from distill_cli.teacher_scale import pool_to, resolved, scaled_head, two_hot
 from distill_cli.training import train
 
@@ -158,3 +159,19 @@ def test_auto_picks_twice_the_size_where_that_view_suits_the_teacher_and_the_rec
     auto = replace(load_recipe(recipe), teacher_scale="auto")
     assert resolved(auto, imgsz, teacher).teacher_scale == expected
     assert resolved(replace(auto, teacher_scale="2"), 384, teacher).teacher_scale == "2"  # as given: kept
+
+
+def test_probe_channels_says_what_the_given_recipe_does_with_the_teacher_scale(tmp_path: Path) -> None:
+    teacher = str(saved_teacher(tmp_path / "teacher512.pt", "yolov8s.yaml", 512))
+    verdict = {
+        recipe: probe_channels(teacher, "yolov8n.yaml", imgsz=256, recipe=recipe)["teacher_scale"]
+        for recipe in (None, "logits", "cwd")
+    }
+    assert verdict[None] == "2 (auto; imgsz 256, the teacher trained at 512)"  # the default recipe's auto
+    assert verdict["logits"] == "1 (the recipe's teacher_scale; imgsz 256, the teacher trained at 512)"
+    assert verdict["cwd"] == "1 (the recipe's teacher_scale; imgsz 256, the teacher trained at 512)"
+    recipe = tmp_path / "cwd2.yaml"
+    recipe.write_text(yaml.safe_dump({"teacher_scale": "2", "losses": {"cwd": {"weight": 1}}}))
+    refused = probe_channels(teacher, "yolov8n.yaml", imgsz=256, recipe=str(recipe))["teacher_scale"]
+    assert refused.startswith("refused: term(s) cwd read more of the teacher")
+    assert probe_channels(teacher, "yolov8n.yaml", imgsz=256, recipe="none")["teacher_scale"].startswith("no teacher")

@@ -58,7 +58,6 @@ FREE = {
     (ProbeOptions, "student"),
     (ProbeOptions, "recipe"),
     (ExportOptions, "output"),
-    (ExportOptions, "image"),
 }
 BAD_FOR_CHECK: dict[Callable, list[Any]] = {
     rules.device_problem: ["tpu", "cuda:x"],
@@ -67,6 +66,7 @@ BAD_FOR_CHECK: dict[Callable, list[Any]] = {
     config._out_name: ["runs/..", ""],
     config._checkpoint: ["yolov8n.yaml"],
     config._checkpoints: [[], ["yolov8n.yaml"]],
+    config._image_file: ["missing.png", ""],
 }
 
 
