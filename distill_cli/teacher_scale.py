@@ -32,7 +32,9 @@ from .losses.output import distances
 # how far the 2x view may go past the size the teacher was trained at: the 512-px BCCD teacher, on val images shrunk to
 # the student's size, gains from twice the size at 256, 288 and 320 px (+0.080, +0.041, +0.011 mAP50-95; 640 is 1.25
 # x 512) and loses at 352, 384 and 416 (-0.011, -0.040, -0.085): objects larger than it learned cost it more than
-# objects as much smaller
+# objects as much smaller. Read as a training step reads it (square batches, this mapping) the gains are +0.069,
+# +0.030 and -0.004: at 1.25 the teacher is level, and the limit rests on the students' results at 320 px there
+# (benchmarks/RESULTS.md, sessions 13-14)
 LARGEST_VIEW = 1.25
 
 
