@@ -27,11 +27,9 @@ import yaml  # noqa: E402
 from gain import BCCD, TEACHER  # noqa: E402  (benchmarks/ is the script's folder: gain.py's data and models)
 from PIL import Image  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
-from ultralytics.utils.tal import dist2bbox, make_anchors  # noqa: E402
 
 from distill_cli.distiller import Teacher  # noqa: E402
 from distill_cli.evaluation import run_validator  # noqa: E402
-from distill_cli.losses.output import distances  # noqa: E402
 from distill_cli.models import load_model  # noqa: E402
 
 
@@ -67,14 +65,10 @@ def training_view(teacher: str, scale: int, data: Path, size: int) -> float:
     anchors; the validator sees a teacher model whose forward is that (square batches, as training letterboxes)."""
     model = load_model(teacher, "teacher")
     viewed = Teacher(copy.deepcopy(model), [], torch.device("cpu"), torch.float32, scale)
-    reg_max = model.model[-1].reg_max
 
     def forward(x: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, dict]:
         head = viewed(x).head["one2many"]
-        strides = torch.tensor([x.shape[2] / f.shape[2] for f in head["feats"]])
-        anchors, anchor_strides = make_anchors(head["feats"], strides)
-        xywh = dist2bbox(distances(head["boxes"], reg_max), anchors.unsqueeze(0), xywh=True) * anchor_strides
-        return torch.cat([xywh.transpose(1, 2), head["scores"].float().sigmoid()], 1), head
+        return viewed.head._inference(head), head  # the Detect head's own decode, on the student's grid
 
     model.forward = forward  # an instance attribute: the validator's backend calls it as the model's forward
     split = {"data": str(data), "imgsz": size, "batch": 16, "device": "cpu", "split": "val", "rect": False}
