@@ -11,6 +11,7 @@ before any command reads or writes a file. A loss method's parameters carry thei
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ ULTRALYTICS_MAX_NORM = 10.0  # ultralytics' gradient clip
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 STUDENT_INITS = ("random", "teacher")
 ADAPTER_INITS = ("fit", "random")
-TEACHER_SCALES = ("1", "2", "auto")
+MAX_TEACHER_SCALE = 2.0  # the view mapping pairs each student level with two teacher levels (teacher_scale.py)
 MAX_IMGSZ = 16384
 
 
@@ -57,6 +58,12 @@ def _checkpoint(value: str) -> str | None:
 
 def _checkpoints(value: list[str]) -> str | None:
     return next(filter(None, map(_checkpoint, value)), None) if value else "must name at least one checkpoint"
+
+
+def _teacher_scale(value: str) -> str | None:
+    if value == "auto" or (re.fullmatch(r"[0-9]+(\.[0-9]+)?", value) and 1 <= float(value) <= MAX_TEACHER_SCALE):
+        return None
+    return f"must be auto or a number in [1, {MAX_TEACHER_SCALE:g}]"
 
 
 def _image_file(value: str) -> str | None:
@@ -117,9 +124,9 @@ class Recipe:
     # where the 1x1 adapters of feature and cross-head terms start: fit, the least-squares map from the student's
     # layer to the teacher's over the first train images (adapter_fit.py), or random, PyTorch's initialisation
     adapters: str = ranged("fit", choices=ADAPTER_INITS)
-    # the size at which the teacher sees the batch, as a multiple of the student's: 2 for a student trained well
-    # below the size the teacher was trained at (output terms only), auto picks 1 or 2 by that size (teacher_scale.py)
-    teacher_scale: str = ranged("1", choices=TEACHER_SCALES)
+    # the size at which the teacher sees the batch, as a multiple of the student's (1 to 2; output terms only); auto
+    # picks 2 where the teacher was trained at 1.6x the student's size or more, else 1 (teacher_scale.py)
+    teacher_scale: str = ranged("1", check=_teacher_scale, text=f"auto, or a number in [1, {MAX_TEACHER_SCALE:g}]")
 
 
 @dataclass

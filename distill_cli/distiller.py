@@ -17,7 +17,7 @@ from .errors import DistillError
 from .features import FeatureHooks, Pair, pair_layers, probe_layers
 from .losses import LOSSES, CrossLoss, DistillContext, OutputLoss, build_loss
 from .models import class_names
-from .teacher_scale import scale_problem, scaled_head
+from .teacher_scale import scale_problem, scaled_head, upsamples, view_size
 
 Head = dict[str, dict[str, torch.Tensor]]  # branch ("one2many", and "one2one" for end-to-end heads) -> raw outputs
 
@@ -68,13 +68,16 @@ class Teacher:
     """Frozen teacher: eval mode always, no grad, never saved, never optimised.
 
     ``model`` is the teacher as loaded (fp32, used to validate it); ``runner`` is a private Conv+BN-fused copy in
-    ``dtype`` (bf16/fp16 under AMP) and channels_last, which runs every training step. With ``scale`` 2 its head
-    outputs are those of the batch seen at twice its size, mapped onto the student's anchors (teacher_scale.py).
+    ``dtype`` (bf16/fp16 under AMP) and channels_last, which runs every training step. With ``scale`` above 1 its head
+    outputs are those of the batch seen at that multiple of its size, mapped onto the student's anchors
+    (teacher_scale.py).
     """
 
     def __init__(
-        self, model: nn.Module, layers: list[int], device: torch.device, dtype: torch.dtype, scale: int = 1
+        self, model: nn.Module, layers: list[int], device: torch.device, dtype: torch.dtype, scale: float = 1
     ) -> None:
+        if scale != 1 and layers:
+            raise ValueError("a teacher at a scale above 1 hooks no layer: its maps would not match the student's")
         self.model = model.to(device).eval().requires_grad_(False)
         self.runner = inference_copy(self.model).to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self.runner.eval().requires_grad_(False)
@@ -90,13 +93,16 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> TeacherOutput:
-        head = head_branches(self.run(images))
-        out = TeacherOutput(self.hooks.pop(), head)
-        if self.scale == 2:  # only terms that read the head take it (scale_problem): the features stay at 1x
-            big = head_branches(self.run(F.interpolate(images.float(), scale_factor=2, mode="bilinear")))
-            self.hooks.pop()
-            out.head = {b: scaled_head(big[b], head[b], self.head.reg_max, images.shape[2]) for b in head}
-        return out
+        size = (images.shape[2], images.shape[3])
+        strides = [int(s) for s in self.head.stride]
+        view = view_size(size, self.scale, max(strides))
+        if view == size:
+            head = head_branches(self.run(images))  # before the pop: the pass fills the hooks
+            return TeacherOutput(self.hooks.pop(), head)
+        # only terms that read the head take a scale (scale_problem), so no layer is hooked and one pass is enough
+        seen = head_branches(self.run(F.interpolate(images.float(), size=view, mode="bilinear")))
+        head = {b: scaled_head(seen[b], self.head.reg_max, view, size, strides) for b in seen}
+        return TeacherOutput(self.hooks.pop(), head)
 
 
 class Distiller(nn.Module):
@@ -229,8 +235,8 @@ def check_compatible(student: nn.Module, teacher: nn.Module, recipe: Recipe) -> 
     for name, spec in recipe.losses.items():
         if LOSSES[spec.type].level != "feature" and (problem := output_problem(spec.type, student, teacher, name)):
             raise DistillError(problem)
-    if recipe.teacher_scale == "2" and (problem := scale_problem(recipe, teacher.model[-1])):
-        raise DistillError(f"teacher_scale 2: {problem}; use teacher_scale 1 or auto")
+    if upsamples(recipe) and (problem := scale_problem(recipe, teacher.model[-1])):
+        raise DistillError(f"teacher_scale {recipe.teacher_scale}: {problem}; use teacher_scale 1 or auto")
     s_names, t_names = class_names(student), class_names(teacher)
     if s_names != t_names:
         warnings.warn(

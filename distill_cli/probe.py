@@ -13,7 +13,7 @@ from .features import pair_layers, probe_layers
 from .losses import LOSSES
 from .models import load_model, stride_multiple
 from .rules import validated
-from .teacher_scale import resolved, scale_problem, trained_imgsz
+from .teacher_scale import resolved, scale_problem, trained_imgsz, upsamples
 from .weight_selection import selection_problem
 
 
@@ -81,10 +81,10 @@ def probe_student(student: str, teacher_model: nn.Module, trust: bool) -> nn.Mod
 
 def teacher_scale_verdict(imgsz: int, teacher_model: nn.Module, recipe: Recipe) -> str:
     """The scale at which the teacher will see the batch with ``recipe`` (auto resolved at this size), or why the
-    recipe's 2 is refused."""
+    recipe's scale is refused."""
     if not recipe.losses:
         return "no teacher pass (the recipe has no terms)"
-    if recipe.teacher_scale == "2" and (problem := scale_problem(recipe, teacher_model.model[-1])):
+    if upsamples(recipe) and (problem := scale_problem(recipe, teacher_model.model[-1])):
         return f"refused: {problem}"
     scale = resolved(recipe, imgsz, teacher_model).teacher_scale
     how = "auto" if recipe.teacher_scale == "auto" else "the recipe's teacher_scale"

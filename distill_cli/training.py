@@ -262,7 +262,7 @@ def prepare(
     has_adapters = bool(adapter_targets(distiller))
     amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
     teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
-    scale = int(cfg.recipe.teacher_scale)
+    scale = float(cfg.recipe.teacher_scale)
     teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype, scale) if teacher_model else None
     if teacher is not None:
         distiller.bind_teacher(teacher)
