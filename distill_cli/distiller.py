@@ -82,6 +82,7 @@ class Teacher:
         self.runner = inference_copy(self.model).to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self.runner.eval().requires_grad_(False)
         self.dtype, self.scale = dtype, scale
+        self.strides = [int(stride) for stride in self.head.stride]  # the head's level strides, read once
         self.hooks = FeatureHooks(self.runner, layers)
 
     @property
@@ -94,15 +95,13 @@ class Teacher:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> TeacherOutput:
         size = (images.shape[2], images.shape[3])
-        strides = [int(s) for s in self.head.stride]
-        view = view_size(size, self.scale, max(strides))
+        view = view_size(size, self.scale, max(self.strides))
         if view == size:
-            head = head_branches(self.run(images))  # before the pop: the pass fills the hooks
-            return TeacherOutput(self.hooks.pop(), head)
-        # only terms that read the head take a scale (scale_problem), so no layer is hooked and one pass is enough
-        seen = head_branches(self.run(F.interpolate(images.float(), size=view, mode="bilinear")))
-        head = {b: scaled_head(seen[b], self.head.reg_max, view, size, strides) for b in seen}
-        return TeacherOutput(self.hooks.pop(), head)
+            head = head_branches(self.run(images))
+        else:  # only terms that read the head take a scale (scale_problem), so no layer is hooked: one pass
+            seen = head_branches(self.run(F.interpolate(images.float(), size=view, mode="bilinear")))
+            head = {b: scaled_head(seen[b], self.head.reg_max, view, size, self.strides) for b in seen}
+        return TeacherOutput(self.hooks.pop(), head)  # popped after the pass, which fills the hooks
 
 
 class Distiller(nn.Module):
