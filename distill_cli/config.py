@@ -30,6 +30,7 @@ SCHEDULE_KINDS = ("constant", "linear", "cosine")
 STUDENT_INITS = ("random", "teacher")
 ADAPTER_INITS = ("fit", "random")
 MAX_TEACHER_SCALE = 2.0  # the view mapping pairs each student level with two teacher levels (teacher_scale.py)
+TEACHER_SCALE_TEXT = f"auto, a number in [1, {MAX_TEACHER_SCALE:g}], or such numbers joined by + (views averaged)"
 MAX_IMGSZ = 16384
 
 
@@ -60,10 +61,12 @@ def _checkpoints(value: list[str]) -> str | None:
     return next(filter(None, map(_checkpoint, value)), None) if value else "must name at least one checkpoint"
 
 
-def _teacher_scale(value: str) -> str | None:
-    if value == "auto" or (re.fullmatch(r"[0-9]+(\.[0-9]+)?", value) and 1 <= float(value) <= MAX_TEACHER_SCALE):
+def teacher_scale_problem(value: str) -> str | None:
+    views = value.split("+")
+    numbers = all(re.fullmatch(r"[0-9]+(\.[0-9]+)?", v) and 1 <= float(v) <= MAX_TEACHER_SCALE for v in views)
+    if value == "auto" or (numbers and len({float(v) for v in views}) == len(views)):
         return None
-    return f"must be auto or a number in [1, {MAX_TEACHER_SCALE:g}]"
+    return f"must be {TEACHER_SCALE_TEXT}, each view once"
 
 
 def _image_file(value: str) -> str | None:
@@ -124,9 +127,10 @@ class Recipe:
     # where the 1x1 adapters of feature and cross-head terms start: fit, the least-squares map from the student's
     # layer to the teacher's over the first train images (adapter_fit.py), or random, PyTorch's initialisation
     adapters: str = ranged("fit", choices=ADAPTER_INITS)
-    # the size at which the teacher sees the batch, as a multiple of the student's (1 to 2; output terms only); auto
-    # picks 2 where the teacher was trained at 1.6x the student's size or more, else 1 (teacher_scale.py)
-    teacher_scale: str = ranged("1", check=_teacher_scale, text=f"auto, or a number in [1, {MAX_TEACHER_SCALE:g}]")
+    # the size at which the teacher sees the batch, as a multiple of the student's (1 to 2; output terms only), or
+    # several views joined by + whose answers are averaged; auto picks 2 where the teacher was trained at 1.6x the
+    # student's size or more, 1+2 from 1.3x, else 1 (teacher_scale.py)
+    teacher_scale: str = ranged("1", check=teacher_scale_problem, text=TEACHER_SCALE_TEXT)
 
 
 @dataclass

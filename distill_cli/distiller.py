@@ -17,7 +17,7 @@ from .errors import DistillError
 from .features import FeatureHooks, Pair, pair_layers, probe_layers
 from .losses import LOSSES, CrossLoss, DistillContext, OutputLoss, build_loss
 from .models import class_names
-from .teacher_scale import scale_problem, scaled_head, upsamples, view_size
+from .teacher_scale import averaged, scale_problem, scaled_head, upsamples, view_size
 
 Head = dict[str, dict[str, torch.Tensor]]  # branch ("one2many", and "one2one" for end-to-end heads) -> raw outputs
 
@@ -68,20 +68,25 @@ class Teacher:
     """Frozen teacher: eval mode always, no grad, never saved, never optimised.
 
     ``model`` is the teacher as loaded (fp32, used to validate it); ``runner`` is a private Conv+BN-fused copy in
-    ``dtype`` (bf16/fp16 under AMP) and channels_last, which runs every training step. With ``scale`` above 1 its head
-    outputs are those of the batch seen at that multiple of its size, mapped onto the student's anchors
-    (teacher_scale.py).
+    ``dtype`` (bf16/fp16 under AMP) and channels_last, which runs every training step. With a scale above 1 its head
+    outputs are those of the batch seen at that multiple of its size, mapped onto the student's anchors; with several
+    ``scales``, one pass per view and their answers averaged (teacher_scale.py).
     """
 
     def __init__(
-        self, model: nn.Module, layers: list[int], device: torch.device, dtype: torch.dtype, scale: float = 1
+        self,
+        model: nn.Module,
+        layers: list[int],
+        device: torch.device,
+        dtype: torch.dtype,
+        scales: tuple[float, ...] = (1.0,),
     ) -> None:
-        if scale != 1 and layers:
+        if tuple(scales) != (1.0,) and layers:
             raise ValueError("a teacher at a scale above 1 hooks no layer: its maps would not match the student's")
         self.model = model.to(device).eval().requires_grad_(False)
         self.runner = inference_copy(self.model).to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self.runner.eval().requires_grad_(False)
-        self.dtype, self.scale = dtype, scale
+        self.dtype, self.scales = dtype, tuple(scales)
         self.strides = [int(stride) for stride in self.head.stride]  # the head's level strides, read once
         self.hooks = FeatureHooks(self.runner, layers)
 
@@ -94,14 +99,20 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> TeacherOutput:
+        heads = [self.view(images, scale) for scale in self.scales]
+        if len(heads) > 1:
+            heads = [{b: averaged([h[b] for h in heads], self.head.reg_max) for b in heads[0]}]
+        return TeacherOutput(self.hooks.pop(), heads[0])  # popped after the passes, which fill the hooks
+
+    def view(self, images: torch.Tensor, scale: float) -> Head:
+        """The head's answers to the batch seen at ``scale`` times its size, on the student's anchors."""
         size = (images.shape[2], images.shape[3])
-        view = view_size(size, self.scale, max(self.strides))
+        view = view_size(size, scale, max(self.strides))
         if view == size:
-            head = head_branches(self.run(images))
-        else:  # only terms that read the head take a scale (scale_problem), so no layer is hooked: one pass
-            seen = head_branches(self.run(F.interpolate(images.float(), size=view, mode="bilinear")))
-            head = {b: scaled_head(seen[b], self.head.reg_max, view, size, self.strides) for b in seen}
-        return TeacherOutput(self.hooks.pop(), head)  # popped after the pass, which fills the hooks
+            return head_branches(self.run(images))
+        # only terms that read the head take a scale (scale_problem), so no layer is hooked
+        seen = head_branches(self.run(F.interpolate(images.float(), size=view, mode="bilinear")))
+        return {b: scaled_head(seen[b], self.head.reg_max, view, size, self.strides) for b in seen}
 
 
 class Distiller(nn.Module):

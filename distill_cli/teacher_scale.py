@@ -11,14 +11,19 @@ objects the student's level ``l`` sees); its level ``l`` has ``s`` times the stu
 octave smaller, such as the smallest ones, which no coarser level would catch. Each is resampled onto the student's
 grid of level ``l`` (each teacher cell goes to the student cell that holds its centre, which keeps the most
 confident), and the more confident of the two (the largest class probability; first one whose box can be written
-as DFL distances from the student's anchor) gives the
-anchor's class logits and its box: decoded, brought into the student's pixels (each axis by its size over the view's)
-and written again relative to the student's anchor, as a two-hot distribution over the DFL bins whose expectation is
-the distance (plain distances for a head without bins). ``cls_kd``, ``box_kd`` and ``bckd`` then read it as any
-teacher's head; with other terms or an end-to-end head ``auto`` keeps the teacher at 1 and a scale above 1 is refused
-(``scale_problem``). ``auto`` picks 2 or 1 (``LEAST_AUTO_SCALE``). Version 0.3.10 ran a second pass at 1x, whose last
-level gave candidates for the student's last level (the view's largest objects may be up to 1.25x larger than the
-teacher learned); on BCCD they never won, and without them the teacher's mAP is the same to every digit.
+as DFL distances from the student's anchor) gives the anchor's class logits and its box: decoded, brought into the
+student's pixels (each axis by its size over the view's) and written again relative to the student's anchor, as a
+two-hot distribution over the DFL bins whose expectation is the distance (plain distances for a head without bins).
+``cls_kd``, ``box_kd`` and ``bckd`` then read it as any teacher's head; with other terms or an end-to-end head
+``auto`` keeps the teacher at 1 and a scale above 1 is refused (``scale_problem``).
+
+Views joined by + (``1+2``): the teacher runs once per view, and their answers on the student's anchors are averaged:
+per anchor and class the mean probability, and the box as the mean of the views' distances weighted by each view's
+largest class probability there. ``auto`` picks 2, 1+2 or 1 (``LEAST_AUTO_SCALE``, ``LEAST_VIEWS_SCALE``).
+
+Version 0.3.10 ran a second pass at 1x, whose last level gave candidates for the student's last level (the view's
+largest objects may be up to 1.25x larger than the teacher learned); on BCCD they never won, and without them the
+teacher's mAP is the same to every digit.
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ from .losses.output import distances
 # own size (x1.6 at 320 px) the teacher scores higher (0.616 against 0.600 at 1 and 0.596 at 2), yet taught the
 # students less than 2 in 9 of 10 cells of seed 0 at 288 and 320 px (session 15): a number below 2 is an option only
 LEAST_AUTO_SCALE = 1.6
+# auto picks 1+2 where that size is at least this many times the student's (and below LEAST_AUTO_SCALE): with the
+# 512-px teacher at 352 and 384 px (x1.45, x1.33) the averaged views taught the students above no distillation and the
+# teacher at 1 in every cell run, where 1 alone and 2 alone each missed some; at 416 px (x1.23, its view at 2 the worst)
+# they taught less than 1 in all 4 cells (benchmarks/RESULTS.md, session 17); there and below, 1
+LEAST_VIEWS_SCALE = 1.3
 
 
 # the terms that read only the teacher's class logits and its decoded boxes, which the mapping carries; dfl_kd reads
@@ -60,20 +70,27 @@ def scale_problem(recipe: Recipe, teacher_head: nn.Module) -> str | None:
 
 
 def resolved(recipe: Recipe, imgsz: int, teacher: nn.Module | None) -> Recipe:
-    """The recipe with ``teacher_scale: auto`` made 1 or 2: 2 where the size the teacher was trained at (its
-    checkpoint's ``imgsz``) is at least ``LEAST_AUTO_SCALE`` x the student's and ``scale_problem`` finds none; 1
-    otherwise, or when that size is unknown."""
+    """The recipe with ``teacher_scale: auto`` made 2, 1+2 or 1, by the size the teacher was trained at (its
+    checkpoint's ``imgsz``) over the student's: 2 from ``LEAST_AUTO_SCALE``, 1+2 from ``LEAST_VIEWS_SCALE``, where
+    ``scale_problem`` finds none; 1 otherwise, or when that size is unknown."""
     if recipe.teacher_scale != "auto":
         return recipe
     trained = trained_imgsz(teacher)
-    fits = trained is not None and trained >= LEAST_AUTO_SCALE * imgsz
-    usable = teacher is not None and scale_problem(recipe, teacher.model[-1]) is None
-    return replace(recipe, teacher_scale="2" if fits and usable else "1")
+    ratio = trained / imgsz if trained is not None else 0.0
+    if teacher is None or scale_problem(recipe, teacher.model[-1]) is not None:
+        ratio = 0.0
+    scale = "2" if ratio >= LEAST_AUTO_SCALE else "1+2" if ratio >= LEAST_VIEWS_SCALE else "1"
+    return replace(recipe, teacher_scale=scale)
+
+
+def view_scales(teacher_scale: str) -> tuple[float, ...]:
+    """A resolved ``teacher_scale`` ("1.5", "1+2") as its views' scales."""
+    return tuple(float(view) for view in teacher_scale.split("+"))
 
 
 def upsamples(recipe: Recipe) -> bool:
-    """Whether the recipe asks for a teacher scale above 1 (auto not yet resolved: not known)."""
-    return recipe.teacher_scale != "auto" and float(recipe.teacher_scale) > 1
+    """Whether the recipe asks for a teacher view above 1 (auto not yet resolved: not known)."""
+    return recipe.teacher_scale != "auto" and max(view_scales(recipe.teacher_scale)) > 1
 
 
 def trained_imgsz(teacher: nn.Module | None) -> float | None:
@@ -196,3 +213,16 @@ def against_anchors(level: Level, cx: torch.Tensor, cy: torch.Tensor, stride: in
     if reg_max > 1:
         fits &= (ltrb < reg_max - 1).all(1, keepdim=True)
     return logits, ltrb, conf + fits
+
+
+def averaged(heads: list[dict], reg_max: int) -> dict:
+    """One branch's answers from several views, all on the student's anchors, as one teacher's: per anchor and class
+    the mean probability (as a logit), and the box as the mean of the views' ltrb distances weighted by each view's
+    largest class probability there (a view that sees nothing at an anchor moves its box little), as a two-hot."""
+    probs = torch.stack([head["scores"].float().sigmoid() for head in heads])  # (V, B, nc, A)
+    weights = probs.amax(2, keepdim=True)  # (V, B, 1, A)
+    ltrb = torch.stack([distances(head["boxes"], reg_max).transpose(1, 2) for head in heads])  # (V, B, 4, A)
+    ltrb = (weights * ltrb).sum(0) / weights.sum(0).clamp(min=1e-6)  # the floor: only where all views see ~nothing
+    grids = [f.new_empty(f.shape[0], 0, *f.shape[2:]) for f in heads[0]["feats"]]
+    prob = probs.mean(0).clamp(1e-6, 1 - 1e-6)
+    return {"scores": prob.log() - (1 - prob).log(), "boxes": two_hot(ltrb, reg_max), "feats": grids}

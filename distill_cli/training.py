@@ -42,7 +42,7 @@ from .start import (
     seed_student,
     seeds_from_teacher,
 )
-from .teacher_scale import resolved
+from .teacher_scale import resolved, view_scales
 
 Callback = Callable[[str, dict[str, Any]], None]
 # the span of a fine-tune's EMA, as a share of its optimizer steps (benchmarks/RESULTS.md: an average over the last
@@ -262,8 +262,8 @@ def prepare(
     has_adapters = bool(adapter_targets(distiller))
     amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
     teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
-    scale = float(cfg.recipe.teacher_scale)
-    teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype, scale) if teacher_model else None
+    scales = view_scales(cfg.recipe.teacher_scale)
+    teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype, scales) if teacher_model else None
     if teacher is not None:
         distiller.bind_teacher(teacher)
         # before DDP, which then broadcasts rank 0's fit; a resumed run's adapters come from its checkpoint

@@ -17,7 +17,7 @@ from distill_cli.errors import DistillError
 from distill_cli.losses.output import distances
 from distill_cli.models import save_student
 from distill_cli.probe import probe_channels
-from distill_cli.teacher_scale import resample, resolved, scaled_head, two_hot, view_size
+from distill_cli.teacher_scale import averaged, resample, resolved, scaled_head, two_hot, view_size
 from distill_cli.training import train
 
 NC = 2
@@ -185,7 +185,7 @@ def test_a_scaled_teacher_runs_once_at_its_view_and_answers_on_the_students_anch
     images = torch.rand(2, 3, 64, 64)
     plain = Teacher(model, [], torch.device("cpu"), torch.float32)(images).head
     calls = []
-    scaled = Teacher(model, [], torch.device("cpu"), torch.float32, scale=scale)
+    scaled = Teacher(model, [], torch.device("cpu"), torch.float32, scales=(scale,))
     scaled.runner.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[-1]))
     head = scaled(images).head
     assert calls == [view] and head.keys() == plain.keys()
@@ -194,6 +194,49 @@ def test_a_scaled_teacher_runs_once_at_its_view_and_answers_on_the_students_anch
         assert head[branch]["boxes"].shape == plain[branch]["boxes"].shape
         assert torch.isfinite(head[branch]["boxes"]).all()
         assert not torch.equal(head[branch]["scores"], plain[branch]["scores"])
+
+
+def test_views_are_averaged_per_anchor_probabilities_by_mean_boxes_weighted_by_each_views_confidence() -> None:
+    """Two views on 2 anchors, 16 DFL bins; worked out by hand. Anchor 0: class 1 at p 0.5 with sides 2 in one view,
+    p 0.9 with sides 4 in the other (its class 0 at 0.3): p 0.7, sides (0.5 * 2 + 0.9 * 4) / 1.4, the weights each
+    view's largest probability, not its mean. Anchor 1: seen by the first view only (p 0.8, sides 6; the other view's
+    class 0 at p 0.2 is its largest probability there, sides 10)."""
+
+    def view(p: list[list[float]], sides: list[float]) -> dict:
+        dist = torch.tensor(sides).view(1, 1, 2).expand(1, 4, 2).clone()
+        return {
+            "scores": torch.logit(torch.tensor([p])),
+            "boxes": two_hot(dist, 16),
+            "feats": [torch.zeros(1, 5, 1, 2)],
+        }
+
+    first = view([[1e-3, 1e-3], [0.5, 0.8]], [2.0, 6.0])
+    second = view([[0.3, 0.2], [0.9, 1e-3]], [4.0, 10.0])
+    out = averaged([first, second], reg_max=16)
+    assert out["scores"].sigmoid()[0].flatten().tolist() == pytest.approx([0.1505, 0.1005, 0.7, 0.4005], abs=1e-5)
+    sides = distances(out["boxes"], 16)[0]  # (A, 4)
+    assert sides[0].tolist() == pytest.approx([4.6 / 1.4] * 4, abs=5e-4)
+    assert sides[1].tolist() == pytest.approx([(0.8 * 6 + 0.2 * 10) / 1.0] * 4, abs=5e-4)
+    assert [tuple(f.shape) for f in out["feats"]] == [(1, 0, 1, 2)]  # the grid's shape, no features
+
+
+def test_a_teacher_with_two_views_runs_once_per_view_and_answers_their_average() -> None:
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=NC, verbose=False)
+    images = torch.rand(2, 3, 64, 64)
+    calls = []
+    both = Teacher(model, [], torch.device("cpu"), torch.float32, scales=(1.0, 2.0))
+    both.runner.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[-1]))
+    head = both(images).head["one2many"]
+    assert calls == [64, 128]
+    views = [Teacher(model, [], torch.device("cpu"), torch.float32, (s,))(images).head["one2many"] for s in (1, 2)]
+    expected = averaged(views, reg_max=16)
+    assert torch.allclose(head["scores"], expected["scores"]) and torch.allclose(head["boxes"], expected["boxes"])
+    with pytest.raises(ValueError, match="hooks no layer"):
+        Teacher(model, [4], torch.device("cpu"), torch.float32, scales=(1.0, 2.0))
+    in_bf16 = Teacher(model, [], torch.device("cpu"), torch.bfloat16, scales=(1.0, 2.0))(images).head["one2many"]
+    assert in_bf16["scores"].dtype == in_bf16["boxes"].dtype == torch.float32  # the 1x view's bf16 head joins fp32
+    assert torch.isfinite(in_bf16["scores"]).all() and torch.isfinite(in_bf16["boxes"]).all()
 
 
 def saved_teacher(path: Path, yaml_file: str, imgsz: int) -> Path:
@@ -225,12 +268,26 @@ def test_the_default_picks_2_for_a_teacher_trained_at_twice_the_size_and_what_ca
         train(recipe="default", report=False, teacher_scale=3, **{**run_kwargs, "name": "three"})
 
 
+def test_the_default_averages_two_views_for_a_teacher_trained_at_1_5x_and_a_feature_term_refuses_them(
+    run_kwargs: dict, tmp_path: Path
+) -> None:
+    teacher = saved_teacher(tmp_path / "teacher96.pt", "yolov8s.yaml", 96)
+    result = train(recipe="default", report=False, **{**run_kwargs, "teacher": str(teacher)})  # at 64 px
+    assert result.best.is_file()
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["recipe"]["teacher_scale"] == "1+2"
+    with pytest.raises(DistillError, match="teacher_scale 1[+]2: term.s. cwd read more of the teacher"):
+        train(recipe="cwd", report=False, teacher_scale="1+2", **{**run_kwargs, "name": "cwd"})
+
+
 @pytest.mark.parametrize(
     ("imgsz", "trained", "recipe", "yaml", "expected"),
     [
         (256, 512, "default", "yolov8s.yaml", "2"),  # 512 is 2x: the teacher sees the objects at the size it learned
-        (320, 512, "default", "yolov8s.yaml", "2"),  # 640 = 1.25 x 512: the largest view auto picks
-        (352, 512, "default", "yolov8s.yaml", "1"),  # 704 > 640: objects too large for it
+        (320, 512, "default", "yolov8s.yaml", "2"),  # 640 = 1.25 x 512: the largest view auto picks alone
+        (352, 512, "default", "yolov8s.yaml", "1+2"),  # x1.45: the views at 1 and 2 averaged
+        (384, 512, "default", "yolov8s.yaml", "1+2"),  # x1.33
+        (416, 512, "default", "yolov8s.yaml", "1"),  # x1.23: its view at 2 is the worst, the average taught less
+        (512, 512, "default", "yolov8s.yaml", "1"),  # the teacher's own size
         (160, 512, "default", "yolov8s.yaml", "2"),  # never more than 2, which the mapping pairs levels for
         (256, None, "default", "yolov8s.yaml", "1"),  # a teacher whose training size is unknown
         (256, [512, 512], "cwd", "yolov8s.yaml", "1"),  # a feature term: its maps would not line up
@@ -238,7 +295,7 @@ def test_the_default_picks_2_for_a_teacher_trained_at_twice_the_size_and_what_ca
         (256, 512, "default", "yolo26s.yaml", "1"),  # end to end: the one-to-one branch would get two anchors
     ],
 )
-def test_auto_picks_twice_the_size_where_that_view_suits_the_teacher_and_the_recipe(
+def test_auto_picks_twice_the_size_or_both_views_where_they_suit_the_teacher_and_the_recipe(
     imgsz: int, trained: object, recipe: str, yaml: str, expected: str
 ) -> None:
     teacher = DetectionModel(yaml, nc=NC, verbose=False)
@@ -246,6 +303,7 @@ def test_auto_picks_twice_the_size_where_that_view_suits_the_teacher_and_the_rec
     auto = replace(load_recipe(recipe), teacher_scale="auto")
     assert resolved(auto, imgsz, teacher).teacher_scale == expected
     assert resolved(replace(auto, teacher_scale="1.5"), 384, teacher).teacher_scale == "1.5"  # as given: kept
+    assert resolved(replace(auto, teacher_scale="1+1.5"), 384, teacher).teacher_scale == "1+1.5"
 
 
 def test_probe_channels_says_what_the_given_recipe_does_with_the_teacher_scale(tmp_path: Path) -> None:

@@ -67,7 +67,22 @@ BAD_FOR_CHECK: dict[Callable, list[Any]] = {
     config._checkpoint: ["yolov8n.yaml"],
     config._checkpoints: [[], ["yolov8n.yaml"]],
     config._image_file: ["missing.png", ""],
-    config._teacher_scale: ["3", "0.5", "nan", "inf", "two", "", " 2", "-0", "1e0", "\u0662"],
+    config.teacher_scale_problem: [
+        "3",
+        "0.5",
+        "nan",
+        "inf",
+        "two",
+        "",
+        " 2",
+        "-0",
+        "1e0",
+        "\u0662",
+        "1+1",
+        "1+3",
+        "1+",
+        "+2",
+    ],
 }
 
 
