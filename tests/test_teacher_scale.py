@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -248,15 +249,19 @@ def saved_teacher(path: Path, yaml_file: str, imgsz: int) -> Path:
     return path
 
 
-def test_the_default_picks_2_for_a_teacher_trained_at_twice_the_size_and_what_cannot_take_2_refuses_it(
-    run_kwargs: dict, tmp_path: Path
+@pytest.mark.parametrize(("trained", "scale"), [(128, "2"), (96, "1+2")])  # the student at 64 px: x2, x1.5
+def test_the_default_picks_its_view_by_the_teachers_training_size_and_a_feature_term_refuses_it(
+    run_kwargs: dict, tmp_path: Path, trained: int, scale: str
 ) -> None:
-    teacher = saved_teacher(tmp_path / "teacher128.pt", "yolov8s.yaml", 128)
+    teacher = saved_teacher(tmp_path / f"teacher{trained}.pt", "yolov8s.yaml", trained)
     result = train(recipe="default", report=False, **{**run_kwargs, "teacher": str(teacher)})  # at 64 px
     assert result.best.is_file()
-    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["recipe"]["teacher_scale"] == "2"
-    with pytest.raises(DistillError, match="teacher_scale 2: term.s. cwd read more of the teacher"):
-        train(recipe="cwd", report=False, teacher_scale=2, **{**run_kwargs, "name": "cwd"})
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["recipe"]["teacher_scale"] == scale
+    with pytest.raises(DistillError, match=f"teacher_scale {re.escape(scale)}: term.s. cwd read more of the teacher"):
+        train(recipe="cwd", report=False, teacher_scale=scale, **{**run_kwargs, "name": "cwd"})
+
+
+def test_what_cannot_take_a_view_above_1_refuses_it(run_kwargs: dict, tmp_path: Path) -> None:
     e2e = {
         "name": "e2e",
         "student": "yolo26n.yaml",
@@ -266,17 +271,6 @@ def test_the_default_picks_2_for_a_teacher_trained_at_twice_the_size_and_what_ca
         train(recipe="default", report=False, teacher_scale=2, **{**run_kwargs, **e2e})
     with pytest.raises(DistillError, match="teacher_scale"):
         train(recipe="default", report=False, teacher_scale=3, **{**run_kwargs, "name": "three"})
-
-
-def test_the_default_averages_two_views_for_a_teacher_trained_at_1_5x_and_a_feature_term_refuses_them(
-    run_kwargs: dict, tmp_path: Path
-) -> None:
-    teacher = saved_teacher(tmp_path / "teacher96.pt", "yolov8s.yaml", 96)
-    result = train(recipe="default", report=False, **{**run_kwargs, "teacher": str(teacher)})  # at 64 px
-    assert result.best.is_file()
-    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["recipe"]["teacher_scale"] == "1+2"
-    with pytest.raises(DistillError, match="teacher_scale 1[+]2: term.s. cwd read more of the teacher"):
-        train(recipe="cwd", report=False, teacher_scale="1+2", **{**run_kwargs, "name": "cwd"})
 
 
 @pytest.mark.parametrize(
