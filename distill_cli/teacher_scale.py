@@ -76,9 +76,8 @@ def resolved(recipe: Recipe, imgsz: int, teacher: nn.Module | None) -> Recipe:
     if recipe.teacher_scale != "auto":
         return recipe
     trained = trained_imgsz(teacher)
-    ratio = trained / imgsz if trained is not None else 0.0
-    if teacher is None or scale_problem(recipe, teacher.model[-1]) is not None:
-        ratio = 0.0
+    usable = trained is not None and scale_problem(recipe, teacher.model[-1]) is None
+    ratio = trained / imgsz if usable else 0.0
     scale = "2" if ratio >= LEAST_AUTO_SCALE else "1+2" if ratio >= LEAST_VIEWS_SCALE else "1"
     return replace(recipe, teacher_scale=scale)
 
