@@ -13,6 +13,7 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   batch32long  batch32 over 16 epochs (112 optimizer steps: does the default's loss there come from the run's length?)
   finetune5  fine-tune yolov8n-bccd.pt, imgsz 320, 6 epochs, batch 8 (a check after the choice, like finetune4)
   finetune6  fine-tune yolov8n-bccd.pt, imgsz 384, 7 epochs, batch 24 (added after version 0.3.8's choice, to check it)
+  finetune7  fine-tune yolov8n-bccd.pt, imgsz 352, 6 epochs, batch 16 (added after 0.3.13's choice of 1+2, to check it)
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
   scratch2   yolov8n.yaml from scratch, imgsz 320, 15 epochs, batch 16 (other imgsz and epochs)
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
@@ -73,6 +74,7 @@ SETTINGS = {
     "batch32long": Setting(STUDENT, TEACHER, 416, 16, 32),
     "finetune5": Setting(STUDENT, TEACHER, 320, 6, 8),
     "finetune6": Setting(STUDENT, TEACHER, 384, 7, 24),
+    "finetune7": Setting(STUDENT, TEACHER, 352, 6, 16),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),

@@ -1,0 +1,156 @@
+"""The README's table of the default recipe in every setting, read from the committed ``benchmarks/gain.py`` results.
+
+Each setting names the runs that are today's code there: where a version changed nothing in a setting (the teacher at
+1 from 416 px, at 2 at 320 px and below), it keeps the runs of the version that last did (benchmarks/RESULTS.md says
+which). ``none`` is seed-matched; ``gap closed`` is how far the default went from the student as given to the teacher
+scored at the student's size. Each setting's schedule is read from its runs' record. No training here: it only reads
+JSON.
+
+    python benchmarks/default_table.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+Source = list[tuple[str, str]]  # (results file, run label)
+NONE = [("gain-v14-scale0.json", "none")]  # the fine-tune loop of 0.3.7, which no version since has changed
+AT_2 = [("gain-v21-default-seeds.json", "default")]  # version 0.3.12: auto picks 2
+AT_1 = [("gain-v14-cls15-screen.json", "default, losses.cls_kd.weight=1.5")]  # 0.3.8, the same where auto picks 1
+VIEWS = ("gain-v23-views-averaged.json", "default, teacher_scale=1+2")  # 0.3.13's screen, equal to its code
+
+
+@dataclass
+class Setting:
+    view: str  # what teacher_scale auto picks there for the 512-px teacher, in the runs named
+    default: Source
+    none: Source
+
+
+SETTINGS = {
+    "shared": Setting("2", AT_2, NONE),
+    "scratch": Setting(
+        "2",
+        [("gain-v22-scratch-seed0.json", "default"), ("gain-v24-scratch-seeds12.json", "default")],
+        [("gain-v5.json", "none")],
+    ),
+    "finetune4": Setting("2", AT_2, NONE),
+    "finetune5": Setting("2", AT_2, NONE),
+    "finetune3": Setting("2", [*AT_2, ("gain-v22-finetune3-seed2.json", "default")], NONE),
+    "scratch2": Setting(
+        "2",
+        [("gain-v22-scratch2-seed0.json", "default"), ("gain-v24-scratch2-seed1.json", "default")],
+        [("gain-v5.json", "none")],
+    ),
+    "finetune7": Setting(
+        "1+2",
+        [("gain-v24-finetune7.json", "default")],
+        [("gain-v24-finetune7.json", "none")],
+    ),
+    "finetune2": Setting(
+        "1+2",
+        [VIEWS, ("gain-v24-finetune2-seeds34.json", "default")],
+        [*NONE, ("gain-v24-finetune2-seeds34.json", "none")],
+    ),
+    "finetune6": Setting(
+        "1+2",
+        [VIEWS, ("gain-v23-finetune6-seeds34.json", "default")],
+        [("gain-v15-finetune6.json", "none"), ("gain-v16-finetune6-seeds34.json", "none")],
+    ),
+    "batch32": Setting(
+        "1",
+        [*AT_1, ("gain-v16-batch32-seeds34.json", "default")],
+        [*NONE, ("gain-v16-batch32-seeds34.json", "none")],
+    ),
+    "native": Setting(
+        "1",
+        [*AT_1, ("gain-v24-native-seeds34.json", "default")],
+        [*NONE, ("gain-v24-native-seeds34.json", "none")],
+    ),
+    "imgsz640": Setting("1", AT_1, NONE),
+}
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())["settings"]
+
+
+def runs(setting: str, sources: Source) -> dict[str, dict]:
+    """Seed -> {"val", "test", ...} over the sources, later ones adding seeds; a source without such runs is an error
+    (a misspelt file or label would otherwise drop seeds unseen)."""
+    found: dict[str, dict] = {}
+    for name, label in sources:
+        named = load(name).get(setting, {}).get("runs", {}).get(label)
+        if not named:
+            raise KeyError(f"{name} has no runs labelled {label!r} in {setting}")
+        found.update(named)
+    return found
+
+
+def first(setting: str, sources: Source, key: str) -> dict:
+    """The setting's ``key`` ("reference": the teacher's and the student as given's scores; "setting": its schedule)
+    from the first source that records it."""
+    for name, _ in sources:
+        if key in (recorded := load(name)[setting]):
+            return recorded[key]
+    raise KeyError(f"no {key} for {setting} in {[name for name, _ in sources]}")
+
+
+def spread(scores: list[float]) -> str:
+    """Mean ± half the range (the mean alone for one seed)."""
+    mean = f"{statistics.mean(scores):.3f}"
+    return mean if len(scores) == 1 else f"{mean} ±{(max(scores) - min(scores)) / 2:.3f}"
+
+
+def row(setting: str) -> tuple[str, list[int]]:
+    """One markdown row, and its counts: cells above ``none``, cells, cells above the student as given, cells with a
+    student as given (none from scratch)."""
+    entry = SETTINGS[setting]
+    default, none = runs(setting, entry.default), runs(setting, entry.none)
+    seeds = sorted(seed for seed in default if seed in none)
+    sources = entry.default + entry.none
+    ref, schedule = first(setting, sources, "reference"), first(setting, sources, "setting")
+    given, teacher = ref.get("student as given"), ref["teacher"]
+    parts: dict[str, list[str]] = {"given": [], "none": [], "default": [], "teacher": [], "gap": []}
+    above_none = above_given = 0
+    for split in ("val", "test"):
+        scores = [default[seed][split] for seed in seeds]
+        above_none += sum(default[seed][split] > none[seed][split] for seed in seeds)
+        parts["none"].append(f"{statistics.mean(none[seed][split] for seed in seeds):.3f}")
+        parts["default"].append(spread(scores))
+        parts["teacher"].append(f"{teacher[split]:.3f}")
+        if given:
+            above_given += sum(score > given[split] for score in scores)
+            parts["given"].append(f"{given[split]:.3f}")
+            gap = (statistics.mean(scores) - given[split]) / (teacher[split] - given[split])
+            parts["gap"].append(f"{gap:.0%}")
+    cells = 2 * len(seeds)
+    start = "" if given else f"{Path(schedule['student']).name}, "
+    what = f"{setting}: {start}{schedule['epochs']} epochs, batch {schedule['batch']}"
+    cols = [what, f"{schedule['imgsz']} ({entry.view})", ",".join(seeds)]
+    cols += [" / ".join(parts[key]) or "-" for key in ("given", "none")]
+    cols += [f"**{' / '.join(parts['default'])}**", " / ".join(parts["teacher"]), " / ".join(parts["gap"]) or "-"]
+    cols.append(f"{above_none}/{cells} / " + (f"{above_given}/{cells}" if given else "-"))
+    return "| " + " | ".join(cols) + " |", [above_none, cells, above_given, cells if given else 0]
+
+
+def main() -> None:
+    print(
+        "| setting | imgsz (teacher view) | seeds | student as given | none | **default** | teacher at that size "
+        "| gap closed | cells above none / as given |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    totals = [0, 0, 0, 0]
+    for setting in SETTINGS:
+        line, counts = row(setting)
+        print(line)
+        totals = [total + count for total, count in zip(totals, counts, strict=True)]
+    print(f"\nabove none in {totals[0]} of {totals[1]} cells; above the student as given in {totals[2]} of {totals[3]}")
+
+
+if __name__ == "__main__":
+    main()

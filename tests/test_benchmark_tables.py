@@ -1,0 +1,46 @@
+"""benchmarks/default_table.py: the README's table of the default, read from the committed results."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "default_table.py"
+
+
+@pytest.fixture(scope="module")
+def table() -> ModuleType:
+    """The script as a module (benchmarks/ is not a package); registered first, as its dataclass needs."""
+    spec = importlib.util.spec_from_file_location("default_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_run_it_names_is_committed_and_rows_add_up(table: ModuleType, capsys: pytest.CaptureFixture) -> None:
+    table.main()  # raises on a missing file, or on a file without runs under the label named
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if line.startswith("| ") and "**0." in line]) == len(table.SETTINGS)
+    total = sum(2 * len(line.split(" | ")[2].split(",")) for line in lines if "**0." in line)
+    assert lines[-1].startswith("above none in ") and f" of {total} cells;" in lines[-1]
+
+
+def test_rows_hold_the_committed_runs(table: ModuleType) -> None:
+    line, counts = table.row("shared")  # gain-v21-default-seeds.json, its none from gain-v14-scale0.json
+    # val 0.5505 / 0.5553 / 0.5557, test 0.5424 / 0.5395 / 0.5377; gap (0.5538 - 0.4574) / (0.5449 - 0.4574) = 110%
+    assert "**0.554 ±0.003 / 0.540 ±0.002** | 0.545 / 0.550 | 110% / 91% |" in line
+    assert counts == [6, 6, 6, 6]
+    # seeds from two files each, for the default and for none: finetune2's seed 3 is below none on val (0.5666, 0.5725)
+    assert table.row("finetune2")[1] == [9, 10, 10, 10]
+    assert table.row("batch32")[1] == [8, 10, 10, 10]  # test, seeds 0 and 2, below none
+    assert table.row("scratch")[1][3] == 0  # from scratch there is no student as given
+
+
+def test_a_misspelt_label_is_an_error_not_a_dropped_seed(table: ModuleType) -> None:
+    with pytest.raises(KeyError, match="no runs labelled 'defualt'"):
+        table.runs("shared", [("gain-v21-default-seeds.json", "defualt")])
