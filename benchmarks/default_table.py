@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,6 +76,7 @@ SETTINGS = {
 }
 
 
+@cache  # each file feeds several rows, and each row reads it for runs, reference and schedule; never mutated
 def load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())["settings"]
 
