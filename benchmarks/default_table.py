@@ -67,6 +67,11 @@ SETTINGS = {
         [*AT_1, ("gain-v16-batch32-seeds34.json", "default")],
         [*NONE, ("gain-v16-batch32-seeds34.json", "none")],
     ),
+    "finetune8": Setting(
+        "1",
+        [("gain-v25-finetune8.json", "default")],
+        [("gain-v25-finetune8.json", "none")],
+    ),
     "native": Setting(
         "1",
         [*AT_1, ("gain-v24-native-seeds34.json", "default")],

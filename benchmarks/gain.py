@@ -14,6 +14,7 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   finetune5  fine-tune yolov8n-bccd.pt, imgsz 320, 6 epochs, batch 8 (a check after the choice, like finetune4)
   finetune6  fine-tune yolov8n-bccd.pt, imgsz 384, 7 epochs, batch 24 (added after version 0.3.8's choice, to check it)
   finetune7  fine-tune yolov8n-bccd.pt, imgsz 352, 6 epochs, batch 16 (added after 0.3.13's choice of 1+2, to check it)
+  finetune8  fine-tune yolov8n-bccd.pt, imgsz 448, 5 epochs, batch 16 (a check where auto keeps the teacher at 1)
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
   scratch2   yolov8n.yaml from scratch, imgsz 320, 15 epochs, batch 16 (other imgsz and epochs)
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
@@ -75,6 +76,7 @@ SETTINGS = {
     "finetune5": Setting(STUDENT, TEACHER, 320, 6, 8),
     "finetune6": Setting(STUDENT, TEACHER, 384, 7, 24),
     "finetune7": Setting(STUDENT, TEACHER, 352, 6, 16),
+    "finetune8": Setting(STUDENT, TEACHER, 448, 5, 16),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),
@@ -129,26 +131,29 @@ def run_ultralytics(args: argparse.Namespace, dis: float | None, seed: int, **ex
     from ultralytics import YOLO
     from ultralytics.engine import trainer
 
+    from distill_cli.evaluation import threads_kept
+
     # its AMP self-check downloads a model on a GPU (offline here); on a CPU it answers no, as for any user
     trainer.check_amp = lambda model: next(model.parameters()).device.type not in ("cpu", "mps")
     start = time.time()
     model = YOLO(args.student)
     kd = {"distill_model": args.teacher, "dis": dis} if dis is not None else {}
-    model.train(
-        data=args.data,
-        imgsz=args.imgsz,
-        epochs=args.epochs,
-        batch=args.batch,
-        workers=args.workers,
-        device=args.device or None,
-        seed=seed,
-        project=args.project,
-        name=f"ultralytics-{'plain' if dis is None else f'dis{dis:g}'}-s{seed}",
-        plots=False,
-        amp=True,
-        **kd,
-        **extra,
-    )
+    with threads_kept():  # its trainer sets the CPU threads to its own count; our runs after it keep theirs
+        model.train(
+            data=args.data,
+            imgsz=args.imgsz,
+            epochs=args.epochs,
+            batch=args.batch,
+            workers=args.workers,
+            device=args.device or None,
+            seed=seed,
+            project=args.project,
+            name=f"ultralytics-{'plain' if dis is None else f'dis{dis:g}'}-s{seed}",
+            plots=False,
+            amp=True,
+            **kd,
+            **extra,
+        )
     return {"weights": str(Path(model.trainer.best)), "seconds": time.time() - start}
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import DistillError
 
-__version__ = "0.3.13"
+__version__ = "0.3.14"
 
 _API = {
     "train": "training",
@@ -31,5 +31,8 @@ __all__ = ["DistillError", "__version__", *_API]
 
 def __getattr__(name: str) -> Any:
     if name in _API:
+        # torch before ultralytics: ultralytics sets OMP_NUM_THREADS=1 where it is unset, and a torch imported after
+        # that would train on one CPU thread
+        importlib.import_module("torch")
         return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     raise AttributeError(f"module 'distill_cli' has no attribute {name!r}")

@@ -14,7 +14,7 @@ from ultralytics.data.utils import IMG_FORMATS, img2label_paths
 from . import plots
 from .config import CompareOptions, EvalOptions
 from .data import load_data
-from .evaluation import evaluate
+from .evaluation import evaluate, threads_kept
 from .report import per_class_markdown
 from .rules import validated
 from .runlog import check_creatable, output_dir
@@ -101,7 +101,8 @@ def box_row(line: str) -> tuple[float, ...] | None:
 
 def draw_predictions(path: Path, weights: str, imgsz: int) -> np.ndarray:
     """Boxes of one model (conf >= 0.25)."""
-    result = YOLO(weights, task="detect").predict(str(path), imgsz=imgsz, conf=0.25, device="cpu", verbose=False)[0]
+    with threads_kept():
+        result = YOLO(weights, task="detect").predict(str(path), imgsz=imgsz, conf=0.25, device="cpu", verbose=False)[0]
     texts = [f"{int(c)} {p:.2f}" for c, p in zip(result.boxes.cls.tolist(), result.boxes.conf.tolist(), strict=True)]
     return annotate(cv2.imread(str(path)), result.boxes.xyxy.tolist(), texts, PRED_COLOR)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils.torch_utils import get_flops
@@ -33,7 +34,7 @@ def run_validator(model: nn.Module, args: dict[str, Any], loader=None) -> Valida
     """Validate a copy of ``model`` (the validator fuses what it gets) and collect what reports need."""
     args = {"plots": False, "verbose": False, "save_json": False, "rect": True, "mode": "val", **args}
     was_training = model.training
-    with tempfile.TemporaryDirectory() as scratch, single_process_validation():
+    with tempfile.TemporaryDirectory() as scratch, single_process_validation(), threads_kept():
         validator = DetectionValidator(dataloader=loader, save_dir=Path(scratch), args=args)
         stats = validator(model=model)
     model.train(was_training)
@@ -55,6 +56,18 @@ def run_validator(model: nn.Module, args: dict[str, Any], loader=None) -> Valida
         precision=precision,
         ms_per_img=float(validator.speed["inference"]),
     )
+
+
+@contextlib.contextmanager
+def threads_kept():
+    """The process's torch CPU threads as they were before: ultralytics' validator, exporter and predictor call its
+    ``select_device``, which on a CPU sets them to its own ``NUM_THREADS`` (``os.cpu_count() - 1``, from 1 to 8) for
+    the rest of the process; every training step after the first validation ran on 1 thread of a 2-core machine."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

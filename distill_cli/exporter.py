@@ -16,6 +16,7 @@ from ultralytics.engine.exporter import export_formats
 from .config import ExportOptions
 from .data import _draw_image
 from .errors import EXIT_RUNTIME, DistillError
+from .evaluation import threads_kept
 from .models import load_model
 from .rules import validated
 from .runlog import check_creatable
@@ -48,7 +49,9 @@ def export(
         copy = Path(scratch) / Path(opts.weights).name
         shutil.copy2(opts.weights, copy)
         try:
-            exported = Path(YOLO(str(copy), task="detect").export(format=opts.format, imgsz=opts.imgsz, device="cpu"))
+            with threads_kept():
+                model = YOLO(str(copy), task="detect")
+                exported = Path(model.export(format=opts.format, imgsz=opts.imgsz, device="cpu"))
         except Exception as e:  # the exporter raises many kinds (missing packages, unsupported ops)
             raise DistillError(f"export to {opts.format} failed: {type(e).__name__}: {e}", EXIT_RUNTIME) from e
         if x is not None:

@@ -296,3 +296,41 @@ def test_results_record_each_epochs_gradient_norm_before_the_clip(
         assert row["clipped"] == (1.0 if grad_clip < 1 else 0.0)
     header = (result.run_dir / "results.csv").read_text().splitlines()[0].split(",")
     assert {"grad_norm", "clipped"} <= set(header)
+
+
+def test_training_steps_run_on_the_process_thread_count_after_each_validation(run_kwargs: dict) -> None:
+    """ultralytics' validator sets torch's CPU threads to its own NUM_THREADS (1 on a 2-core machine) for good; the
+    steps after the first validation ran on those until the count was put back after each validation."""
+    from ultralytics.utils import torch_utils
+
+    before = torch.get_num_threads()
+    threads = 2 if torch_utils.NUM_THREADS == 1 else 1  # a count the validator would not leave
+    seen: list[int] = []
+
+    def callback(event: str, info: dict) -> None:
+        if event in ("step", "epoch"):
+            seen.append(torch.get_num_threads())
+
+    torch.set_num_threads(threads)
+    try:
+        train(recipe="default", callback=callback, **{**run_kwargs, "epochs": 2})
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) >= 4 and set(seen) == {threads}
+
+
+def test_the_api_imports_torch_before_ultralytics_which_would_leave_it_one_thread() -> None:
+    """ultralytics sets OMP_NUM_THREADS=1 where it is unset, and a torch imported after it starts on 1 thread;
+    ``compare``'s module imports ultralytics first, so the API imports torch before any of its modules."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+    def threads(code: str) -> int:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    expected = threads("import torch; print(torch.get_num_threads())")
+    assert threads("from distill_cli import compare; import torch; print(torch.get_num_threads())") == expected
