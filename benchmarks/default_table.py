@@ -32,6 +32,11 @@ class Setting:
     none: Source
 
 
+def one_file(view: str, name: str) -> Setting:
+    """A setting whose default and none ran together, in one results file."""
+    return Setting(view, [(name, "default")], [(name, "none")])
+
+
 SETTINGS = {
     "shared": Setting("2", AT_2, NONE),
     "scratch": Setting(
@@ -47,11 +52,7 @@ SETTINGS = {
         [("gain-v22-scratch2-seed0.json", "default"), ("gain-v24-scratch2-seed1.json", "default")],
         [("gain-v5.json", "none")],
     ),
-    "finetune7": Setting(
-        "1+2",
-        [("gain-v24-finetune7.json", "default")],
-        [("gain-v24-finetune7.json", "none")],
-    ),
+    "finetune7": one_file("1+2", "gain-v24-finetune7.json"),
     "finetune2": Setting(
         "1+2",
         [VIEWS, ("gain-v24-finetune2-seeds34.json", "default")],
@@ -67,11 +68,7 @@ SETTINGS = {
         [*AT_1, ("gain-v16-batch32-seeds34.json", "default")],
         [*NONE, ("gain-v16-batch32-seeds34.json", "none")],
     ),
-    "finetune8": Setting(
-        "1",
-        [("gain-v25-finetune8.json", "default")],
-        [("gain-v25-finetune8.json", "none")],
-    ),
+    "finetune8": one_file("1", "gain-v25-finetune8.json"),
     "native": Setting(
         "1",
         [*AT_1, ("gain-v24-native-seeds34.json", "default")],
