@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def run_validator(model: nn.Module, args: dict[str, Any], loader=None) -> Valida
 
 
 @contextlib.contextmanager
-def threads_kept():
+def threads_kept() -> Iterator[None]:
     """The process's torch CPU threads as they were before: ultralytics' validator, exporter and predictor call its
     ``select_device``, which on a CPU sets them to its own ``NUM_THREADS`` (``os.cpu_count() - 1``, from 1 to 8) for
     the rest of the process; every training step after the first validation ran on 1 thread of a 2-core machine."""
@@ -71,7 +72,7 @@ def threads_kept():
 
 
 @contextlib.contextmanager
-def single_process_validation():
+def single_process_validation() -> Iterator[None]:
     """Under torchrun, ultralytics' validator sees RANK from the environment and gathers results from every rank;
     ours validates on rank 0 alone while the others wait at a barrier, so it must act as a single process."""
     from ultralytics.engine import validator as base_validator
