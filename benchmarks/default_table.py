@@ -1,10 +1,11 @@
 """The README's table of the default recipe in every setting, read from the committed ``benchmarks/gain.py`` results.
 
-Each setting names the runs that are today's code there: where a version changed nothing in a setting (the teacher at
-1 from 416 px, at 2 at 320 px and below), it keeps the runs of the version that last did (benchmarks/RESULTS.md says
-which). ``none`` is seed-matched; ``gap closed`` is how far the default went from the student as given to the teacher
-scored at the student's size. Each setting's schedule is read from its runs' record. No training here: it only reads
-JSON.
+Each setting names the runs that are today's code there: where a version changed nothing in a setting (the teacher at 1
+from 416 px, at 2 at 320 px and below), it keeps the runs of the version that last did (benchmarks/RESULTS.md says
+which). A setting all of whose seeds of both recipes ran again with 0.3.14, which trains on both CPU threads (other
+float sums, the same method), uses those runs, marked "(0.3.14)". ``none`` is seed-matched; ``gap closed`` is how far
+the default went from the student as given to the teacher scored at the student's size. Each setting's schedule is read
+from its runs' record. No training here: it only reads JSON.
 
     python benchmarks/default_table.py
 """
@@ -30,11 +31,12 @@ class Setting:
     view: str  # what teacher_scale auto picks there for the 512-px teacher, in the runs named
     default: Source
     none: Source
+    both_threads: bool = False  # every seed of both recipes ran again with 0.3.14, which trains on both CPU threads
 
 
-def one_file(view: str, name: str) -> Setting:
+def one_file(view: str, name: str, both_threads: bool = False) -> Setting:
     """A setting whose default and none ran together, in one results file."""
-    return Setting(view, [(name, "default")], [(name, "none")])
+    return Setting(view, [(name, "default")], [(name, "none")], both_threads)
 
 
 SETTINGS = {
@@ -52,7 +54,7 @@ SETTINGS = {
         [("gain-v22-scratch2-seed0.json", "default"), ("gain-v24-scratch2-seed1.json", "default")],
         [("gain-v5.json", "none")],
     ),
-    "finetune7": one_file("1+2", "gain-v24-finetune7.json"),
+    "finetune7": one_file("1+2", "gain-v25-finetune7-threads.json", both_threads=True),
     "finetune2": Setting(
         "1+2",
         [VIEWS, ("gain-v24-finetune2-seeds34.json", "default")],
@@ -63,17 +65,9 @@ SETTINGS = {
         [VIEWS, ("gain-v23-finetune6-seeds34.json", "default")],
         [("gain-v15-finetune6.json", "none"), ("gain-v16-finetune6-seeds34.json", "none")],
     ),
-    "batch32": Setting(
-        "1",
-        [*AT_1, ("gain-v16-batch32-seeds34.json", "default")],
-        [*NONE, ("gain-v16-batch32-seeds34.json", "none")],
-    ),
-    "finetune8": one_file("1", "gain-v25-finetune8.json"),
-    "native": Setting(
-        "1",
-        [*AT_1, ("gain-v24-native-seeds34.json", "default")],
-        [*NONE, ("gain-v24-native-seeds34.json", "none")],
-    ),
+    "batch32": one_file("1", "gain-v26-batch32-threads.json", both_threads=True),
+    "finetune8": one_file("1", "gain-v26-finetune8-threads.json", both_threads=True),
+    "native": one_file("1", "gain-v26-native-threads.json", both_threads=True),
     "imgsz640": Setting("1", AT_1, NONE),
 }
 
@@ -135,7 +129,7 @@ def row(setting: str) -> tuple[str, list[int]]:
     cells = 2 * len(seeds)
     start = "" if given else f"{Path(schedule['student']).name}, "
     what = f"{setting}: {start}{schedule['epochs']} epochs, batch {schedule['batch']}"
-    cols = [what, f"{schedule['imgsz']} ({entry.view})", ",".join(seeds)]
+    cols = [what, f"{schedule['imgsz']} ({entry.view})", ",".join(seeds) + (" (0.3.14)" if entry.both_threads else "")]
     cols += [" / ".join(parts[key]) or "-" for key in ("given", "none")]
     cols += [f"**{' / '.join(parts['default'])}**", " / ".join(parts["teacher"]), " / ".join(parts["gap"]) or "-"]
     cols.append(f"{above_none}/{cells} / " + (f"{above_given}/{cells}" if given else "-"))

@@ -37,7 +37,10 @@ def test_rows_hold_the_committed_runs(table: ModuleType) -> None:
     assert counts == [6, 6, 6, 6]
     # seeds from two files each, for the default and for none: finetune2's seed 3 is below none on val (0.5666, 0.5725)
     assert table.row("finetune2")[1] == [9, 10, 10, 10]
-    assert table.row("batch32")[1] == [8, 10, 10, 10]  # test, seeds 0 and 2, below none
+    # rerun whole with 0.3.14 (one file, marked): test seeds 0, 2 and 4 below none (0.5686, 0.5742 for seed 0)
+    line, counts = table.row("batch32")
+    assert "| 0,1,2,3,4 (0.3.14) |" in line and counts == [7, 10, 10, 10]
+    assert "(0.3.14)" not in table.row("finetune2")[0]
     assert table.row("scratch")[1][3] == 0  # from scratch there is no student as given
 
 
