@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +29,7 @@ def test_every_run_it_names_is_committed_and_rows_add_up(table: ModuleType, caps
     assert len([line for line in lines if line.startswith("| ") and "**0." in line]) == len(table.SETTINGS)
     total = sum(2 * len(line.split(" | ")[2].split(",")) for line in lines if "**0." in line)
     assert lines[-1].startswith("above none in ") and f" of {total} cells;" in lines[-1]
+    assert lines[-1] == "above none in 89 of 96 cells; above the student as given in 81 of 86"
 
 
 def test_rows_hold_the_committed_runs(table: ModuleType) -> None:
@@ -40,8 +42,16 @@ def test_rows_hold_the_committed_runs(table: ModuleType) -> None:
     # rerun whole with 0.3.14 (one file, marked): test seeds 0, 2 and 4 below none (0.5686, 0.5742 for seed 0)
     line, counts = table.row("batch32")
     assert "| 0,1,2,3,4 (0.3.14) |" in line and counts == [7, 10, 10, 10]
-    assert "(0.3.14)" not in table.row("finetune2")[0]
+    assert table.row("finetune8")[1] == [8, 10, 6, 10]  # on test, every seed of none is below the student as given
     assert table.row("scratch")[1][3] == 0  # from scratch there is no student as given
+
+
+def test_a_row_is_marked_0_3_14_exactly_when_every_file_it_reads_ran_with_that_version(table: ModuleType) -> None:
+    for name, setting in table.SETTINGS.items():
+        files = {file for file, _ in setting.default + setting.none}
+        versions = {"0.3.14" in str(json.loads((table.RESULTS / file).read_text()).get("machine")) for file in files}
+        assert versions == {setting.both_threads}, name
+        assert ("(0.3.14)" in table.row(name)[0]) == setting.both_threads, name
 
 
 def test_a_misspelt_label_is_an_error_not_a_dropped_seed(table: ModuleType) -> None:
