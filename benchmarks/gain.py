@@ -16,6 +16,7 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   finetune7  fine-tune yolov8n-bccd.pt, imgsz 352, 6 epochs, batch 16 (added after 0.3.13's choice of 1+2, to check it)
   finetune8  fine-tune yolov8n-bccd.pt, imgsz 448, 5 epochs, batch 16 (a check where auto keeps the teacher at 1)
   finetune9  fine-tune yolov8n-bccd.pt, imgsz 576, 5 epochs, batch 12 (a check between the student's size and 640)
+  finetune10 fine-tune yolov8n-bccd.pt, imgsz 480, 6 epochs, batch 8 (a check: 26 steps an epoch, just under 512)
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
   scratch2   yolov8n.yaml from scratch, imgsz 320, 15 epochs, batch 16 (other imgsz and epochs)
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
@@ -79,6 +80,7 @@ SETTINGS = {
     "finetune7": Setting(STUDENT, TEACHER, 352, 6, 16),
     "finetune8": Setting(STUDENT, TEACHER, 448, 5, 16),
     "finetune9": Setting(STUDENT, TEACHER, 576, 5, 12),
+    "finetune10": Setting(STUDENT, TEACHER, 480, 6, 8),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),
