@@ -67,7 +67,12 @@ SETTINGS = {
     ),
     "batch32": one_file("1", "gain-v26-batch32-threads.json", both_threads=True),
     "finetune8": one_file("1", "gain-v26-finetune8-threads.json", both_threads=True),
-    "finetune10": one_file("1", "gain-v27-finetune10.json", both_threads=True),
+    "finetune10": Setting(
+        "1",
+        [("gain-v27-finetune10.json", "default"), ("gain-v27-finetune10-seeds34.json", "default")],
+        [("gain-v27-finetune10.json", "none"), ("gain-v27-finetune10-seeds34.json", "none")],
+        both_threads=True,
+    ),
     "native": one_file("1", "gain-v26-native-threads.json", both_threads=True),
     "finetune9": Setting(
         "1",
