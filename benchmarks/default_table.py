@@ -34,9 +34,10 @@ class Setting:
     both_threads: bool = False  # every seed of both recipes ran again with 0.3.14, which trains on both CPU threads
 
 
-def one_file(view: str, name: str, both_threads: bool = False) -> Setting:
-    """A setting whose default and none ran together, in one results file."""
-    return Setting(view, [(name, "default")], [(name, "none")], both_threads)
+def together(view: str, *names: str, both_threads: bool = False) -> Setting:
+    """A setting whose default and none ran together, seed for seed, in these results files (later ones adding
+    seeds)."""
+    return Setting(view, [(name, "default") for name in names], [(name, "none") for name in names], both_threads)
 
 
 SETTINGS = {
@@ -54,7 +55,7 @@ SETTINGS = {
         [("gain-v22-scratch2-seed0.json", "default"), ("gain-v24-scratch2-seed1.json", "default")],
         [("gain-v5.json", "none")],
     ),
-    "finetune7": one_file("1+2", "gain-v25-finetune7-threads.json", both_threads=True),
+    "finetune7": together("1+2", "gain-v25-finetune7-threads.json", both_threads=True),
     "finetune2": Setting(
         "1+2",
         [VIEWS, ("gain-v24-finetune2-seeds34.json", "default")],
@@ -65,21 +66,11 @@ SETTINGS = {
         [VIEWS, ("gain-v23-finetune6-seeds34.json", "default")],
         [("gain-v15-finetune6.json", "none"), ("gain-v16-finetune6-seeds34.json", "none")],
     ),
-    "batch32": one_file("1", "gain-v26-batch32-threads.json", both_threads=True),
-    "finetune8": one_file("1", "gain-v26-finetune8-threads.json", both_threads=True),
-    "finetune10": Setting(
-        "1",
-        [("gain-v27-finetune10.json", "default"), ("gain-v27-finetune10-seeds34.json", "default")],
-        [("gain-v27-finetune10.json", "none"), ("gain-v27-finetune10-seeds34.json", "none")],
-        both_threads=True,
-    ),
-    "native": one_file("1", "gain-v26-native-threads.json", both_threads=True),
-    "finetune9": Setting(
-        "1",
-        [("gain-v26-finetune9.json", "default"), ("gain-v27-finetune9-seeds34.json", "default")],
-        [("gain-v26-finetune9.json", "none"), ("gain-v27-finetune9-seeds34.json", "none")],
-        both_threads=True,
-    ),
+    "batch32": together("1", "gain-v26-batch32-threads.json", both_threads=True),
+    "finetune8": together("1", "gain-v26-finetune8-threads.json", both_threads=True),
+    "finetune10": together("1", "gain-v27-finetune10.json", "gain-v27-finetune10-seeds34.json", both_threads=True),
+    "native": together("1", "gain-v26-native-threads.json", both_threads=True),
+    "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", both_threads=True),
     "imgsz640": Setting("1", AT_1, NONE),
 }
 
