@@ -93,16 +93,20 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     if not last.is_file():
         raise DistillError(f"--resume {path}: no last.pt there; give a run dir or its weights/last.pt")
     ckpt = read_checkpoint(last, "checkpoint to resume", trust=False)
-    resume = ckpt.get("resume")
+    resume, ours = ckpt.get("resume"), ckpt.get("distill")
+    if not isinstance(ours, dict) or "config" not in ours:
+        raise DistillError(f"--resume {path}: not a checkpoint of a yolodistill run; give a run dir or its last.pt")
     if not resume:
         raise DistillError(f"--resume {path}: that run finished (its last.pt holds no resume state)")
-    made_by = ckpt["distill"].get("yolodistill_version")
+    made_by = ours.get("yolodistill_version")
     if made_by != __version__:  # the training state (optimizer groups, balance, config fields) differs between versions
         raise DistillError(
             f"--resume {path}: that run was started by yolodistill {made_by} and this is {__version__}; finish it with "
             f"{made_by}, or start it again"
         )
-    cfg = config_from_dict(ckpt["distill"]["config"])
+    cfg = config_from_dict(ours["config"])
+    if not isinstance(resume, dict) or (last.parent.name != "weights" and "run_dir" not in resume):
+        raise DistillError(f"--resume {path}: its resume state is incomplete; give the run dir of a yolodistill run")
     # the run continues in the folder that holds its last.pt, wherever that folder is now and whatever the current
     # folder (a run dir saved relative to the folder it started from would otherwise resolve against this one)
     run_dir = Path(os.path.abspath(last)).parent.parent if last.parent.name == "weights" else Path(resume["run_dir"])

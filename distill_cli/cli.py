@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -68,37 +70,55 @@ def main_options(
 
 
 def handled(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a DistillError (or, without --verbose, any error) into one line on stderr and a non-zero exit."""
+    """Turn any error into one line on stderr (after the traceback with --verbose) and its exit code: a DistillError's
+    own (2 bad input, 3 run failed, 130 interrupted), 130 for Ctrl-C, 1 for anything unexpected."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .console import err_console
-
         try:
-            return command(*args, **kwargs)
+            with json_alone_on_stdout() if kwargs.get("json_out") else contextlib.nullcontext():
+                return command(*args, **kwargs)
         except DistillError as e:
-            if STATE["verbose"]:
-                raise
-            err_console.print(f"[red]error:[/] {e.message}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
+            fail(e.message, e.exit_code)
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
-            if STATE["verbose"]:
-                raise
-            err_console.print("[red]error:[/] interrupted", highlight=False)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            fail("interrupted", EXIT_INTERRUPTED)
         except Exception as e:
-            if STATE["verbose"]:
-                raise
-            err_console.print(
-                f"[red]error:[/] {type(e).__name__}: {e} (run with --verbose for details)",
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(1) from None
+            fail(f"{type(e).__name__}: {e}" + ("" if STATE["verbose"] else " (run with --verbose for details)"), 1)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def json_alone_on_stdout() -> Iterator[None]:
+    """With --json stdout holds the JSON alone: ultralytics writes its logs and progress bars to stdout (its errors
+    at any verbosity, its first-run settings notice), so while the command runs they go to stderr, and
+    ``print_json`` to the real stdout."""
+    from . import console
+
+    console.json_stream = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            import torch  # noqa: F401  before ultralytics, which would leave torch one thread (see __init__.py)
+            from ultralytics.utils import LOGGER  # imported here first, its handler takes the redirected stream
+
+            for handler in LOGGER.handlers:  # imported earlier, it holds the real stdout: redirect_stdout misses it
+                if isinstance(handler, logging.StreamHandler) and handler.stream is console.json_stream:
+                    handler.setStream(sys.stderr)
+            yield
+    finally:
+        console.json_stream = None
+
+
+def fail(message: str, exit_code: int) -> NoReturn:
+    """The error's one line on stderr (the traceback above it with --verbose), and its exit code."""
+    from .console import err_console
+
+    if STATE["verbose"]:
+        err_console.print_exception()
+    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exit_code) from None
 
 
 @app.command("probe-channels")
@@ -268,6 +288,7 @@ def export(
     imgsz: int = typer.Option(ExportOptions.imgsz),
     output: str | None = typer.Option(None, help="Where to write (default: beside the weights)."),
     image: str | None = typer.Option(None, help="Image for the parity check (default: a drawn one)."),
+    device: str = typer.Option(ExportOptions.device, help="cpu, 0, cuda:1 ... (engine needs a GPU)."),
     json_out: bool = JSON,
     trust_checkpoint: bool = TRUST,
 ) -> None:
@@ -275,7 +296,7 @@ def export(
     from .console import console, print_json
     from .exporter import export as run_export
 
-    result = run_export(weights, format, imgsz, output, image, trust_checkpoint)
+    result = run_export(weights, format, imgsz, output, image, trust_checkpoint, device)
     if json_out:
         print_json(result)
     else:

@@ -11,6 +11,8 @@ before any command reads or writes a file. A loss method's parameters carry thei
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -244,6 +246,7 @@ class ExportOptions:
     output: str | None = None
     image: str | None = field(default=None, metadata=rule(check=_image_file, text="an image file"))
     trust_checkpoint: bool = False
+    device: str = ranged("cpu", check=device_problem, text="cpu, cuda, 0, cuda:1")  # engine (TensorRT) needs a GPU
 
 
 @dataclass
@@ -294,8 +297,11 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
 
 def recipe_path(name_or_path: str) -> Path:
     """Resolve a recipe name (``cwd``) or a YAML path to a file."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise DistillError(f"a recipe is a name or a YAML path, got {type(name_or_path).__name__}")
     path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
+    shipped = path.suffix == "" and path.name == name_or_path and name_or_path in list_recipes()
+    if not shipped and (path.suffix in {".yaml", ".yml"} or path.exists()):  # a bare shipped name beats a local path
         if not path.is_file():
             raise DistillError(
                 f"recipe file '{path}' not found; give a YAML path or one of: {', '.join(list_recipes())}"
@@ -380,6 +386,11 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     for key, value in overrides.items():
         parts = key.split(".")
         if parts[0] not in data:
+            if parts[0] not in data["recipe"]:  # neither a run setting nor a recipe field
+                known = [k for k in data if k != "recipe"] + list(data["recipe"])
+                close = difflib.get_close_matches(parts[0], known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+                raise DistillError(f"unknown setting '{key}'; {hint}")
             parts = ["recipe", *parts]
         node, losses = data, data["recipe"]["losses"]
         for part in parts[:-1]:

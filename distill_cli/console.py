@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -14,8 +14,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+json_stream: TextIO | None = None  # where --json output goes while stdout carries ultralytics' logs (cli.py)
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    (json_stream or sys.stdout).write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:

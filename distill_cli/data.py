@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +71,19 @@ def hyperparameters(**overrides: Any) -> IterableSimpleNamespace:
     return get_cfg(overrides={"task": "detect", "mode": "train", **overrides})
 
 
+@contextlib.contextmanager
+def split_errors(split: str) -> Iterator[None]:
+    """ultralytics' errors for a split it cannot build a dataset from, as one line (its message, colours removed);
+    of its ValueErrors only "No labels found" (a train split without labels), the others are bugs to show."""
+    try:
+        yield
+    except (FileNotFoundError, RuntimeError, AssertionError, ValueError) as e:  # ultralytics' "no usable images"
+        if isinstance(e, ValueError) and "No labels found" not in str(e):
+            raise
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [type(e).__name__]
+        raise DistillError(f"split '{split}' has no usable images ({lines[0]})") from e
+
+
 def build_loader(
     data: dict,
     split: str,
@@ -80,12 +95,10 @@ def build_loader(
     rank: int = -1,
 ) -> torch.utils.data.DataLoader:
     """ultralytics' YOLODataset + InfiniteDataLoader: mosaic etc. when ``train``, rectangular batches otherwise."""
-    try:
+    with split_errors(split):
         dataset = build_yolo_dataset(
             hyp, data[split], batch, data, mode="train" if train else "val", rect=not train, stride=stride
         )
-    except (FileNotFoundError, RuntimeError, AssertionError) as e:  # ultralytics' words for "no usable images"
-        raise DistillError(f"split '{split}' has no usable images ({str(e).strip().splitlines()[0]})") from e
     warn_skipped(dataset, split, len(data["names"]))
     if len(dataset) == 0:
         raise DistillError(f"split '{split}' has no usable images")
@@ -99,7 +112,8 @@ def build_loader(
 
 
 def warn_skipped(dataset: Any, split: str, nc: int) -> None:
-    """ultralytics drops corrupt images and labels without a word: say how many, and why they can be dropped."""
+    """ultralytics drops corrupt images and labels without a word: say how many, and why they can be dropped; and
+    say when no image of the split has a label (every score would be 0)."""
     total = len(dataset.get_img_files(dataset.img_path))
     if len(dataset.labels) < total:
         warnings.warn(
@@ -108,6 +122,8 @@ def warn_skipped(dataset: Any, split: str, nc: int) -> None:
             f"or coordinates outside 0-1 (--verbose shows ultralytics' reason per image)",
             stacklevel=3,
         )
+    if dataset.labels and not any(len(label["cls"]) for label in dataset.labels):
+        warnings.warn(f"no {split} image has a label: its mAP is 0 whatever the model", stacklevel=3)
 
 
 class EpochOrder(torch.utils.data.Sampler):

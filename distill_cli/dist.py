@@ -7,9 +7,11 @@ EMA (the weights it averages are identical on every rank after each synced step)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -87,6 +89,19 @@ def average(values: dict[str, float], device: torch.device) -> dict[str, float]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(info: DistInfo) -> Iterator[None]:
+    """Rank 0 runs the block before the other ranks do, as ultralytics builds its datasets: the first build writes
+    the labels ``.cache`` that the others then read (ranks that all rewrite it race on deleting the old file)."""
+    if info.enabled and not info.is_main:
+        barrier()
+    try:
+        yield
+    finally:  # rank 0 failing inside still releases the others, which then fail or run on until torchrun stops them
+        if info.enabled and info.is_main:
+            barrier()
 
 
 def shutdown() -> None:

@@ -16,8 +16,9 @@ from .config import Recipe
 from .errors import DistillError
 from .features import FeatureHooks, Pair, pair_layers, probe_layers
 from .losses import LOSSES, CrossLoss, DistillContext, OutputLoss, build_loss
+from .losses.output import distances
 from .models import class_names
-from .teacher_scale import averaged, scale_problem, scaled_head, upsamples, view_size
+from .teacher_scale import averaged, scale_problem, scaled_head, two_hot, upsamples, view_size
 
 Head = dict[str, dict[str, torch.Tensor]]  # branch ("one2many", and "one2one" for end-to-end heads) -> raw outputs
 
@@ -147,11 +148,12 @@ class Distiller(nn.Module):
             return det, {}
         head, gains = head_branches(preds), shared_gains(det.gains, teacher.head)
         contexts = {b: make_context(head[b], teacher.head[b], det.positives[b], batch) for b in gains}
+        answers = in_encoding(teacher.head, self.student.model[-1].reg_max)  # cross-head terms read the teacher's own
         terms = {}
         for name in active:
             module = self.terms[name]
             if isinstance(module, OutputLoss):
-                terms[name] = sum(g * module(head[b], teacher.head[b], contexts[b]) for b, g in gains.items())
+                terms[name] = sum(g * module(head[b], answers[b], contexts[b]) for b, g in gains.items())
             elif isinstance(module, CrossLoss):
                 inputs = [feats[p.student] for p in self.pairs[name]]
                 terms[name] = module(inputs, self.teacher_head, teacher.head, contexts)
@@ -161,6 +163,19 @@ class Distiller(nn.Module):
                     for loss, p in zip(module, self.pairs[name], strict=True)
                 )
         return det, terms
+
+
+def in_encoding(head: Head, reg_max: int) -> Head:
+    """The teacher's branches with their boxes in the student's encoding, ``reg_max`` DFL bins (a two-hot of the
+    teacher's distances, clamped to the bins) or plain distances at 1, so that a YOLO26 student learns a YOLOv8
+    teacher's boxes and back; as they are where the encodings agree."""
+    encoded = {}
+    for branch, answers in head.items():
+        bins = answers["boxes"].shape[1] // 4
+        if bins != reg_max:
+            answers = {**answers, "boxes": two_hot(distances(answers["boxes"], bins).transpose(1, 2), reg_max)}
+        encoded[branch] = answers
+    return encoded
 
 
 def shared_gains(gains: dict[str, float], teacher_head: Head) -> dict[str, float]:
@@ -228,7 +243,8 @@ def build_terms(
         pairs[name] = pair_layers(student, teacher, student_infos, teacher_infos, selection)
         channels = [(p.student_channels, p.teacher_channels) for p in pairs[name]]
         if level == "cross":
-            terms[name] = build_loss(spec.type, spec.params, channels=channels, reg_max=student.model[-1].reg_max)
+            # the cross head is the teacher's: its predictions are in the teacher's encoding
+            terms[name] = build_loss(spec.type, spec.params, channels=channels, reg_max=teacher.model[-1].reg_max)
         else:
             terms[name] = nn.ModuleList(build_loss(spec.type, spec.params, s, t) for s, t in channels)
     return terms, pairs
@@ -258,7 +274,8 @@ def check_compatible(student: nn.Module, teacher: nn.Module, recipe: Recipe) -> 
 
 def output_problem(method: str, student: nn.Module, teacher: nn.Module, term: str | None = None) -> str | None:
     """Why output or cross-head method ``method`` cannot distil this teacher into this student, or None: it needs
-    the same class list, the same box encoding and strides, and what the method itself needs (``check_head``)."""
+    the same class list and strides (boxes are compared in the student's encoding: ``in_encoding``), and what the
+    method itself needs (``check_head``)."""
     term = term or method
     s_names, t_names = class_names(student), class_names(teacher)
     if s_names != t_names:
@@ -267,11 +284,6 @@ def output_problem(method: str, student: nn.Module, teacher: nn.Module, term: st
             f"distillation needs the same class list: use a teacher trained on this data, or a feature-only recipe"
         )
     s_head, t_head = student.model[-1], teacher.model[-1]
-    if s_head.reg_max != t_head.reg_max:
-        return (
-            f"term '{term}': teacher and student Detect heads encode boxes differently (reg_max {t_head.reg_max} vs "
-            f"{s_head.reg_max}); pick a teacher of the student's family, or a feature-only recipe"
-        )
     if s_head.stride.tolist() != t_head.stride.tolist():
         return f"term '{term}': teacher and student Detect heads have different strides; use a feature-only recipe"
     try:

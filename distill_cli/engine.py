@@ -186,11 +186,14 @@ def step_is_finite(state: TrainState, loss: torch.Tensor, logs: dict[str, torch.
     return False
 
 
-def skip_step(state: TrainState, what: str) -> None:
+def skip_step(state: TrainState, what: str, warn: bool = True) -> None:
     """Count a skipped step; stop after ``max_bad_steps`` of them with no optimizer step in between."""
     state.bad_steps += 1
     state.skipped_steps += 1
-    warnings.warn(f"step {state.step}: non-finite {what}; step skipped ({state.skipped_steps} so far)", stacklevel=3)
+    if warn:
+        warnings.warn(
+            f"step {state.step}: non-finite {what}; step skipped ({state.skipped_steps} so far)", stacklevel=3
+        )
     if state.bad_steps >= state.cfg.max_bad_steps:
         raise DistillError(
             f"{state.bad_steps} consecutive non-finite steps (last bad: {what}); stopped. "
@@ -205,19 +208,25 @@ def trained_params(state: TrainState) -> list[nn.Parameter]:
 
 
 def optimizer_step(state: TrainState) -> float:
-    """Unscale, clip, step (skipped when gradients are non-finite), update the EMA of the student; returns the
-    gradient norm before the clip."""
+    """Unscale, clip, step and update the EMA of the student, or, when gradients are non-finite, skip both and count
+    the step as skipped; returns the gradient norm before the clip."""
     state.scaler.unscale_(state.optimizer)
     params = trained_params(state)
     norm = float(nn.utils.clip_grad_norm_(params, max_norm=state.max_grad_norm))  # the step's one host sync
-    if not math.isfinite(norm) and not state.scaler.is_enabled():
-        skip_step(state, "gradients")
-    else:
-        state.bad_steps = 0
-        state.scaler.step(state.optimizer)  # with fp16 the scaler itself skips inf/NaN gradients
+    finite = math.isfinite(norm)  # with fp16, non-finite where the scaler's unscale_ above found inf or NaN
+    scaled = state.scaler.is_enabled()
+    if finite or scaled:
+        state.scaler.step(state.optimizer)  # fp16: the scaler skips non-finite gradients itself
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
-    if state.ema is not None:
+    if not finite:  # no weight moved: counted, so that NaN gradients stop an fp16 run too
+        # the scaler's back-off from its first scale is routine (quiet); 20 in a row is not (the stop says so)
+        skip_step(
+            state, "gradients (the fp16 grad scaler skipped the step)" if scaled else "gradients", warn=not scaled
+        )
+        return norm
+    state.bad_steps = 0
+    if state.ema is not None:  # only after a real step: the EMA's decay ramp counts optimizer steps
         state.ema.update(state.distiller.student)
     return norm
 

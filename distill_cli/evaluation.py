@@ -16,7 +16,7 @@ from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils.torch_utils import get_flops
 
 from .config import EvalOptions
-from .data import load_data, warn_skipped
+from .data import load_data, split_errors, warn_skipped
 from .errors import DistillError
 from .models import class_names, count_params, load_model
 from .rules import validated
@@ -37,6 +37,13 @@ def run_validator(model: nn.Module, args: dict[str, Any], loader=None) -> Valida
     was_training = model.training
     with tempfile.TemporaryDirectory() as scratch, single_process_validation(), threads_kept():
         validator = DetectionValidator(dataloader=loader, save_dir=Path(scratch), args=args)
+        build = validator.get_dataloader  # its errors, and only those, mean the split has no usable images
+
+        def get_dataloader(*build_args: Any) -> Any:
+            with split_errors(args["split"]):
+                return build(*build_args)
+
+        validator.get_dataloader = get_dataloader
         stats = validator(model=model)
     model.train(was_training)
     if loader is None:  # a loader of ours warned when it was built

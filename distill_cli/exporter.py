@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,10 +17,10 @@ from ultralytics.engine.exporter import export_formats
 from .config import ExportOptions
 from .data import _draw_image
 from .errors import EXIT_RUNTIME, DistillError
-from .evaluation import threads_kept
+from .evaluation import threads_kept, validator_device
 from .models import load_model
 from .rules import validated
-from .runlog import check_creatable
+from .runlog import check_creatable, first_missing
 
 
 def export(
@@ -29,6 +30,7 @@ def export(
     output: str | Path | None = None,
     image: str | None = None,
     trust_checkpoint: bool = False,
+    device: str = ExportOptions.device,
 ) -> dict[str, Any]:
     """Export ``weights`` to ``output`` (default: beside the weights); never overwrites an existing file.
 
@@ -36,13 +38,12 @@ def export(
     largest absolute difference of the raw outputs. The target appears only when the export (and the check) succeeded.
     """
     opts = validated(ExportOptions, locals())
+    on = validator_device(opts.device)
     load_model(opts.weights, "weights", trust=opts.trust_checkpoint)  # the safe load vets the file first
     suffix = dict(zip(*(export_formats()[k] for k in ("Argument", "Suffix")), strict=True))[opts.format]
     stem = Path(opts.weights).with_suffix("")
     target = Path(opts.output) if opts.output else stem.with_name(stem.name + suffix)
-    if target.exists():
-        raise DistillError(f"'{target}' already exists; pass --output to write elsewhere (nothing is overwritten)")
-    check_creatable(target.parent, "the export", "--output PATH")
+    check_target(target)
     x = sample_input(opts.imgsz, opts.image) if opts.format == "onnx" else None
     result: dict[str, Any] = {"weights": opts.weights, "format": opts.format, "file": str(target), "imgsz": opts.imgsz}
     with tempfile.TemporaryDirectory() as scratch:
@@ -51,14 +52,45 @@ def export(
         try:
             with threads_kept():
                 model = YOLO(str(copy), task="detect")
-                exported = Path(model.export(format=opts.format, imgsz=opts.imgsz, device="cpu"))
+                exported = Path(model.export(format=opts.format, imgsz=opts.imgsz, device=on))
         except Exception as e:  # the exporter raises many kinds (missing packages, unsupported ops)
             raise DistillError(f"export to {opts.format} failed: {type(e).__name__}: {e}", EXIT_RUNTIME) from e
         if x is not None:
             result["max_abs_diff"] = onnx_parity(opts.weights, exported, x)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(exported), target)
+        made = first_missing(target.parent)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(exported), target)
+        except OSError as e:  # a full disk, or the folder changed under us: leave no part of the file behind
+            remove(made or target)
+            raise DistillError(f"cannot write '{target}' ({e.strerror or e})", EXIT_RUNTIME) from e
     return result
+
+
+def remove(path: Path) -> None:
+    """What a failed move created: new folders, or a partly written export (a file, or a folder for some formats)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def check_target(target: Path) -> None:
+    """Bad input before any work: a target that exists (nothing is overwritten), a folder that cannot be made, or a
+    name longer than the filesystem takes."""
+    try:
+        exists = target.exists()
+        missing = first_missing(target.parent)
+        longest = os.pathconf(missing.parent if missing else target.parent, "PC_NAME_MAX")
+    except OSError as e:
+        raise DistillError(f"--output '{target}': {e.strerror}") from e
+    except (AttributeError, ValueError):  # no pathconf (not POSIX), or the filesystem does not say
+        longest = 255
+    if exists:
+        raise DistillError(f"'{target}' already exists; pass --output to write elsewhere (nothing is overwritten)")
+    check_creatable(target.parent, "the export", "--output PATH")
+    if any(len(os.fsencode(part)) > longest for part in target.parts):
+        raise DistillError(f"--output '{target}': a name in it is longer than {longest} bytes")
 
 
 def sample_input(imgsz: int, image: str | None) -> torch.Tensor:

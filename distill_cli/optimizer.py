@@ -68,11 +68,11 @@ def parameter_kinds(model: nn.Module, muon: bool) -> dict[str, list[nn.Parameter
     """weight / bn / bias (/ muon: every matrix and conv filter under MuSGD), in ultralytics' group order."""
     kinds: dict[str, list[nn.Parameter]] = {"weight": [], "bn": [], "bias": [], **({"muon": []} if muon else {})}
     norms = tuple(v for k, v in nn.__dict__.items() if "Norm" in k)
-    for module_name, module in model.named_modules():
+    for _, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if muon and param.ndim in (2, 4):
                 kinds["muon"].append(param)
-            elif "bias" in f"{module_name}.{param_name}":
+            elif "bias" in param_name:  # not the module path: that holds the recipe's term names, any word
                 kinds["bias"].append(param)
             elif isinstance(module, norms) or "logit_scale" in param_name:
                 kinds["bn"].append(param)

@@ -101,8 +101,8 @@ def optimizer_note(cfg: RunConfig, max_norm: float) -> str:
 
 
 def fitness(metrics: dict[str, float]) -> float:
-    """ultralytics' model-selection score: 0.1 mAP50 + 0.9 mAP50-95."""
-    return 0.1 * metrics.get("mAP50", 0.0) + 0.9 * metrics.get("mAP50-95", 0.0)
+    """ultralytics' model-selection score (8.4: mAP50-95 alone, ``DetMetrics.fitness``), which picks best.pt."""
+    return metrics.get("mAP50-95", 0.0)
 
 
 def tensorboard_writer(run_dir: Path) -> Any:

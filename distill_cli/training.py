@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -42,6 +41,7 @@ from .start import (
     seed_student,
     seeds_from_teacher,
 )
+from .stopping import Interrupted, StopOnSignal
 from .teacher_scale import resolved, view_scales
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -53,16 +53,19 @@ FINETUNE_EMA_SHARE = 0.1
 FINETUNE_SCALE = 0.0
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the loop stops after the current step."""
-
-
-def resolve_config(cfg: RunConfig | None = None, recipe: str | None = None, **overrides: Any) -> RunConfig:
-    """A RunConfig from an optional base, a recipe name/path and field overrides (``epochs=5``,
-    ``**{"losses.cwd.weight": 2}``)."""
+def resolve_config(cfg: RunConfig | None = None, recipe: str | Recipe | None = None, **overrides: Any) -> RunConfig:
+    """A RunConfig from an optional base, a recipe (name, YAML path, or a ``Recipe`` from ``load_recipe``) and field
+    overrides (``epochs=5``, ``**{"losses.cwd.weight": 2}``)."""
+    if cfg is not None and not isinstance(cfg, RunConfig):
+        raise DistillError(
+            f"train's first argument is a RunConfig or None, got {type(cfg).__name__}; pass settings "
+            f"as keywords: train(epochs=5, ...)"
+        )
     cfg = cfg or RunConfig()
-    if recipe is not None:
-        cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=recipe)
+    if isinstance(recipe, Recipe):
+        cfg = replace(cfg, recipe=recipe, recipe_name="custom")  # a Recipe object carries no name
+    elif recipe is not None:
+        cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=str(recipe))
     elif cfg.recipe == Recipe() and cfg.recipe_name:
         cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))
     if "recipe_name" in overrides:  # it names the recipe the terms came from; setting it alone would mislabel the run
@@ -247,7 +250,8 @@ def prepare(
     terms, pairs = build_terms(student, teacher_model, cfg.recipe, cfg.imgsz) if teacher_model else ({}, {})
     freeze_layers(student, cfg.freeze, pairs)
     rank = info.rank if info.enabled else -1
-    train_loader = build_loader(data, "train", hyp, batch, cfg.workers, stride, train=True, rank=rank)
+    with dist.main_first(info):
+        train_loader = build_loader(data, "train", hyp, batch, cfg.workers, stride, train=True, rank=rank)
     val_loader = None
     if info.is_main:
         val_loader = build_loader(data, cfg.val_split, hyp, batch * 2, cfg.workers, stride, train=False)
@@ -341,7 +345,11 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
                 if log:
                     final = end_epoch(state, log, val_loader, train_loader, epoch, means) or final
                 dist.barrier()  # the other ranks wait for rank 0's validation and saves
-        except Interrupted:
+        except (Interrupted, RuntimeError) as e:
+            # SIGTERM sent to the process group (timeout, systemd, schedulers) also kills the loader's workers, and
+            # torch raises their death wherever the step is: after our signal, that is the interruption
+            if isinstance(e, RuntimeError) and not stop.flag:
+                raise
             where = f"{log.last} holds the last completed epoch. Resume: yolodistill train --resume {log.run_dir}"
             raise DistillError(f"interrupted; {where if log else 'see rank 0'}", EXIT_INTERRUPTED) from None
     if not log:
@@ -377,42 +385,3 @@ def end_epoch(state: TrainState, log: RunLog, val_loader, train_loader, epoch: i
     log.epoch(epoch, means, result.metrics if result else {}, [g["lr"] for g in state.optimizer.param_groups], state)
     save_checkpoints(state, log, train_loader, epoch, final=epoch == cfg.epochs - 1)
     return result
-
-
-class StopOnSignal:
-    """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary, on every rank at the same step."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self.previous.items():
-            signal.signal(sig, previous)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.flag = True
-
-    def watch(self, loader, device: torch.device):
-        """The loader's batches, stopping with Interrupted at the first step after a signal on any rank."""
-        stop = self
-
-        class Watched:
-            def __len__(self) -> int:
-                return len(loader)
-
-            def __iter__(self):
-                for batch in loader:
-                    if dist.any_rank(stop.flag, device):
-                        raise Interrupted
-                    yield batch
-
-        return Watched()

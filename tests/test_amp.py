@@ -183,3 +183,20 @@ def test_detection_loss_is_computed_in_fp32_under_autocast() -> None:
     assert head_branches(preds)["one2many"]["boxes"].dtype == torch.bfloat16
     reference = detection_loss(student, preds, batch)  # outside autocast, on the same bf16 outputs
     assert torch.equal(det.total, reference.total)
+
+
+def test_nan_gradients_under_fp16_count_as_skipped_steps_and_stop_the_run(run_kwargs: dict) -> None:
+    """The fp16 grad scaler skips a step with NaN gradients itself; those steps used to go uncounted (and the EMA
+    averaged weights that never moved), so a run with NaN gradients trained to its end without moving a weight."""
+    state = built_state(run_kwargs, amp_dtype="fp16", max_bad_steps=3)
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    weight = next(state.distiller.student.parameters())
+    weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    start, ema_updates = student_weights(state), state.ema.updates
+    batches = [synthetic_batch(seed) for seed in range(5)]
+    with pytest.raises(DistillError) as stopped:  # each skip is quiet (the scaler's early back-off is routine)
+        train_one_epoch(state, batches, epoch=0)
+    assert "3 consecutive non-finite steps (last bad: gradients (the fp16 grad scaler" in stopped.value.message
+    assert state.skipped_steps == 3 and state.ema.updates == ema_updates
+    after = student_weights(state)
+    assert all(torch.equal(start[k], after[k]) for k in start)

@@ -261,3 +261,20 @@ def test_automatic_balance_factors_are_the_same_on_every_rank(tmp_path: Path) ->
     mp.spawn(balance_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     factors = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
     assert factors == [pytest.approx(1.2), pytest.approx(1.2)]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_0_builds_the_datasets_first(rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 builds (and writes the labels .cache) while the others wait at a barrier, as ultralytics does; ranks
+    that all rewrote the cache raced on deleting the old file."""
+    from distill_cli import dist as ours
+
+    events: list[str] = []
+    monkeypatch.setattr(ours, "barrier", lambda: events.append("barrier"))
+    with ours.main_first(ours.DistInfo(rank=rank, local_rank=rank, world_size=2)):
+        events.append("build")
+    assert events == (["build", "barrier"] if rank == 0 else ["barrier", "build"])
+    events.clear()
+    with ours.main_first(ours.DistInfo()):
+        events.append("build")
+    assert events == ["build"]

@@ -157,3 +157,27 @@ def test_compare_draws_ground_truth_past_a_malformed_label_line(synthetic_data: 
     label = root / "labels" / "val" / "0000.txt"
     label.write_text("0 0.5 0.5 0.2 0.2\nnot a label\n1 0.5\n")
     assert draw_ground_truth(root / "images" / "val" / "0000.png").shape[2] == 3
+
+
+@pytest.mark.parametrize("signalled", [True, False])
+def test_workers_killed_by_the_stop_signal_end_as_an_interruption(
+    signalled: bool, run_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM to the process group (timeout, systemd, batch schedulers) kills the loader's workers too, and torch
+    raises their death (a RuntimeError) wherever the main process is: after the signal that is an interruption
+    (exit 130, resumable), not an unexpected failure (exit 1); without the signal it stays a failure."""
+    from distill_cli import stopping
+
+    def dying_workers(stop: stopping.StopOnSignal, loader, device):
+        stop.flag = signalled
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+        yield  # a generator, as the loader's batches
+
+    monkeypatch.setattr(stopping.StopOnSignal, "watch", dying_workers)
+    if signalled:
+        with pytest.raises(DistillError) as stopped:
+            train(recipe="none", **run_kwargs)
+        assert stopped.value.exit_code == EXIT_INTERRUPTED and "Resume:" in stopped.value.message
+    else:
+        with pytest.raises(RuntimeError, match="killed by signal"):
+            train(recipe="none", **run_kwargs)

@@ -29,6 +29,8 @@ PAIRS = [
     ("yolov10s.yaml", "yolov10n.yaml", DFL_TERMS),
     ("yolo26s.yaml", "yolo26n.yaml", PLAIN_TERMS),
     ("yolov8s.yaml", "yolo11n.yaml", DFL_TERMS),  # across families: layers pair by stride
+    ("yolov8s.yaml", "yolo26n.yaml", PLAIN_TERMS),  # across box encodings: the teacher's boxes re-encoded
+    ("yolo26s.yaml", "yolov8n.yaml", DFL_TERMS),
 ]
 
 
@@ -194,3 +196,20 @@ def test_offline_a_model_name_gets_one_line_on_what_to_do(online: list, monkeypa
     with pytest.raises(DistillError, match="'yolo26n.pt' is an ultralytics model name.*offline"):
         load_model("yolo26n.pt", "teacher")
     assert online == []  # no download was tried
+
+
+def test_teacher_boxes_reach_the_student_in_its_encoding() -> None:
+    """DFL bins -> plain distances: the bins' expectation; plain distances -> bins: a two-hot with that expectation
+    (clamped to the bins); the same encoding: untouched."""
+    from distill_cli.distiller import in_encoding
+    from distill_cli.losses.output import distances
+
+    torch.manual_seed(0)
+    dfl = {"one2many": {"scores": torch.randn(2, 3, 5), "boxes": torch.randn(2, 64, 5)}}
+    plain = in_encoding(dfl, 1)["one2many"]["boxes"]
+    assert plain.shape == (2, 4, 5) and torch.allclose(plain, distances(dfl["one2many"]["boxes"], 16).transpose(1, 2))
+    ltrb = torch.tensor([0.0, 2.25, 7.5, 20.0]).view(1, 4, 1)
+    bins = in_encoding({"one2many": {"boxes": ltrb}}, 16)["one2many"]["boxes"]
+    expected = torch.tensor([0.0, 2.25, 7.5, 15 - 1e-3])
+    assert bins.shape == (1, 64, 1) and torch.allclose(distances(bins, 16)[0, 0], expected, atol=1e-3)
+    assert in_encoding(dfl, 16)["one2many"] is dfl["one2many"]

@@ -377,3 +377,28 @@ def test_cls_kd_softmax_mode_needs_an_anchor_weighting() -> None:
     with pytest.raises(DistillError, match="mode kl .* needs weight_by"):
         recipe_from_dict({"losses": {"cls_kd": {"mode": "kl"}}})
     recipe_from_dict({"losses": {"cls_kd": {"mode": "kl", "weight_by": "positives"}}})
+
+
+def test_box_terms_on_plain_distances_are_zero_at_agreement_where_the_teacher_has_no_box() -> None:
+    """reg_max 1 (YOLO26) distances may be negative: a box with no area along an axis after the clamp had IoU 0, so
+    box_kd cost ~1 where the student equals the teacher; the teacher has no box to teach there."""
+    ctx = context(anchors=1, level=(1, 1))
+    ctx.anchors = torch.tensor([[4.0, 4.0]])
+    head = {"boxes": torch.tensor([3.0, -0.5, 1.0, -4.0]).view(1, 4, 1)}  # top and bottom below 0: no height
+    for name in ("box_kd", "bckd"):
+        params = {"conf_thresh": 0.0} if name == "box_kd" else {}
+        scores = {"scores": torch.zeros(1, 3, 1)}
+        loss = build_loss(name, params, reg_max=1)({**head, **scores}, {**head, **scores}, ctx)
+        assert loss.item() == pytest.approx(0.0, abs=1e-6), name
+
+
+def test_a_student_side_below_zero_is_still_pulled_out_by_the_iou() -> None:
+    """The IoU sees a negative side clamped at 0, but the clamp passes its gradient straight through: without L1
+    (bckd's box part) a side below 0 used to get no gradient at all."""
+    ctx = context(anchors=1, level=(1, 1))
+    ctx.anchors = torch.tensor([[4.0, 4.0]])
+    s = torch.tensor([-1.0, 2.0, 2.0, 2.0]).view(1, 4, 1).requires_grad_(True)
+    t = torch.tensor([2.0, 2.0, 2.0, 2.0]).view(1, 4, 1)
+    box_kd = build_loss("box_kd", {"conf_thresh": 0.0, "l1": 0.0, "iou": "iou"}, reg_max=1)
+    box_kd({"boxes": s}, {"boxes": t}, ctx).backward()
+    assert s.grad[0, 0, 0] < 0  # growing the left side raises the IoU

@@ -11,17 +11,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 from ultralytics.cfg import get_cfg
 from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.metrics import Metric
 from ultralytics.utils.torch_utils import unwrap_model
 
 from distill_cli import training
 from distill_cli.config import RunConfig
 from distill_cli.data import hyperparameters
 from distill_cli.distiller import Distiller
-from distill_cli.optimizer import build_optimizer
+from distill_cli.optimizer import build_optimizer, parameter_kinds
+from distill_cli.runlog import fitness
 from distill_cli.training import train
 
 FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo12n.yaml", "yolov10n.yaml", "yolo26n.yaml"]
@@ -168,3 +171,24 @@ def test_optimizer_groups_match_ultralytics(model: str, iterations: int) -> None
         assert [id(p) for p in mine["params"]] == [id(p) for p in ref["params"]]
         for key in ("lr", "weight_decay", "momentum", "betas", "nesterov", "use_muon", "param_group"):
             assert mine.get(key) == ref.get(key), key
+
+
+def test_adapters_of_a_term_whose_name_holds_bias_keep_weight_decay() -> None:
+    """A parameter is a bias by its own name: the module path holds the recipe's term names (any word), and a term
+    named ``cwd_bias`` used to send its adapters' weights to the bias group (no decay, bias warm-up LR)."""
+    terms = nn.ModuleDict({"cwd_bias": nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8))})
+    kinds = parameter_kinds(terms, muon=False)
+    conv, norm = terms["cwd_bias"]
+    ids = {kind: [id(p) for p in params] for kind, params in kinds.items()}
+    assert ids == {"weight": [id(conv.weight)], "bn": [id(norm.weight)], "bias": [id(conv.bias), id(norm.bias)]}
+
+
+def test_best_pt_is_chosen_by_ultralytics_fitness() -> None:
+    """ultralytics 8.4 keeps the epoch with the highest mAP50-95 (mAP50 weighs 0): of two epochs, the one with the
+    higher mAP50-95 wins even when its mAP50 is lower."""
+    epochs = [{"mAP50": 0.60, "mAP50-95": 0.400}, {"mAP50": 0.50, "mAP50-95": 0.405}]
+    for metrics in epochs:
+        theirs = Metric()
+        theirs.mean_results = lambda m=metrics: [0.8, 0.7, m["mAP50"], m["mAP50-95"]]
+        assert fitness(metrics) == pytest.approx(theirs.fitness())
+    assert max(range(2), key=lambda i: fitness(epochs[i])) == 1

@@ -24,8 +24,8 @@ class CrossKD(CrossLoss):
     Each Detect input of the student goes through a 1x1 adapter to the teacher's width, takes the teacher's
     per-channel statistics (``align_scale`` of the official code: ``(x - mean_s) / std_s * std_t + mean_t`` over
     batch and positions) and then runs through the teacher's frozen one-to-many head. (Of an end-to-end head only
-    that branch: the student's one-to-one branch sees detached features, so through the teacher's frozen one-to-one
-    head the lesson would reach nothing but the adapters.)
+    that branch: an end-to-end head keeps its one-to-one branch's gradient out of the features it reads, and through
+    the teacher's one-to-one head, called directly, that sparse one-anchor-per-object signal would reach them.)
     (The official code feeds the student's head-internal features to the teacher's last head convs; a YOLO head has
     two convs per branch, and here the whole teacher head reads the student's Detect inputs.)
     Those cross-head predictions are distilled towards the teacher's own: ``L = cls + box_weight * box``, with

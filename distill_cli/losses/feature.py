@@ -123,7 +123,10 @@ class AttentionTransfer(FeatureLoss):
     ``L = mean_n ||a_s - a_t||^2`` (+ the same on channel attention ``normalize(mean_hw |x|^p)`` if ``channel``).
     With ``focal: true`` a FGD-style focal term is added: the squared feature error weighted by the teacher's
     spatial x channel attention (softmax with ``temperature``, scaled by H*W and C) and by the ground-truth box mask,
-    foreground and background averaged separately and weighted ``fg_weight`` / ``bg_weight``.
+    foreground and background averaged separately and weighted ``fg_weight`` / ``bg_weight``. The defaults are
+    FGD's, but the foreground here is a mean over all its cells, where FGD gives each box 1/area and sums over an
+    image's boxes: at the same ``fg_weight`` this foreground term is about (objects per image) times weaker than
+    FGD's (whose mask and global terms are not here).
     """
 
     param_rules = {"p": Rule(gt=0), "temperature": Rule(gt=0), "fg_weight": Rule(ge=0), "bg_weight": Rule(ge=0)}

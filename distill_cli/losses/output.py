@@ -5,7 +5,8 @@ Inputs are one branch of the head's raw training outputs: ``scores`` (B, nc, A) 
 (YOLO26). Every term is normalised the way ultralytics normalises the matching detection loss, so that a weight
 means the same at any image size, batch size and number of classes: class terms sum over anchors and classes and
 divide by the assigner's positive count (the class loss divides by the assigned target mass); box terms are
-weighted means over the anchors that carry a box (the box and DFL losses are weighted means over positives).
+weighted means over the anchors that carry a box (the box and DFL losses are weighted means over positives), except
+``bckd``'s, which divides by the positive count as its paper does.
 """
 
 from __future__ import annotations
@@ -79,15 +80,19 @@ def distances(boxes: torch.Tensor, reg_max: int) -> torch.Tensor:
 
 
 def box_agreement(s: torch.Tensor, t: torch.Tensor, ctx: DistillContext, reg_max: int, iou: str, l1: float):
-    """(B, A) ``1 - IoU(b_s, b_t) + l1 * mean |d_s - d_t|`` with the teacher's boxes as targets (no gradient);
-    distances for L1 are image-normalised, as ultralytics' L1 box loss of DFL-free heads."""
+    """(B, A) ``1 - IoU(b_s, b_t) + l1 * mean |d_s - d_t|`` with the teacher's boxes as targets (no gradient; the
+    IoU part only where the teacher's box has an area); distances for L1 are image-normalised, as ultralytics' L1
+    box loss of DFL-free heads."""
     d_s, d_t = distances(s, reg_max), distances(t, reg_max).detach()
     anchors = ctx.anchors.unsqueeze(0)
-    # a reg_max 1 head's raw distances may be negative (early on): as boxes they would be inside out, and the IoU
-    # of an inside-out box can exceed 1; the IoU sees them clamped, the L1 term still pulls them to the teacher's
-    s_box = dist2bbox(d_s.clamp(min=0), anchors, xywh=False, dim=-1)
+    # a reg_max 1 head's raw distances may be negative (early on, on the background): as boxes they would be inside
+    # out, and the IoU of an inside-out box can exceed 1, so the IoU sees them clamped at 0. The student's clamp
+    # passes its gradient straight through (a side below 0 is still pulled out); where the teacher's clamped box has
+    # no area it has no box to teach, and the IoU (0 even at agreement) is left out; L1 pulls every side
+    s_box = dist2bbox(d_s + (d_s.clamp(min=0) - d_s).detach(), anchors, xywh=False, dim=-1)
     t_box = dist2bbox(d_t.clamp(min=0), anchors, xywh=False, dim=-1)
-    loss = 1.0 - bbox_iou(s_box, t_box, xywh=False, GIoU=iou == "giou", CIoU=iou == "ciou").squeeze(-1)
+    has_box = (t_box[..., 2:] > t_box[..., :2]).all(-1)
+    loss = (1.0 - bbox_iou(s_box, t_box, xywh=False, GIoU=iou == "giou", CIoU=iou == "ciou").squeeze(-1)) * has_box
     if l1 > 0:
         scale = ctx.strides.view(1, -1, 1) / torch.tensor(ctx.imgsz * 2, device=s.device)[[1, 0, 1, 0]]
         loss = loss + l1 * ((d_s - d_t) * scale).abs().mean(-1)

@@ -1,0 +1,102 @@
+"""Exit codes and stdout that scripts rely on, in the cases that used to break them: --verbose, --json while
+ultralytics logs, a folder named like a recipe, unlabeled or unreadable splits, export names, --set typos, resume
+of foreign checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distill_cli.checkpoint import load_resume
+from distill_cli.cli import app
+from distill_cli.config import PACKAGED_RECIPES_DIR, RECIPES_DIR, RunConfig, apply_overrides, recipe_path
+from distill_cli.errors import EXIT_USAGE, DistillError
+
+from .conftest import train_args
+from .test_inputs import one_error_line
+
+runner = CliRunner()
+
+
+def test_verbose_shows_the_traceback_and_keeps_the_exit_code(run_kwargs: dict) -> None:
+    result = runner.invoke(app, ["--verbose", *train_args(run_kwargs, teacher="nope.pt")])
+    assert result.exit_code == EXIT_USAGE and "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: teacher 'nope.pt' not found")
+
+
+def test_a_local_folder_named_like_a_shipped_recipe_does_not_hide_it(quiet_folder: Path) -> None:
+    (quiet_folder / "default").mkdir()
+    (quiet_folder / "cwd").write_text("x: 1\n")
+    for name in ("default", "cwd"):
+        assert recipe_path(name) in (RECIPES_DIR / f"{name}.yaml", PACKAGED_RECIPES_DIR / f"{name}.yaml")
+    assert recipe_path("./cwd") == Path("./cwd")  # a path is a path
+
+
+def test_json_stdout_is_json_alone_while_ultralytics_logs(synthetic_data: Path, tiny_teacher: Path) -> None:
+    """ultralytics writes its logs and progress bars to stdout (with YOLO_VERBOSE, and its errors always)."""
+    args = ["eval", "--weights", str(tiny_teacher), "--data", str(synthetic_data), "--imgsz", "64", "--json"]
+    env = {**os.environ, "YOLO_VERBOSE": "True", "YOLO_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "distill_cli", *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0]["model"] == str(tiny_teacher)
+    assert "Class" in done.stderr  # the validator's table went to stderr
+
+
+def test_a_split_without_labels_or_readable_images_is_bad_input(run_kwargs: dict, tmp_path: Path) -> None:
+    data = Path(run_kwargs["data"])
+    bare = tmp_path / "bare"
+    shutil.copytree(data.parent / "images", bare / "images")
+    yaml = tmp_path / "bare.yaml"
+    yaml.write_text(f"path: {bare}\ntrain: images/train\nval: images/val\nnames: ['circle', 'square', 'triangle']\n")
+    line = one_error_line(runner.invoke(app, train_args(run_kwargs, data=yaml)))
+    assert "split 'train' has no usable images" in line and "\x1b" not in line
+    assert not Path(run_kwargs["project"]).exists()
+    eval_args = ["eval", "--weights", run_kwargs["teacher"], "--data", str(yaml), "--imgsz", "64"]
+    with pytest.warns(UserWarning, match="no val image has a label"):  # scored, but never silently 0
+        assert runner.invoke(app, eval_args).exit_code == 0
+    for image in (bare / "images" / "val").iterdir():
+        image.write_bytes(b"not an image")
+    assert "split 'val' has no usable images" in one_error_line(runner.invoke(app, eval_args))
+
+
+def test_an_export_name_the_filesystem_refuses_is_bad_input_before_any_work(tmp_path: Path, tiny_teacher: Path) -> None:
+    for output in (tmp_path / ("a" * 300 + ".onnx"), tmp_path / "new" / ("a" * 300 + ".onnx")):
+        args = ["export", "--weights", str(tiny_teacher), "--output", str(output)]
+        assert "long" in one_error_line(runner.invoke(app, args))  # the OS says "File name too long"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mistyped_setting_names_the_run_settings() -> None:
+    with pytest.raises(DistillError, match="unknown setting 'epoch'; did you mean 'epochs'"):
+        apply_overrides(RunConfig(), {"epoch": 3})
+    with pytest.raises(DistillError, match="unknown setting 'zzz'; known: .*epochs.*losses"):
+        apply_overrides(RunConfig(), {"zzz": 3})
+    assert apply_overrides(RunConfig(), {"losses.cwd.weight": 2}).recipe.losses["cwd"].weight == 2
+
+
+def test_resume_of_a_checkpoint_no_run_of_ours_wrote_is_bad_input(tmp_path: Path, tiny_teacher: Path) -> None:
+    ckpt = torch.load(tiny_teacher, weights_only=False)
+    for name, extra in (("plain.pt", {"distill": None}), ("partial.pt", {"resume": {"step": 1}, "distill": {}})):
+        torch.save({**ckpt, **extra}, tmp_path / name)
+        with pytest.raises(DistillError, match="not a checkpoint of a yolodistill run"):
+            load_resume(tmp_path / name)
+
+
+def test_the_api_takes_a_loaded_recipe_and_refuses_other_types_in_one_line(run_kwargs: dict) -> None:
+    from distill_cli import load_recipe, train
+    from distill_cli.training import resolve_config
+
+    cfg = resolve_config(recipe=load_recipe("cwd"), epochs=2)
+    assert cfg.recipe == load_recipe("cwd") and cfg.recipe_name == "custom" and cfg.epochs == 2
+    for call in (lambda: train(recipe=123, **run_kwargs), lambda: train({"epochs": 1}), lambda: load_recipe(None)):
+        with pytest.raises(DistillError):
+            call()
+    assert not Path(run_kwargs["project"]).exists()
