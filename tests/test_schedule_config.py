@@ -98,7 +98,7 @@ def test_set_overrides_reach_run_recipe_and_method_fields() -> None:
     assert out.recipe.layers == [15, 18]
     assert out.recipe.losses["pkd"].weight == 0.5  # --set can add a term
     assert cfg.epochs == 100  # the original is untouched
-    with pytest.raises(DistillError, match="unknown key 'bogus'"):
+    with pytest.raises(DistillError, match="unknown setting 'bogus'"):
         apply_overrides(cfg, {"bogus": 1})
     with pytest.raises(DistillError, match="key=value"):
         parse_overrides(["epochs"])
