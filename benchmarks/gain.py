@@ -20,6 +20,7 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
   scratch2   yolov8n.yaml from scratch, imgsz 320, 15 epochs, batch 16 (other imgsz and epochs)
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
+  cross26    yolo26n.yaml from scratch with the shared YOLOv8s teacher (other box encoding), imgsz 320, 15 epochs
   gpu        yolov8n.yaml from scratch, imgsz 512, 80 epochs, batch 16 (GPU; benchmarks/gpu.sh)
   smoke      the gpu setting in miniature, for gpu.sh's CPU smoke mode
 
@@ -84,6 +85,7 @@ SETTINGS = {
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),
+    "cross26": Setting("yolo26n.yaml", TEACHER, 320, 15, 16),  # other box encoding: the teacher's boxes re-encoded
     "gpu": Setting("yolov8n.yaml", TEACHER, 512, 80, 16),  # issue #4's table (benchmarks/gpu.sh)
     "smoke": Setting("yolov8n.yaml", TEACHER, 96, 2, 8),  # gpu.sh's smoke mode: the same script, tiny, on a CPU
 }
