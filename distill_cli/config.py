@@ -300,8 +300,8 @@ def recipe_path(name_or_path: str) -> Path:
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise DistillError(f"a recipe is a name or a YAML path, got {type(name_or_path).__name__}")
     path = Path(name_or_path)
-    shipped = path.suffix == "" and path.name == name_or_path and name_or_path in list_recipes()
-    if not shipped and (path.suffix in {".yaml", ".yml"} or path.exists()):  # a bare shipped name beats a local path
+    shipped = name_or_path in list_recipes()  # a bare shipped name beats a local file or folder of that name
+    if not shipped and (path.suffix in {".yaml", ".yml"} or path.exists()):
         if not path.is_file():
             raise DistillError(
                 f"recipe file '{path}' not found; give a YAML path or one of: {', '.join(list_recipes())}"

@@ -68,7 +68,7 @@ def parameter_kinds(model: nn.Module, muon: bool) -> dict[str, list[nn.Parameter
     """weight / bn / bias (/ muon: every matrix and conv filter under MuSGD), in ultralytics' group order."""
     kinds: dict[str, list[nn.Parameter]] = {"weight": [], "bn": [], "bias": [], **({"muon": []} if muon else {})}
     norms = tuple(v for k, v in nn.__dict__.items() if "Norm" in k)
-    for _, module in model.named_modules():
+    for module in model.modules():
         for param_name, param in module.named_parameters(recurse=False):
             if muon and param.ndim in (2, 4):
                 kinds["muon"].append(param)
