@@ -113,7 +113,7 @@ def run_ours(args: argparse.Namespace, recipe: str, seed: int, **extra: object) 
     from distill_cli.config import parse_overrides
 
     options = {
-        "teacher": args.teacher,
+        "teacher": "" if recipe == "none" else args.teacher,  # no distillation: no teacher to name
         "student": args.student,
         "data": args.data,
         "imgsz": args.imgsz,

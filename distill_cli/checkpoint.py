@@ -23,6 +23,12 @@ from .models import read_checkpoint, save_student
 from .report import Baseline
 from .runlog import RunLog, check_creatable, first_missing, new_run_dir
 
+# resume loads safely only, so there is no --trust-checkpoint to offer
+UNSAFE_RESUME = (
+    "resume reads only files that load safely (a run whose student holds code of its own, started with "
+    "--trust-checkpoint, cannot be resumed: start it again)"
+)
+
 
 def capture_rng(loader: Any = None) -> dict[str, Any]:
     state = {
@@ -92,7 +98,7 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     last = path / "weights" / "last.pt" if path.is_dir() else path
     if not last.is_file():
         raise DistillError(f"--resume {path}: no last.pt there; give a run dir or its weights/last.pt")
-    ckpt = read_checkpoint(last, "checkpoint to resume", trust=False)
+    ckpt = read_checkpoint(last, "checkpoint to resume", trust=False, advice=UNSAFE_RESUME)
     resume, ours = ckpt.get("resume"), ckpt.get("distill")
     if not isinstance(ours, dict) or "config" not in ours:
         raise DistillError(f"--resume {path}: not a checkpoint of a yolodistill run; give a run dir or its last.pt")
@@ -105,12 +111,21 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
             f"{made_by}, or start it again"
         )
     cfg = config_from_dict(ours["config"])
-    if not isinstance(resume, dict) or (last.parent.name != "weights" and "run_dir" not in resume):
+    run_dir = resumed_run_dir(last, resume.get("run_dir")) if isinstance(resume, dict) else None
+    if run_dir is None:
         raise DistillError(f"--resume {path}: its resume state is incomplete; give the run dir of a yolodistill run")
-    # the run continues in the folder that holds its last.pt, wherever that folder is now and whatever the current
-    # folder (a run dir saved relative to the folder it started from would otherwise resolve against this one)
-    run_dir = Path(os.path.abspath(last)).parent.parent if last.parent.name == "weights" else Path(resume["run_dir"])
     return cfg, {**resume, "run_dir": str(run_dir)}
+
+
+def resumed_run_dir(last: Path, saved: str | None) -> Path | None:
+    """The run continues in the folder that holds its last.pt, wherever that folder is now, named as the user named
+    it where that names it (a new run's paths are as --project gives them, so --json names both alike), else
+    absolute (``--resume .`` from inside it); the saved run dir only for a last.pt moved out of its weights folder."""
+    weights = Path(os.path.abspath(last)).parent
+    if weights.name != "weights":
+        return Path(saved) if saved else None
+    named = last.parent.parent
+    return named if last.parent.name == "weights" and named.name not in ("", "..") else weights.parent
 
 
 def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, train_loader) -> int:

@@ -14,8 +14,9 @@ from typing import Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from .config import DEFAULT_RECIPE, CompareOptions, DemoOptions, EvalOptions, ExportOptions, ProbeOptions, RunConfig
+from .config import DEFAULT_RECIPE, RunConfig
 from .errors import EXIT_INTERRUPTED, DistillError
+from .options import CompareOptions, DemoOptions, EvalOptions, ExportOptions, ProbeOptions
 
 STATE = {"verbose": False}
 USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError (typer may vendor click)
@@ -215,7 +216,9 @@ def train(
         from .training import check_inputs
 
         device_ids(device)  # the quick check first
-        check_inputs(recipe, resume, **overrides)  # bad input: one error line here, not one per process
+        with warnings.catch_warnings():  # rank 0 gives them again
+            warnings.simplefilter("ignore", UserWarning)
+            check_inputs(recipe, resume, **overrides)  # bad input: one error line here, not one per process
         raise typer.Exit(launch(without_option(sys.argv[1:], "--device"), device))
     result = run_train(recipe=recipe, resume=resume, callback=None if json_out else TrainProgress(), **overrides)
     if json_out and result is not None:  # the other ranks of a multi-GPU run return nothing; rank 0 prints

@@ -12,9 +12,9 @@ from ultralytics import YOLO
 from ultralytics.data.utils import IMG_FORMATS, img2label_paths
 
 from . import plots
-from .config import CompareOptions, EvalOptions
 from .data import load_data
 from .evaluation import evaluate, threads_kept
+from .options import CompareOptions, EvalOptions
 from .report import per_class_markdown
 from .rules import validated
 from .runlog import check_creatable, output_dir
@@ -41,7 +41,7 @@ def compare(
     target = Path(opts.out)
     check_creatable(target.parent, "the report folder", "--out DIR")
     rows = evaluate(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(EvalOptions)}, details=True)
-    labels = model_labels(opts.weights)
+    labels, imgsz = model_labels(opts.weights), rows[0]["imgsz"]  # the size validated at (rounded to the stride)
     images = sample_images(load_data(opts.data, opts.split)[opts.split], opts.samples)
     table = [{k: v for k, v in r.items() if k not in ("per_class", "pr")} for r in rows]
     with output_dir(target.parent, target.name, "the report folder", "--out DIR") as out_dir:
@@ -51,23 +51,20 @@ def compare(
         )
         if images:
             grid = [
-                [draw_ground_truth(path)] + [draw_predictions(path, w, opts.imgsz) for w in opts.weights]
-                for path in images
+                [draw_ground_truth(path)] + [draw_predictions(path, w, imgsz) for w in opts.weights] for path in images
             ]
             plots.image_grid(grid, ["ground truth", *labels], out_dir / "predictions.png")
         report = out_dir / "report.md"
-        report.write_text(markdown(table, labels, rows, opts.data, opts.split, opts.imgsz, bool(images), out_dir))
+        report.write_text(markdown(table, labels, rows, opts.data, opts.split, imgsz, bool(images), out_dir))
     return {"out": str(out_dir), "report": str(report), "table": table}
 
 
 def model_labels(weights: list[str]) -> list[str]:
-    """Short, unique names: the file stem, with its run folder when stems repeat (best, best, ...)."""
+    """Short, unique names: the file stem, with its run folder when stems repeat (best, best, ...), else the path
+    as given (two runs of one name in two projects)."""
     stems = [Path(w).stem for w in weights]
-    if len(set(stems)) == len(stems):
-        return stems
-    return [
-        f"{Path(w).parent.parent.name}/{Path(w).stem}" if Path(w).parent.name == "weights" else str(w) for w in weights
-    ]
+    runs = [f"{Path(w).parent.parent.name}/{Path(w).stem}" if Path(w).parent.name == "weights" else w for w in weights]
+    return next(labels for labels in (stems, runs, weights) if len(set(labels)) == len(labels))
 
 
 def sample_images(source: str | list[str], count: int) -> list[Path]:

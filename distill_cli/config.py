@@ -1,4 +1,5 @@
-"""The typed schema of runs, recipes and command options: every default and every valid range lives here.
+"""The typed schema of runs and recipes: every default and every valid range lives here (the other commands'
+options, declared the same way, are in :mod:`options`).
 
 A run is a :class:`RunConfig`; its ``recipe`` field is a :class:`Recipe` (what to distil, how hard and when).
 Recipes are YAML files in ``recipes/`` (or any path); ``--set key=value`` overrides any field of either. Each field's
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import DistillError
-from .rules import Rule, build, device_problem, layers_problem, rule
+from .rules import build, device_problem, layers_problem, rule
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -51,16 +52,8 @@ def _optimizers() -> tuple[str, ...]:
     return ("auto", *OPTIMIZERS)
 
 
-def _text(value: str) -> str | None:
+def blank_problem(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
-
-
-def _checkpoint(value: str) -> str | None:
-    return None if value.endswith(".pt") else "must be a .pt checkpoint (a model yaml would be untrained)"
-
-
-def _checkpoints(value: list[str]) -> str | None:
-    return next(filter(None, map(_checkpoint, value)), None) if value else "must name at least one checkpoint"
 
 
 def teacher_scale_problem(value: str) -> str | None:
@@ -69,14 +62,6 @@ def teacher_scale_problem(value: str) -> str | None:
     if value == "auto" or (numbers and len({float(v) for v in views}) == len(views)):
         return None
     return f"must be {TEACHER_SCALE_TEXT}, each view once"
-
-
-def _image_file(value: str) -> str | None:
-    return None if Path(value).is_file() else "must be an image file that exists"
-
-
-def _out_name(value: str) -> str | None:
-    return Rule(name=True).problem(Path(value).name) if value.strip() else "must not be empty"
 
 
 LAYERS = rule(check=layers_problem, text="a layer group or a list of layer indices")
@@ -185,7 +170,7 @@ class RunConfig:
     deterministic: bool = False
     val_interval: int = ranged(1, ge=1)
     val_split: str = ranged("val", name=True)
-    project: str = ranged("runs/distill", check=_text, text="a folder")
+    project: str = ranged("runs/distill", check=blank_problem, text="a folder")
     name: str = ranged("exp", name=True)  # a folder inside project, never a path
     max_bad_steps: int = ranged(20, ge=1)  # consecutive non-finite steps before the run stops
     trust_checkpoint: bool = False
@@ -194,71 +179,6 @@ class RunConfig:
     report: bool = True  # report.md + plots in the run dir (costs two extra validation passes)
     allow_untrained_teacher: bool = False  # a teacher built from a model yaml: only for smoke tests
     tensorboard: bool = False  # also log every scalar to TensorBoard, if it is installed
-
-
-@dataclass
-class ProbeOptions:
-    """``probe-channels`` / :func:`probe.probe_channels`."""
-
-    teacher: str
-    student: str
-    imgsz: int = imgsz_field(640)
-    layers: str | list[int] | None = field(default=None, metadata=LAYERS)
-    recipe: str | None = None
-    trust_checkpoint: bool = False
-
-
-@dataclass
-class EvalOptions:
-    """``eval`` / :func:`evaluation.evaluate`."""
-
-    weights: list[str] = field(metadata=rule(check=_checkpoints, text="one or more .pt checkpoints"))
-    data: str = field(metadata=rule(check=_text, text="a data yaml"))
-    imgsz: int = imgsz_field(640)
-    batch: int = ranged(16, ge=1)
-    device: str = ranged("", check=device_problem, text="cpu, cuda, 0, cuda:1")
-    split: str = ranged("val", name=True)
-    trust_checkpoint: bool = False
-    allow_class_mismatch: bool = False  # evaluate on a data yaml whose class list differs from the weights'
-
-
-@dataclass
-class CompareOptions(EvalOptions):
-    """``compare`` / :func:`comparison.compare`: the eval options plus the report folder."""
-
-    out: str = ranged("runs/compare/exp", check=_out_name, text="a folder whose last part is a plain name")
-    samples: int = ranged(4, ge=0, le=64)
-
-
-def _export_formats() -> tuple[str, ...]:
-    from ultralytics.engine.exporter import export_formats  # late: ultralytics imports torch
-
-    return tuple(f for f in export_formats()["Argument"] if f != "-")
-
-
-@dataclass
-class ExportOptions:
-    """``export`` / :func:`exporter.export`."""
-
-    weights: str = field(metadata=rule(check=_checkpoint, text="a .pt checkpoint"))
-    format: str = ranged("onnx", choices=_export_formats, text="an ultralytics export format")
-    imgsz: int = imgsz_field(640)
-    output: str | None = None
-    image: str | None = field(default=None, metadata=rule(check=_image_file, text="an image file"))
-    trust_checkpoint: bool = False
-    device: str = ranged("cpu", check=device_problem, text="cpu, cuda, 0, cuda:1")  # engine (TensorRT) needs a GPU
-
-
-@dataclass
-class DemoOptions:
-    """``demo`` / :func:`demo.run_demo`."""
-
-    out: str = ranged("runs/demo", check=_out_name, text="a folder whose last part is a plain name")
-    epochs: int = ranged(20, ge=1)
-    n_train: int = ranged(256, ge=1)
-    n_val: int = ranged(64, ge=1)
-    imgsz: int = imgsz_field(64)
-    seed: int = ranged(0, ge=0, le=2**31 - 1)
 
 
 def _loss_entry(name: str, value: Any) -> dict[str, Any]:
@@ -412,37 +332,3 @@ def describe_recipes() -> list[dict[str, str]]:
         terms = ", ".join(parts + (["init from the teacher"] if recipe.init == "teacher" else [])) or "-"
         rows.append({"name": name, "terms": terms, "description": recipe.description})
     return rows
-
-
-SCHEMA = {
-    "train (`RunConfig`; every field through `--set`)": RunConfig,
-    "recipe (`Recipe`)": Recipe,
-    "each recipe term (`LossSpec`, `losses.NAME.*`)": LossSpec,
-    "a term's schedule (`Schedule`, `losses.NAME.schedule.*`)": Schedule,
-    "automatic balance (`Balance`, `balance.*`)": Balance,
-    "probe-channels": ProbeOptions,
-    "eval": EvalOptions,
-    "compare": CompareOptions,
-    "export": ExportOptions,
-    "demo": DemoOptions,
-}
-
-
-def describe_rules() -> list[str]:
-    """The valid values of every ranged field and loss parameter, one markdown line per schema (README, safety)."""
-    from .losses import LOSSES, loss_params  # late: losses import torch
-
-    def line(title: str, rules: dict[str, tuple[str, Rule]]) -> str:
-        return f"- {title}: " + "; ".join(f"`{k}` ({tp}) {r.summary()}" for k, (tp, r) in rules.items())
-
-    lines = [
-        line(
-            title, {f.name: (str(f.type), f.metadata["rule"]) for f in dataclasses.fields(cls) if "rule" in f.metadata}
-        )
-        for title, cls in SCHEMA.items()
-    ]
-    for name, cls in sorted(LOSSES.items()):
-        if cls.param_rules:
-            types = {k: type(v).__name__ for k, v in loss_params(cls).items()}
-            lines.append(line(f"method `{name}`", {k: (types[k], r) for k, r in cls.param_rules.items()}))
-    return lines

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import DemoOptions
 from .data import make_synthetic_dataset
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import evaluate
+from .options import DemoOptions
 from .rules import validated
 from .runlog import check_creatable, output_dir
 from .training import train

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,9 +19,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import DistillError
+from .errors import EXIT_INTERRUPTED, DistillError
 
 TIMEOUT = timedelta(minutes=30)  # a rank that stops answering brings the job down instead of hanging it
+STOP_GRACE = timedelta(minutes=5)  # how long torchrun lets stopped workers save before it kills them
 
 
 @dataclass
@@ -121,11 +123,13 @@ def launch(argv: list[str], devices: str) -> int:
     """``yolodistill train --device 0,1,...``: the same command under torchrun, one process per GPU.
 
     ``argv`` is the command line without ``--device``; each process gets ``--device cuda`` and sees only the listed
-    GPUs. Returns torchrun's exit code.
+    GPUs. Returns torchrun's exit code, or 130 when the launcher was stopped.
     """
     ids = device_ids(devices)
     args = [*argv, "--device", "cuda"]
+    # torchrun kills its workers 30 s after passing on a stop; rank 0 may need longer to finish a validation and save
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(ids)}
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(STOP_GRACE.total_seconds())))
     cmd = [
         sys.executable,
         "-m",
@@ -136,4 +140,28 @@ def launch(argv: list[str], devices: str) -> int:
         "distill_cli",
         *args,
     ]
-    return subprocess.call(cmd, env=env)
+    return supervised(cmd, env)
+
+
+def supervised(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``cmd`` (torchrun) in a session of its own and return its exit code. SIGINT and SIGTERM here, from the
+    terminal or a job scheduler, are passed on once (torchrun stops its workers, which save their state) and the
+    launcher then exits 130 like a single-process run, not 143 from Python's default or with torchrun still going."""
+    stopped: list[int] = []
+    proc: subprocess.Popen | None = None
+
+    def forward(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        if proc is not None:
+            proc.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        for signum in list(stopped):  # what arrived while it started
+            proc.send_signal(signum)
+        code = proc.wait()  # the handler returns, so a second Ctrl-C is passed on and the wait goes on
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_INTERRUPTED if stopped and code != 0 else code

@@ -259,7 +259,8 @@ def check_compatible(student: nn.Module, teacher: nn.Module, recipe: Recipe) -> 
     """Output and cross-head terms must apply to this pair of heads (see ``output_problem``); feature distillation
     only warns on a class mismatch."""
     for name, spec in recipe.losses.items():
-        if LOSSES[spec.type].level != "feature" and (problem := output_problem(spec.type, student, teacher, name)):
+        output = LOSSES[spec.type].level != "feature"
+        if output and (problem := output_problem(spec.type, student, teacher, name, spec.params)):
             raise DistillError(problem)
     if upsamples(recipe) and (problem := scale_problem(recipe, teacher.model[-1])):
         raise DistillError(f"teacher_scale {recipe.teacher_scale}: {problem}; use teacher_scale 1 or auto")
@@ -272,10 +273,12 @@ def check_compatible(student: nn.Module, teacher: nn.Module, recipe: Recipe) -> 
         )
 
 
-def output_problem(method: str, student: nn.Module, teacher: nn.Module, term: str | None = None) -> str | None:
-    """Why output or cross-head method ``method`` cannot distil this teacher into this student, or None: it needs
-    the same class list and strides (boxes are compared in the student's encoding: ``in_encoding``), and what the
-    method itself needs (``check_head``)."""
+def output_problem(
+    method: str, student: nn.Module, teacher: nn.Module, term: str | None = None, params: dict | None = None
+) -> str | None:
+    """Why output or cross-head method ``method`` (with the term's ``params``; the defaults when None) cannot distil
+    this teacher into this student, or None: it needs the same class list and strides (boxes are compared in the
+    student's encoding: ``in_encoding``), and what the method itself needs (``check_head``)."""
     term = term or method
     s_names, t_names = class_names(student), class_names(teacher)
     if s_names != t_names:
@@ -287,7 +290,7 @@ def output_problem(method: str, student: nn.Module, teacher: nn.Module, term: st
     if s_head.stride.tolist() != t_head.stride.tolist():
         return f"term '{term}': teacher and student Detect heads have different strides; use a feature-only recipe"
     try:
-        LOSSES[method].check_head(term, s_head, t_head)
+        LOSSES[method].check_head(term, s_head, t_head, params or {})
     except DistillError as e:
         return e.message
     return None

@@ -15,10 +15,10 @@ from torch import nn
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils.torch_utils import get_flops
 
-from .config import EvalOptions
 from .data import load_data, split_errors, warn_skipped
 from .errors import DistillError
-from .models import class_names, count_params, load_model
+from .models import class_names, count_params, load_model, stride_multiple
+from .options import EvalOptions
 from .rules import validated
 
 
@@ -107,7 +107,8 @@ def evaluate(
     details: bool = False,
     allow_class_mismatch: bool = False,
 ) -> list[dict[str, Any]]:
-    """One row per model: params, GFLOPs (at imgsz), mAP50-95, mAP50, precision, recall, inference ms per image.
+    """One row per model: the imgsz validated at (``imgsz`` rounded up to the stride), params, GFLOPs (at that
+    size), mAP50-95, mAP50, precision, recall, inference ms per image.
 
     Validation runs exactly as ``YOLO(w).val(data=..., imgsz=..., batch=..., split=...)`` does (rectangular
     batches, conf 0.001, IoU 0.7), so the numbers are the same. ``details`` adds per-class AP and the PR curve.
@@ -120,14 +121,17 @@ def evaluate(
     models = [(w, load_model(w, "weights", trust=opts.trust_checkpoint)) for w in opts.weights]
     for path, model in models:
         check_classes(path, class_names(model), dataset, opts)
-    args = {"data": opts.data, "imgsz": opts.imgsz, "batch": opts.batch, "split": opts.split, "device": on}
+    # ultralytics rounds an imgsz up to the stride too, silently: say so, and count GFLOPs at the size validated
+    imgsz = stride_multiple(opts.imgsz, int(max(model.stride.max() for _, model in models)))
+    args = {"data": opts.data, "imgsz": imgsz, "batch": opts.batch, "split": opts.split, "device": on}
     rows = []
     for path, model in models:
         result = run_validator(model, args)
         row = {
             "model": str(path),
+            "imgsz": imgsz,
             "params": count_params(model),
-            "gflops": round(get_flops(model, opts.imgsz), 2),
+            "gflops": round(get_flops(model, imgsz), 2),
             **result.metrics,
             "ms_per_img": round(result.ms_per_img, 2),
         }
@@ -170,7 +174,9 @@ def mismatch_notes(have: list[str], want: list[str]) -> list[str]:
     ]
     notes = renamed[:3] + ([f"and {len(renamed) - 3} more renamed ids"] if len(renamed) > 3 else [])
     if len(have) > len(want):
-        notes.append(f"images labelled with ids {len(want)}+ ({', '.join(have[len(want) :])}) are skipped")
+        extra = have[len(want) :]
+        named = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        notes.append(f"images labelled with ids {len(want)}+ ({named}) are skipped")
     if len(want) > len(have):
         notes.append(f"labels of ids {len(have)}+ ({len(want) - len(have)} classes) can never be matched")
     return notes

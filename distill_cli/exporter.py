@@ -14,11 +14,11 @@ import torch
 from ultralytics import YOLO
 from ultralytics.engine.exporter import export_formats
 
-from .config import ExportOptions
 from .data import _draw_image
 from .errors import EXIT_RUNTIME, DistillError
 from .evaluation import threads_kept, validator_device
 from .models import load_model
+from .options import ExportOptions
 from .rules import validated
 from .runlog import check_creatable, first_missing
 

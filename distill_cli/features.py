@@ -172,7 +172,7 @@ def _closest_partner(info: LayerInfo, student_depth: int, teacher_infos: list[La
 
 def parse_layers(text: str | None) -> str | list[int] | None:
     """CLI form: a group name or comma-separated indices ("15,18,21")."""
-    if text is None or text.strip() == "":
+    if text is None:
         return None
     text = text.strip()
     if text in LAYER_GROUPS:

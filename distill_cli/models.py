@@ -74,7 +74,11 @@ def fetch_named_model(spec: str, role: str) -> Path | None:
     return path
 
 
-def read_checkpoint(path: Path, role: str, trust: bool) -> Any:
+TRUST_ADVICE = "if you trust its author, pass --trust-checkpoint"
+
+
+def read_checkpoint(path: Path, role: str, trust: bool, advice: str = TRUST_ADVICE) -> Any:
+    """The unpickled file; ``advice`` says what to do with a file that references code outside the allow-list."""
     if trust:
         warnings.warn(
             f"loading {role} '{path}' with a full unpickle (--trust-checkpoint): it can run code", stacklevel=3
@@ -89,7 +93,7 @@ def read_checkpoint(path: Path, role: str, trust: bool) -> Any:
         if "outside the supported" in str(e):
             raise DistillError(
                 f"{role} '{path}' references code outside the ultralytics/torch model classes and was not loaded; "
-                f"if you trust its author, pass --trust-checkpoint"
+                f"{advice}"
             ) from e
         raise DistillError(f"{role} '{path}' is not a loadable checkpoint: {str(e).splitlines()[0]}") from e
     # AttributeError: ultralytics reads .model of whatever the file holds when it is not a dict (a bare tensor)

@@ -7,11 +7,12 @@ from typing import Any
 
 from torch import nn
 
-from .config import ProbeOptions, Recipe, load_recipe
+from .config import Recipe, load_recipe
 from .distiller import output_problem, uses_recipe_layers
 from .features import pair_layers, probe_layers
 from .losses import LOSSES
 from .models import load_model, stride_multiple
+from .options import ProbeOptions
 from .rules import validated
 from .teacher_scale import resolved, scale_problem, trained_imgsz, upsamples
 from .weight_selection import selection_problem
@@ -56,8 +57,8 @@ def probe_channels(
         "student": {"model": str(student), "layers": [asdict(i) for i in student_infos]},
         "selection": {k: v for k, v in selections.items()},
         "pairs": pairings,
-        "output_terms": {  # method -> "applies", or why it cannot distil this pair
-            name: output_problem(name, student_model, teacher_model) or "applies"
+        "output_terms": {  # method -> "applies", or why it cannot distil this pair (with --recipe's parameters)
+            name: output_problem(name, student_model, teacher_model, params=recipe_params(spec, name)) or "applies"
             for name, cls in sorted(LOSSES.items())
             if cls.level != "feature"
         },
@@ -67,6 +68,11 @@ def probe_channels(
         if ignored
         else "",
     }
+
+
+def recipe_params(spec: Recipe | None, method: str) -> dict | None:
+    """The parameters of the recipe's term of ``method``, if it has one."""
+    return next((term.params for term in spec.losses.values() if term.type == method), None) if spec else None
 
 
 def probe_student(student: str, teacher_model: nn.Module, trust: bool) -> nn.Module:

@@ -24,6 +24,7 @@ from .errors import DistillError
 
 T = TypeVar("T")
 EXPONENT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
+MAX_INT = 2**31 - 1
 DEVICE_PATTERN = re.compile(r"(|auto|cpu|cuda|gpu|cuda:\d+|\d+(,\d+)*)")
 
 
@@ -118,16 +119,19 @@ def coerce(tp: type, value: Any, where: str) -> Any:
             return value
         raise DistillError(f"'{where}' must be true or false, got {value!r}")
     if tp in (int, float):
-        if tp is float and isinstance(value, str) and EXPONENT.fullmatch(value):
+        if isinstance(value, str) and EXPONENT.fullmatch(value):
             value = float(value)  # YAML 1.1 reads an exponent without a dot (1e9, 2e-5) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DistillError(f"'{where}' must be a number, got {value!r}")
+        if tp is int:  # a float that is whole (1e3, 8.0) is taken; the bound keeps counts within C integers
+            if isinstance(value, float) and not value.is_integer():
+                raise DistillError(f"'{where}' must be a whole number, got {shown_number(value)}")
+            if abs(value) > MAX_INT:
+                raise DistillError(f"'{where}' must be a whole number within ±{MAX_INT}, got {shown_number(value)}")
+            return int(value)
         if abs(value) > 1e300 or not math.isfinite(value):  # (checked in this order: a huge int overflows a float)
-            shown = str(value) if len(str(value)) < 20 else f"a number of {len(str(value))} digits"
-            raise DistillError(f"'{where}' must be a finite number, got {shown}")
-        if tp is int and float(value) != int(value):
-            raise DistillError(f"'{where}' must be a whole number, got {value!r}")
-        return tp(value)
+            raise DistillError(f"'{where}' must be a finite number, got {shown_number(value)}")
+        return float(value)
     if tp is str:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
@@ -135,6 +139,14 @@ def coerce(tp: type, value: Any, where: str) -> Any:
             raise DistillError(f"'{where}' must be text, got {value!r}")
         return str(value)
     return value
+
+
+def shown_number(value: float) -> str:
+    """A number for a message: as it is, or its length where it would fill the line (or exceed Python's limit on
+    the digits of an int it will print)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"a number of about {math.floor((abs(value).bit_length() - 1) * math.log10(2)) + 1} digits"
+    return str(value)
 
 
 def checked(tp: type, value: Any, where: str, field_rule: Rule | None) -> Any:

@@ -36,6 +36,12 @@ def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module |
                 f"(for a smoke test only: --set allow_untrained_teacher=true)"
             )
         warnings.warn("the teacher is built from a yaml, so it is untrained", stacklevel=2)
+    if cfg.teacher and not needs_teacher(cfg) and not resuming:  # a mistyped path or recipe would go unnoticed
+        warnings.warn(
+            f"recipe '{cfg.recipe_name}' neither distils nor starts the student from the teacher: the teacher "
+            f"({cfg.teacher}) is not used",
+            stacklevel=2,
+        )
     teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if wanted else None
     student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
     names = dict(enumerate(names.values() if isinstance(names, dict) else names))

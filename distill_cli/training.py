@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -203,8 +204,10 @@ def train(
     ``callback(event, info)`` receives ``start``, ``step`` (running means), ``epoch`` (the results row) and ``end``.
     Under ``torchrun`` every rank calls this; rank 0 alone writes files, validates and calls back.
     """
-    cfg, checkpoint = run_config(cfg, recipe, resume, overrides)
     info = dist.from_environment()
+    if info.enabled and not info.is_main:  # rank 0 gives each warning; one copy per process would add nothing
+        warnings.simplefilter("ignore", UserWarning)
+    cfg, checkpoint = run_config(cfg, recipe, resume, overrides)
     if "," in cfg.device and not info.enabled:
         raise DistillError(f"--device {cfg.device}: several devices need torchrun (see README, multi-GPU)")
     device = dist.init(info, cfg.device) if info.enabled else select_device(cfg.device)

@@ -90,3 +90,12 @@ def quiet_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "keep.txt").write_text("a file that was here before")
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def teacher_net() -> torch.nn.Module:
+    """An untrained YOLOv8n of three classes (its head stands in for a teacher's)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    return DetectionModel("yolov8n.yaml", nc=3, verbose=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -166,13 +167,21 @@ def test_recipe_name_is_chosen_with_the_recipe_not_set() -> None:
         resolve_config(recipe="default", recipe_name="cwd")
 
 
-def test_float_fields_take_exponents_without_a_dot() -> None:
-    """YAML 1.1 reads ``1e9`` and ``2e-5`` as strings; a float field takes them as the numbers they are."""
-    cfg = apply_overrides(RunConfig(), parse_overrides(["grad_clip=1e9", "losses.mgd.alpha=2e-5"]))
+def test_number_fields_take_exponents_without_a_dot() -> None:
+    """YAML 1.1 reads ``1e9`` and ``2e-5`` as strings; a number field takes them as the numbers they are, an int
+    field where the number is whole."""
+    cfg = apply_overrides(RunConfig(), parse_overrides(["grad_clip=1e9", "losses.mgd.alpha=2e-5", "epochs=1e2"]))
     assert cfg.grad_clip == 1e9 and cfg.recipe.losses["mgd"].params["alpha"] == 2e-5
-    for bad in ("grad_clip=abc", "grad_clip=1e999", "epochs=1e2"):
-        with pytest.raises(DistillError, match="must be a"):
-            apply_overrides(RunConfig(), parse_overrides([bad]))
+    assert cfg.epochs == 100 and type(cfg.epochs) is int
+    bad = {
+        "grad_clip=abc": "'grad_clip' must be a number, got 'abc'",
+        "grad_clip=1e999": "'grad_clip' must be a finite number, got inf",
+        "epochs=1.5e0": "'epochs' must be a whole number, got 1.5",
+        "epochs=" + "9" * 23: "'epochs' must be a whole number within ±2147483647, got a number of about 23",
+    }
+    for override, message in bad.items():
+        with pytest.raises(DistillError, match=re.escape(message)):
+            apply_overrides(RunConfig(), parse_overrides([override]))
 
 
 def test_layers_for_a_recipe_whose_terms_do_not_read_them_is_refused() -> None:

@@ -19,25 +19,16 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from distill_cli import config, rules
+from distill_cli import config, options, rules
 from distill_cli.cli import app
 from distill_cli.comparison import compare
-from distill_cli.config import (
-    CompareOptions,
-    DemoOptions,
-    EvalOptions,
-    ExportOptions,
-    LossSpec,
-    ProbeOptions,
-    Recipe,
-    RunConfig,
-    Schedule,
-)
+from distill_cli.config import LossSpec, Recipe, RunConfig, Schedule
 from distill_cli.demo import run_demo
 from distill_cli.errors import EXIT_USAGE, DistillError
 from distill_cli.evaluation import evaluate
 from distill_cli.exporter import export
 from distill_cli.losses import LOSSES, loss_params
+from distill_cli.options import CompareOptions, DemoOptions, EvalOptions, ExportOptions, ProbeOptions
 from distill_cli.probe import probe_channels
 from distill_cli.training import train
 
@@ -62,11 +53,11 @@ FREE = {
 BAD_FOR_CHECK: dict[Callable, list[Any]] = {
     rules.device_problem: ["tpu", "cuda:x"],
     rules.layers_problem: ["bogus", [-1], []],
-    config._text: ["  "],
-    config._out_name: ["runs/..", ""],
-    config._checkpoint: ["yolov8n.yaml"],
-    config._checkpoints: [[], ["yolov8n.yaml"]],
-    config._image_file: ["missing.png", ""],
+    config.blank_problem: ["  "],
+    options.out_name_problem: ["runs/..", ""],
+    options.checkpoint_problem: ["yolov8n.yaml"],
+    options.checkpoints_problem: [[], ["yolov8n.yaml"], ["a.pt", "./a.pt"]],
+    options.image_file_problem: ["missing.png", ""],
     config.teacher_scale_problem: [
         "3",
         "0.5",
@@ -278,5 +269,5 @@ def test_set_with_a_malformed_yaml_value_is_one_line(run_kwargs: dict) -> None:
 
 def test_readme_safety_section_lists_every_rule() -> None:
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    for line in config.describe_rules():
-        assert line in readme, f"README's safety section lacks (regenerate it from config.describe_rules()): {line}"
+    for line in options.describe_rules():
+        assert line in readme, f"README's safety section lacks (regenerate it from options.describe_rules()): {line}"

@@ -124,6 +124,14 @@ class ClassKD(OutputLoss):
                 f"positives_conf: on the background a softmax of sigmoid class scores means nothing"
             )
 
+    @classmethod
+    def check_head(cls, term: str, student_head: nn.Module, teacher_head: nn.Module, params: dict) -> None:
+        if params.get("mode") == "kl" and student_head.nc == 1:
+            raise DistillError(
+                f"term '{term}': cls_kd mode kl is a softmax over the classes, and with one class it is 0 whatever "
+                f"the scores; use mode bce"
+            )
+
     def __init__(self, mode: str = "bce", temperature: float = 1.0, weight_by: str = "none") -> None:
         super().__init__()
         self.mode = mode
@@ -157,7 +165,7 @@ class DFLKD(OutputLoss):
         self.temperature = temperature
 
     @classmethod
-    def check_head(cls, term: str, student_head: nn.Module, teacher_head: nn.Module) -> None:
+    def check_head(cls, term: str, student_head: nn.Module, teacher_head: nn.Module, params: dict) -> None:
         if student_head.reg_max <= 1:
             raise DistillError(
                 f"term '{term}' ({cls.name}) distils DFL box distributions, but this Detect head has reg_max 1 "

@@ -80,8 +80,9 @@ class DistillLoss(nn.Module):
     param_rules: ClassVar[dict[str, Rule]] = {}
 
     @classmethod
-    def check_head(cls, term: str, student_head: nn.Module, teacher_head: nn.Module) -> None:
-        """Raise DistillError when this method cannot apply to these Detect heads (e.g. no DFL bins)."""
+    def check_head(cls, term: str, student_head: nn.Module, teacher_head: nn.Module, params: dict[str, Any]) -> None:
+        """Raise DistillError when this method, with the term's ``params``, cannot apply to these Detect heads (e.g.
+        no DFL bins)."""
 
     @classmethod
     def check_params(cls, term: str, params: dict[str, Any]) -> None:

@@ -1,0 +1,134 @@
+"""Values that used to pass silently or with a misleading message, and paths that scripts read: an empty --layers,
+a one-class softmax, the same weights twice, an imgsz rounded without a word, resume advice, a teacher that a
+recipe does not use, run paths after a resume, and the multi-GPU launcher's exit code when stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distill_cli import dist
+from distill_cli.checkpoint import load_resume
+from distill_cli.cli import app
+from distill_cli.comparison import model_labels
+from distill_cli.config import recipe_from_dict
+from distill_cli.errors import EXIT_INTERRUPTED, DistillError
+from distill_cli.evaluation import mismatch_notes
+from distill_cli.training import check_inputs, train
+
+from .conftest import train_args
+from .test_inputs import one_error_line
+from .test_resume import interrupt_after_epoch
+
+runner = CliRunner()
+
+
+def test_an_empty_layers_option_is_bad_input_not_the_default(run_kwargs: dict) -> None:
+    line = one_error_line(runner.invoke(app, train_args(run_kwargs, layers="")))
+    assert "--layers ''" in line
+    assert not Path(run_kwargs["project"]).exists()
+
+
+def test_a_softmax_class_term_on_one_class_is_refused() -> None:
+    """A softmax over one class is 1 whatever the logit: the term would be 0 and teach nothing."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli.distiller import output_problem
+    from distill_cli.probe import recipe_params
+
+    one = DetectionModel("yolov8n.yaml", nc=1, verbose=False)
+    one.names = {0: "cell"}
+    kl = {"mode": "kl", "weight_by": "teacher_conf"}
+    assert "with one class it is 0" in output_problem("cls_kd", one, one, "cls_kd", kl)
+    assert output_problem("cls_kd", one, one, "cls_kd", {"mode": "bce"}) is None
+    spec = recipe_from_dict({"losses": {"scores": {"type": "cls_kd", **kl}}})
+    assert recipe_params(spec, "cls_kd") == kl and recipe_params(spec, "box_kd") is None  # probe --recipe shows it
+
+
+def test_the_same_weights_twice_are_refused_and_labels_stay_unique(tiny_teacher: Path) -> None:
+    again = f"{tiny_teacher.parent}/./{tiny_teacher.name}"
+    line = one_error_line(runner.invoke(app, ["eval", "--weights", str(tiny_teacher), again, "--data", "x.yaml"]))
+    assert f"names one file twice ('{tiny_teacher}', '{again}')" in line
+    runs = ["p1/exp/weights/best.pt", "p2/exp/weights/best.pt"]
+    assert model_labels(runs) == runs  # two runs of one name in two projects: the paths
+    assert model_labels(["a/weights/best.pt", "b/weights/best.pt"]) == ["a/best", "b/best"]
+
+
+def test_eval_says_when_it_rounds_the_image_size(synthetic_data: Path, tiny_teacher: Path) -> None:
+    args = ["eval", "--weights", str(tiny_teacher), "--data", str(synthetic_data), "--imgsz", "33", "--json"]
+    with pytest.warns(UserWarning, match="imgsz 33 is not a multiple of the stride 32; using 64"):
+        assert runner.invoke(app, args).exit_code == 0
+
+
+def test_a_class_mismatch_note_names_a_few_classes_not_all() -> None:
+    notes = " ".join(mismatch_notes([f"class{i}" for i in range(80)], ["a", "b"]))
+    assert "class2, class3, class4 and 75 more" in notes and "class79" not in notes
+
+
+def test_resume_of_an_unsafe_file_does_not_advise_an_option_resume_refuses(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    run = tmp_path / "run" / "weights"
+    run.mkdir(parents=True)
+    torch.save({"model": Payload(), "resume": {}}, run / "last.pt")
+    with pytest.raises(DistillError, match="references code outside") as refused:
+        load_resume(run.parent)
+    assert "pass --trust-checkpoint" not in refused.value.message and "cannot be resumed" in refused.value.message
+
+
+def test_a_teacher_the_recipe_does_not_use_is_named(run_kwargs: dict) -> None:
+    with pytest.warns(UserWarning, match=r"recipe 'none' neither distils .* teacher \(missing.pt\) is not used"):
+        check_inputs("none", **{**run_kwargs, "teacher": "missing.pt"})
+
+
+def test_a_resumed_run_names_its_paths_as_a_new_run_does(
+    run_kwargs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative to the current folder when given so (--json prints the same kind of path before and after)."""
+    monkeypatch.chdir(tmp_path)
+    kwargs = {**run_kwargs, "epochs": 2, "project": "runs", "name": "cut", "report": False}
+    with pytest.raises(DistillError):
+        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
+    assert load_resume("runs/cut")[1]["run_dir"] == "runs/cut"
+    monkeypatch.chdir(tmp_path / "runs" / "cut")
+    for inside in (".", "weights/last.pt"):  # a folder named "." would have no name (the report's title)
+        assert load_resume(inside)[1]["run_dir"] == str(tmp_path / "runs" / "cut")
+    monkeypatch.chdir(tmp_path / "runs" / "cut" / "weights")
+    assert load_resume("last.pt")[1]["run_dir"] == str(tmp_path / "runs" / "cut")  # not the folder it started in
+    monkeypatch.chdir(tmp_path)
+    resumed = train(resume="runs/cut")
+    assert resumed.run_dir == Path("runs/cut") and resumed.best == Path("runs/cut/weights/best.pt")
+
+
+LAUNCHER = """
+import os, sys
+from distill_cli import dist
+child = "import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *a: sys.exit(1)); " \\
+    "signal.signal(signal.SIGINT, lambda *a: sys.exit(1)); pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
+sys.exit(dist.supervised([sys.executable, "-c", child, sys.argv[1]], dict(os.environ)))
+"""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_the_multi_gpu_launcher_exits_130_when_stopped(stop: signal.Signals, tmp_path: Path) -> None:
+    """A stop sent to the launcher alone (a scheduler's SIGTERM, kill -INT) reaches torchrun (here a stand-in that
+    ends on it) and the launcher exits 130, not Python's 143, and not before torchrun has ended."""
+    ready = tmp_path / "ready"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(ready)])
+    for _ in range(600):
+        if ready.exists() or launcher.poll() is not None:
+            break
+        time.sleep(0.05)
+    launcher.send_signal(stop)
+    assert launcher.wait(timeout=30) == EXIT_INTERRUPTED
+    assert dist.supervised([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ)) == 3
