@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -212,14 +213,7 @@ def train(
     resume = resume or None
     recipe = recipe if resume else recipe or "default"
     if device and "," in device and "WORLD_SIZE" not in os.environ:  # one process per GPU, via torchrun
-        from .dist import device_ids, launch
-        from .training import check_inputs
-
-        device_ids(device)  # the quick check first
-        with warnings.catch_warnings():  # rank 0 gives them again
-            warnings.simplefilter("ignore", UserWarning)
-            check_inputs(recipe, resume, **overrides)  # bad input: one error line here, not one per process
-        raise typer.Exit(launch(without_option(sys.argv[1:], "--device"), device))
+        raise typer.Exit(launch_checked(device, recipe, resume, overrides))
     result = run_train(recipe=recipe, resume=resume, callback=None if json_out else TrainProgress(), **overrides)
     if json_out and result is not None:  # the other ranks of a multi-GPU run return nothing; rank 0 prints
         print_json({**{k: v for k, v in vars(result).items() if k != "history"}, "beat_start": result.beat_start})
@@ -344,6 +338,23 @@ def recipes(json_out: bool = JSON) -> None:
                 "recipes", ["name", "terms", "description"], [[r["name"], r["terms"], r["description"]] for r in rows]
             )
         )
+
+
+def launch_checked(device: str, recipe: str | None, resume: str | None, overrides: dict[str, Any]) -> int:
+    """``train --device 0,1``: check the inputs once (bad input is one error line, not one per process; a stop meanwhile
+    is an interruption, 130), then run the same command under torchrun and return its exit code."""
+    from .dist import device_ids, launch
+    from .training import check_inputs
+
+    device_ids(device)  # the quick check first
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with warnings.catch_warnings():  # rank 0 gives them again
+            warnings.simplefilter("ignore", UserWarning)
+            check_inputs(recipe, resume, **overrides)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return launch(without_option(sys.argv[1:], "--device"), device)
 
 
 def without_option(argv: list[str], name: str) -> list[str]:

@@ -41,7 +41,7 @@ def compare(
     target = Path(opts.out)
     check_creatable(target.parent, "the report folder", "--out DIR")
     rows = evaluate(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(EvalOptions)}, details=True)
-    labels, imgsz = model_labels(opts.weights), rows[0]["imgsz"]  # the size validated at (rounded to the stride)
+    labels = model_labels(opts.weights)
     images = sample_images(load_data(opts.data, opts.split)[opts.split], opts.samples)
     table = [{k: v for k, v in r.items() if k not in ("per_class", "pr")} for r in rows]
     with output_dir(target.parent, target.name, "the report folder", "--out DIR") as out_dir:
@@ -51,11 +51,13 @@ def compare(
         )
         if images:
             grid = [
-                [draw_ground_truth(path)] + [draw_predictions(path, w, imgsz) for w in opts.weights] for path in images
+                [draw_ground_truth(path)]
+                + [draw_predictions(path, w, r["imgsz"]) for w, r in zip(opts.weights, rows, strict=True)]
+                for path in images
             ]
             plots.image_grid(grid, ["ground truth", *labels], out_dir / "predictions.png")
         report = out_dir / "report.md"
-        report.write_text(markdown(table, labels, rows, opts.data, opts.split, imgsz, bool(images), out_dir))
+        report.write_text(markdown(table, labels, rows, opts.data, opts.split, bool(images), out_dir))
     return {"out": str(out_dir), "report": str(report), "table": table}
 
 
@@ -122,12 +124,12 @@ def markdown(
     rows: list[dict],
     data: str,
     split: str,
-    imgsz: int,
     with_samples: bool,
     out_dir: Path,
 ) -> str:
+    sizes = "/".join(sorted({str(r["imgsz"]) for r in table}, key=int))  # each model at its stride's multiple
     lines = [
-        f"# Model comparison on the {split} split of `{data}` (imgsz {imgsz})",
+        f"# Model comparison on the {split} split of `{data}` (imgsz {sizes})",
         "",
         "| model | params | GFLOPs | mAP50-95 | mAP50 | ms/img |",
         "|---|---|---|---|---|---|",

@@ -276,8 +276,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise DistillError(f"--set expects key=value, got '{item}'")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise DistillError(f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: an int beyond Python's 4300 digits
+            raise DistillError(f"--set {key.strip()}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
     return out
 
 

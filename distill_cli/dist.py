@@ -8,6 +8,8 @@ EMA (the weights it averages are identical on every rank after each synced step)
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from .errors import EXIT_INTERRUPTED, DistillError
 
 TIMEOUT = timedelta(minutes=30)  # a rank that stops answering brings the job down instead of hanging it
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 STOP_GRACE = timedelta(minutes=5)  # how long torchrun lets stopped workers save before it kills them
 
 
@@ -144,24 +147,46 @@ def launch(argv: list[str], devices: str) -> int:
 
 
 def supervised(cmd: list[str], env: dict[str, str]) -> int:
-    """Run ``cmd`` (torchrun) in a session of its own and return its exit code. SIGINT and SIGTERM here, from the
-    terminal or a job scheduler, are passed on once (torchrun stops its workers, which save their state) and the
-    launcher then exits 130 like a single-process run, not 143 from Python's default or with torchrun still going."""
+    """Run ``cmd`` (torchrun) in a session of its own, so that a stop reaches it once, through here; return its exit
+    code, or 130 when the launcher was stopped (not Python's 143, and not while torchrun still runs).
+
+    The first SIGINT or SIGTERM is passed on (a hang-up or SIGQUIT as SIGTERM): torchrun stops its workers, which
+    save their state. Later ones only say that the workers are saving, as torchrun would cut their saving short. If
+    the launcher dies, torchrun gets SIGTERM from the kernel (Linux), so no training is left running without it.
+    """
+    stops = [signal.SIGINT, signal.SIGTERM, signal.SIGQUIT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup a hang-up stays ignored
+        stops.append(signal.SIGHUP)
     stopped: list[int] = []
     proc: subprocess.Popen | None = None
 
-    def forward(signum: int, frame: object) -> None:
+    def stop(signum: int, frame: object) -> None:
+        if stopped:
+            print("stopping: the workers are saving their state", file=sys.stderr, flush=True)
+        elif proc is not None:
+            proc.send_signal(signum if signum in (signal.SIGINT, signal.SIGTERM) else signal.SIGTERM)
         stopped.append(signum)
-        if proc is not None:
-            proc.send_signal(signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # a stop before torchrun is running waits until it can be passed on
+    previous = {signum: signal.signal(signum, stop) for signum in stops}
     try:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        for signum in list(stopped):  # what arrived while it started
-            proc.send_signal(signum)
-        code = proc.wait()  # the handler returns, so a second Ctrl-C is passed on and the wait goes on
+        try:
+            setup = functools.partial(child_setup, stops)
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=setup)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        code = proc.wait()  # the handler returns, so the wait goes on after a stop
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return EXIT_INTERRUPTED if stopped and code != 0 else code
+    if stopped and code != 0:
+        return EXIT_INTERRUPTED
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + N
+
+
+def child_setup(stops: list[int]) -> None:
+    """In torchrun's process, before it runs: take the stops the launcher held back, and SIGTERM when the launcher
+    dies (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

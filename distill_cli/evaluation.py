@@ -107,8 +107,8 @@ def evaluate(
     details: bool = False,
     allow_class_mismatch: bool = False,
 ) -> list[dict[str, Any]]:
-    """One row per model: the imgsz validated at (``imgsz`` rounded up to the stride), params, GFLOPs (at that
-    size), mAP50-95, mAP50, precision, recall, inference ms per image.
+    """One row per model: the imgsz validated at (``imgsz`` rounded up to the model's stride), params, GFLOPs (at
+    that size), mAP50-95, mAP50, precision, recall, inference ms per image.
 
     Validation runs exactly as ``YOLO(w).val(data=..., imgsz=..., batch=..., split=...)`` does (rectangular
     batches, conf 0.001, IoU 0.7), so the numbers are the same. ``details`` adds per-class AP and the PR curve.
@@ -121,11 +121,11 @@ def evaluate(
     models = [(w, load_model(w, "weights", trust=opts.trust_checkpoint)) for w in opts.weights]
     for path, model in models:
         check_classes(path, class_names(model), dataset, opts)
-    # ultralytics rounds an imgsz up to the stride too, silently: say so, and count GFLOPs at the size validated
-    imgsz = stride_multiple(opts.imgsz, int(max(model.stride.max() for _, model in models)))
-    args = {"data": opts.data, "imgsz": imgsz, "batch": opts.batch, "split": opts.split, "device": on}
     rows = []
     for path, model in models:
+        # ultralytics rounds an imgsz up to the model's stride too, silently: say so, and count GFLOPs at that size
+        imgsz = stride_multiple(opts.imgsz, int(model.stride.max()))
+        args = {"data": opts.data, "imgsz": imgsz, "batch": opts.batch, "split": opts.split, "device": on}
         result = run_validator(model, args)
         row = {
             "model": str(path),

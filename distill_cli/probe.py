@@ -58,7 +58,7 @@ def probe_channels(
         "selection": {k: v for k, v in selections.items()},
         "pairs": pairings,
         "output_terms": {  # method -> "applies", or why it cannot distil this pair (with --recipe's parameters)
-            name: output_problem(name, student_model, teacher_model, params=recipe_params(spec, name)) or "applies"
+            name: output_verdict(name, student_model, teacher_model, spec)
             for name, cls in sorted(LOSSES.items())
             if cls.level != "feature"
         },
@@ -70,9 +70,12 @@ def probe_channels(
     }
 
 
-def recipe_params(spec: Recipe | None, method: str) -> dict | None:
-    """The parameters of the recipe's term of ``method``, if it has one."""
-    return next((term.params for term in spec.losses.values() if term.type == method), None) if spec else None
+def output_verdict(method: str, student: nn.Module, teacher: nn.Module, spec: Recipe | None) -> str:
+    """ "applies", or why ``method`` cannot distil this pair: with the parameters of each of the recipe's terms of it
+    (as training checks them), else with its defaults."""
+    params = [term.params for term in spec.losses.values() if term.type == method] if spec else []
+    problems = (output_problem(method, student, teacher, params=p) for p in params or [None])
+    return next(filter(None, problems), None) or "applies"
 
 
 def probe_student(student: str, teacher_model: nn.Module, trust: bool) -> nn.Module:

@@ -205,18 +205,19 @@ def train(
     Under ``torchrun`` every rank calls this; rank 0 alone writes files, validates and calls back.
     """
     info = dist.from_environment()
-    if info.enabled and not info.is_main:  # rank 0 gives each warning; one copy per process would add nothing
-        warnings.simplefilter("ignore", UserWarning)
-    cfg, checkpoint = run_config(cfg, recipe, resume, overrides)
-    if "," in cfg.device and not info.enabled:
-        raise DistillError(f"--device {cfg.device}: several devices need torchrun (see README, multi-GPU)")
-    device = dist.init(info, cfg.device) if info.enabled else select_device(cfg.device)
-    try:
-        with RunGuard(cfg, checkpoint) as guard:  # no run folder is left by a run that fails before its checkpoint
-            state, log, loaders, hyp, start_epoch = prepare(cfg, checkpoint, callback, info, device, guard)
-            return fit(state, log, *loaders, hyp, start_epoch)
-    finally:
-        dist.shutdown()
+    with warnings.catch_warnings():
+        if info.enabled and not info.is_main:  # rank 0 gives each warning; one copy per process would add nothing
+            warnings.simplefilter("ignore", UserWarning)
+        cfg, checkpoint = run_config(cfg, recipe, resume, overrides)
+        if "," in cfg.device and not info.enabled:
+            raise DistillError(f"--device {cfg.device}: several devices need torchrun (see README, multi-GPU)")
+        device = dist.init(info, cfg.device) if info.enabled else select_device(cfg.device)
+        try:
+            with RunGuard(cfg, checkpoint) as guard:  # no run folder is left by a run that fails before its checkpoint
+                state, log, loaders, hyp, start_epoch = prepare(cfg, checkpoint, callback, info, device, guard)
+                return fit(state, log, *loaders, hyp, start_epoch)
+        finally:
+            dist.shutdown()
 
 
 def prepare(

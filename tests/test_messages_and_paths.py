@@ -4,6 +4,7 @@ recipe does not use, run paths after a resume, and the multi-GPU launcher's exit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,15 +43,16 @@ def test_a_softmax_class_term_on_one_class_is_refused() -> None:
     from ultralytics.nn.tasks import DetectionModel
 
     from distill_cli.distiller import output_problem
-    from distill_cli.probe import recipe_params
+    from distill_cli.probe import output_verdict
 
     one = DetectionModel("yolov8n.yaml", nc=1, verbose=False)
     one.names = {0: "cell"}
     kl = {"mode": "kl", "weight_by": "teacher_conf"}
     assert "with one class it is 0" in output_problem("cls_kd", one, one, "cls_kd", kl)
     assert output_problem("cls_kd", one, one, "cls_kd", {"mode": "bce"}) is None
-    spec = recipe_from_dict({"losses": {"scores": {"type": "cls_kd", **kl}}})
-    assert recipe_params(spec, "cls_kd") == kl and recipe_params(spec, "box_kd") is None  # probe --recipe shows it
+    spec = recipe_from_dict({"losses": {"a": {"type": "cls_kd"}, "b": {"type": "cls_kd", **kl}}})
+    assert "with one class it is 0" in output_verdict("cls_kd", one, one, spec)  # probe --recipe shows it
+    assert output_verdict("cls_kd", one, one, None) == "applies"
 
 
 def test_the_same_weights_twice_are_refused_and_labels_stay_unique(tiny_teacher: Path) -> None:
@@ -111,24 +113,36 @@ def test_a_resumed_run_names_its_paths_as_a_new_run_does(
 
 
 LAUNCHER = """
-import os, sys
+import os, signal, sys
 from distill_cli import dist
-child = "import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *a: sys.exit(1)); " \\
-    "signal.signal(signal.SIGINT, lambda *a: sys.exit(1)); pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as from a terminal, whatever ran the tests (nohup ignores it)
+child = "import os, signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *a: sys.exit(1)); " \\
+    "signal.signal(signal.SIGINT, lambda *a: sys.exit(1)); pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); " \\
+    "time.sleep(60)"
 sys.exit(dist.supervised([sys.executable, "-c", child, sys.argv[1]], dict(os.environ)))
 """
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_the_multi_gpu_launcher_exits_130_when_stopped(stop: signal.Signals, tmp_path: Path) -> None:
-    """A stop sent to the launcher alone (a scheduler's SIGTERM, kill -INT) reaches torchrun (here a stand-in that
-    ends on it) and the launcher exits 130, not Python's 143, and not before torchrun has ended."""
+    """A stop sent to the launcher alone (a scheduler's SIGTERM, kill -INT, a closed terminal) reaches torchrun (here a
+    stand-in that ends on it, in a session of its own) and the launcher exits 130, not Python's 143, and not before
+    torchrun has ended."""
     ready = tmp_path / "ready"
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(ready)])
-    for _ in range(600):
-        if ready.exists() or launcher.poll() is not None:
-            break
-        time.sleep(0.05)
-    launcher.send_signal(stop)
-    assert launcher.wait(timeout=30) == EXIT_INTERRUPTED
+    try:
+        for _ in range(1200):
+            if ready.exists() and ready.read_text() or launcher.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert ready.exists(), "the stand-in never started"
+        launcher.send_signal(stop)
+        assert launcher.wait(timeout=30) == EXIT_INTERRUPTED
+    finally:
+        launcher.kill()
+        if ready.exists() and ready.read_text():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(ready.read_text()), signal.SIGKILL)
     assert dist.supervised([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ)) == 3
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    assert dist.supervised([sys.executable, "-c", killed], dict(os.environ)) == 128 + signal.SIGKILL
