@@ -127,7 +127,7 @@ def markdown(
     with_samples: bool,
     out_dir: Path,
 ) -> str:
-    sizes = "/".join(sorted({str(r["imgsz"]) for r in table}, key=int))  # each model at its stride's multiple
+    sizes = "/".join(map(str, sorted({r["imgsz"] for r in table})))  # each model at its stride's multiple
     lines = [
         f"# Model comparison on the {split} split of `{data}` (imgsz {sizes})",
         "",

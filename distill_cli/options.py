@@ -21,9 +21,11 @@ def checkpoints_problem(value: list[str]) -> str | None:
     if not value:
         return "must name at least one checkpoint"
     problem = next(filter(None, map(checkpoint_problem, value)), None)
+    if problem:
+        return problem
     seen = [os.path.abspath(v) for v in value]  # the same file twice would be one row, one curve, twice the time
-    twice = [(value[seen.index(s)], v) for i, (s, v) in enumerate(zip(seen, value, strict=True)) if s in seen[:i]]
-    return problem or (f"names one file twice ('{twice[0][0]}', '{twice[0][1]}')" if twice else None)
+    again = next((i for i, s in enumerate(seen) if s in seen[:i]), None)
+    return None if again is None else f"names one file twice ('{value[seen.index(seen[again])]}', '{value[again]}')"
 
 
 def image_file_problem(value: str) -> str | None:
