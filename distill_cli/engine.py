@@ -182,7 +182,8 @@ def step_is_finite(state: TrainState, loss: torch.Tensor, logs: dict[str, torch.
     if dist.all_agree(bool(torch.isfinite(loss)), state.device):  # ranks must skip together or DDP hangs
         return True
     state.optimizer.zero_grad(set_to_none=True)
-    skip_step(state, ", ".join(k for k, v in logs.items() if not torch.isfinite(v).all()) or "loss")
+    bad_terms = ", ".join(k for k, v in logs.items() if not torch.isfinite(v).all())
+    skip_step(state, bad_terms or ("loss" if not torch.isfinite(loss) else "loss on another rank"))
     return False
 
 

@@ -23,9 +23,19 @@ def checkpoints_problem(value: list[str]) -> str | None:
     problem = next(filter(None, map(checkpoint_problem, value)), None)
     if problem:
         return problem
-    seen = [os.path.abspath(v) for v in value]  # the same file twice would be one row, one curve, twice the time
+    seen = [file_identity(v) for v in value]  # the same file twice would be one row, one curve, twice the time
     again = next((i for i, s in enumerate(seen) if s in seen[:i]), None)
     return None if again is None else f"names one file twice ('{value[seen.index(seen[again])]}', '{value[again]}')"
+
+
+def file_identity(path: str) -> tuple[int, int] | str:
+    """What makes two names one file: device and inode where it exists (a link or symlink is the file it names),
+    else the absolute path."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return os.path.abspath(path)
+    return stat.st_dev, stat.st_ino
 
 
 def image_file_problem(value: str) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from distill_cli.comparison import model_labels
 from distill_cli.config import recipe_from_dict
 from distill_cli.errors import EXIT_INTERRUPTED, DistillError
 from distill_cli.evaluation import mismatch_notes
+from distill_cli.options import checkpoints_problem
 from distill_cli.training import check_inputs, train
 
 from .conftest import train_args
@@ -55,10 +57,18 @@ def test_a_softmax_class_term_on_one_class_is_refused() -> None:
     assert output_verdict("cls_kd", one, one, None) == "applies"
 
 
-def test_the_same_weights_twice_are_refused_and_labels_stay_unique(tiny_teacher: Path) -> None:
+def test_the_same_weights_twice_are_refused_and_labels_stay_unique(tiny_teacher: Path, tmp_path: Path) -> None:
     again = f"{tiny_teacher.parent}/./{tiny_teacher.name}"
     line = one_error_line(runner.invoke(app, ["eval", "--weights", str(tiny_teacher), again, "--data", "x.yaml"]))
     assert f"names one file twice ('{tiny_teacher}', '{again}')" in line
+    (tmp_path / "link.pt").symlink_to(tiny_teacher)
+    (tmp_path / "hard.pt").hardlink_to(tiny_teacher)
+    shutil.copy(tiny_teacher, tmp_path / "copy.pt")
+    for other in ("link.pt", "hard.pt"):  # another name of the same file
+        weights = [str(tiny_teacher), str(tmp_path / other)]
+        line = one_error_line(runner.invoke(app, ["compare", "--weights", *weights, "--data", "x.yaml"]))
+        assert f"names one file twice ('{tiny_teacher}', '{tmp_path / other}')" in line
+    assert checkpoints_problem([str(tiny_teacher), str(tmp_path / "copy.pt")]) is None  # a copy is two files
     runs = ["p1/exp/weights/best.pt", "p2/exp/weights/best.pt"]
     assert model_labels(runs) == runs  # two runs of one name in two projects: the paths
     assert model_labels(["a/weights/best.pt", "b/weights/best.pt"]) == ["a/best", "b/best"]

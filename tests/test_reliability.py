@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,6 +94,31 @@ def test_steps_with_non_finite_gradients_count_towards_the_stop(run_kwargs: dict
     with pytest.warns(UserWarning, match="non-finite gradients"), pytest.raises(DistillError) as stopped:
         train(recipe="none", **kwargs)
     assert stopped.value.exit_code == EXIT_RUNTIME and "3 consecutive non-finite steps" in stopped.value.message
+
+
+def test_a_step_skipped_for_another_rank_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With DDP every rank skips a step that is bad on any rank; a rank whose own terms are finite must not name its
+    loss as the bad value."""
+    from distill_cli import engine
+
+    weight = torch.nn.Parameter(torch.ones(1))
+    state = SimpleNamespace(
+        device=torch.device("cpu"),
+        optimizer=torch.optim.SGD([weight], lr=0.1),
+        cfg=SimpleNamespace(max_bad_steps=4),
+        step=7,
+        bad_steps=0,
+        skipped_steps=0,
+    )
+    monkeypatch.setattr(engine.dist, "all_agree", lambda flag, device: False)  # another rank saw NaN
+    finite = {"det_loss": torch.tensor(1.0), "cls_kd": torch.tensor(0.5)}
+    with pytest.warns(UserWarning, match="step 7: non-finite loss on another rank; step skipped"):
+        assert not engine.step_is_finite(state, torch.tensor(1.5), finite)
+    with pytest.warns(UserWarning, match="step 7: non-finite cls_kd; step skipped"):
+        engine.step_is_finite(state, torch.tensor(float("nan")), {**finite, "cls_kd": torch.tensor(float("nan"))})
+    with pytest.warns(UserWarning, match="step 7: non-finite loss; step skipped"):  # finite terms, overflowing sum
+        engine.step_is_finite(state, torch.tensor(float("inf")), finite)
+    assert state.skipped_steps == 3 and state.bad_steps == 3
 
 
 def test_crafted_checkpoint_cannot_run_code(tmp_path: Path) -> None:
