@@ -2,10 +2,10 @@
 
 Each setting names the runs that are today's code there: where a version changed nothing in a setting (the teacher at 1
 from 416 px, at 2 at 320 px and below), it keeps the runs of the version that last did (benchmarks/RESULTS.md says
-which). A setting all of whose seeds of both recipes ran again with 0.3.14, which trains on both CPU threads (other
-float sums, the same method), uses those runs, marked "(0.3.14)". ``none`` is seed-matched; ``gap closed`` is how far
-the default went from the student as given to the teacher scored at the student's size. Each setting's schedule is read
-from its runs' record. No training here: it only reads JSON.
+which). A setting all of whose seeds of both recipes ran with 0.3.14 or later, which trains on both CPU threads (other
+float sums, the same method), uses those runs, marked with that version. ``none`` is seed-matched; ``gap closed`` is
+how far the default went from the student as given to the teacher scored at the student's size. Each setting's
+schedule is read from its runs' record. No training here: it only reads JSON.
 
     python benchmarks/default_table.py
 """
@@ -31,16 +31,17 @@ class Setting:
     view: str  # what teacher_scale auto picks there for the 512-px teacher, in the runs named
     default: Source
     none: Source
-    both_threads: bool = False  # every seed of both recipes ran again with 0.3.14, which trains on both CPU threads
+    threads: str = ""  # the version (0.3.14 or later) with which every seed of both recipes ran on both CPU threads
 
 
-def together(view: str, *names: str, both_threads: bool = False) -> Setting:
+def together(view: str, *names: str, threads: str = "") -> Setting:
     """A setting whose default and none ran together, seed for seed, in these results files (later ones adding
     seeds)."""
-    return Setting(view, [(name, "default") for name in names], [(name, "none") for name in names], both_threads)
+    return Setting(view, [(name, "default") for name in names], [(name, "none") for name in names], threads)
 
 
 SETTINGS = {
+    "finetune11": together("2", "gain-v30-finetune11.json", threads="0.3.16"),
     "shared": Setting("2", AT_2, NONE),
     "scratch": Setting(
         "2",
@@ -55,7 +56,7 @@ SETTINGS = {
         [("gain-v22-scratch2-seed0.json", "default"), ("gain-v24-scratch2-seed1.json", "default")],
         [("gain-v5.json", "none")],
     ),
-    "finetune7": together("1+2", "gain-v25-finetune7-threads.json", both_threads=True),
+    "finetune7": together("1+2", "gain-v25-finetune7-threads.json", threads="0.3.14"),
     "finetune2": Setting(
         "1+2",
         [VIEWS, ("gain-v24-finetune2-seeds34.json", "default")],
@@ -66,11 +67,11 @@ SETTINGS = {
         [VIEWS, ("gain-v23-finetune6-seeds34.json", "default")],
         [("gain-v15-finetune6.json", "none"), ("gain-v16-finetune6-seeds34.json", "none")],
     ),
-    "batch32": together("1", "gain-v26-batch32-threads.json", both_threads=True),
-    "finetune8": together("1", "gain-v26-finetune8-threads.json", both_threads=True),
-    "finetune10": together("1", "gain-v27-finetune10.json", "gain-v27-finetune10-seeds34.json", both_threads=True),
-    "native": together("1", "gain-v26-native-threads.json", both_threads=True),
-    "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", both_threads=True),
+    "batch32": together("1", "gain-v26-batch32-threads.json", threads="0.3.14"),
+    "finetune8": together("1", "gain-v26-finetune8-threads.json", threads="0.3.14"),
+    "finetune10": together("1", "gain-v27-finetune10.json", "gain-v27-finetune10-seeds34.json", threads="0.3.14"),
+    "native": together("1", "gain-v26-native-threads.json", threads="0.3.14"),
+    "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", threads="0.3.14"),
     "imgsz640": Setting("1", AT_1, NONE),
 }
 
@@ -132,7 +133,8 @@ def row(setting: str) -> tuple[str, list[int]]:
     cells = 2 * len(seeds)
     start = "" if given else f"{Path(schedule['student']).name}, "
     what = f"{setting}: {start}{schedule['epochs']} epochs, batch {schedule['batch']}"
-    cols = [what, f"{schedule['imgsz']} ({entry.view})", ",".join(seeds) + (" (0.3.14)" if entry.both_threads else "")]
+    version = f" ({entry.threads})" if entry.threads else ""
+    cols = [what, f"{schedule['imgsz']} ({entry.view})", ",".join(seeds) + version]
     cols += [" / ".join(parts[key]) or "-" for key in ("given", "none")]
     cols += [f"**{' / '.join(parts['default'])}**", " / ".join(parts["teacher"]), " / ".join(parts["gap"]) or "-"]
     cols.append(f"{above_none}/{cells} / " + (f"{above_given}/{cells}" if given else "-"))
