@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
-import signal
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +18,7 @@ from . import __version__
 from .config import RunConfig, config_from_dict
 from .data import loader_state, restore_loader
 from .engine import TrainState, trained_params
-from .errors import EXIT_INTERRUPTED, DistillError
+from .errors import EXIT_INTERRUPTED, DistillError, sigterm_interrupts
 from .models import read_checkpoint, save_student
 from .report import Baseline
 from .runlog import RunLog, check_creatable, first_missing, new_run_dir
@@ -168,7 +168,7 @@ class RunGuard:
         self.project = None if checkpoint else cfg.project
         self.run_dir: Path | None = Path(checkpoint["run_dir"]) if checkpoint else None
         self.created, self.made = False, None
-        self.previous: Any = None
+        self.signals = contextlib.ExitStack()
 
     def create(self, project: str, name: str) -> Path:
         self.made = first_missing(Path(project))  # the project folder too, if this run creates it
@@ -178,15 +178,11 @@ class RunGuard:
     def __enter__(self) -> RunGuard:
         if self.project is not None:
             check_creatable(self.project)
-        try:
-            self.previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
+        self.signals.enter_context(sigterm_interrupts())
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        self.signals.close()
         if exc_type is None or self.run_dir is None:
             return self._interrupted(None) if exc_type and issubclass(exc_type, KeyboardInterrupt) else False
         last = self.run_dir / "weights" / "last.pt"

@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from .config import DEFAULT_RECIPE, RunConfig
-from .errors import EXIT_INTERRUPTED, DistillError
+from .errors import EXIT_INTERRUPTED, DistillError, sigterm_interrupts
 from .options import CompareOptions, DemoOptions, EvalOptions, ExportOptions, ProbeOptions
 
 STATE = {"verbose": False}
@@ -78,7 +77,7 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with json_alone_on_stdout() if kwargs.get("json_out") else contextlib.nullcontext():
+            with sigterm_interrupts(), json_alone_on_stdout() if kwargs.get("json_out") else contextlib.nullcontext():
                 return command(*args, **kwargs)
         except DistillError as e:
             fail(e.message, e.exit_code)
@@ -347,13 +346,9 @@ def launch_checked(device: str, recipe: str | None, resume: str | None, override
     from .training import check_inputs
 
     device_ids(device)  # the quick check first
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        with warnings.catch_warnings():  # rank 0 gives them again
-            warnings.simplefilter("ignore", UserWarning)
-            check_inputs(recipe, resume, **overrides)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with warnings.catch_warnings():  # rank 0 gives them again
+        warnings.simplefilter("ignore", UserWarning)
+        check_inputs(recipe, resume, **overrides)
     return launch(without_option(sys.argv[1:], "--device"), device)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
+
 # Stable exit codes: scripts and CI branch on these.
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad input: files, options, recipes, data
@@ -19,3 +23,18 @@ class DistillError(Exception):
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt as Ctrl-C does, so that it is an interruption (130, half-made output removed)
+    and not Python's silent exit 143; outside the main thread signals are left alone."""
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -22,13 +22,20 @@ from .conftest import save_model, train_args, tree
 runner = CliRunner()
 
 
+def exit_143(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # what Python's default SIGTERM does to a process, survivable by pytest
+
+
 @pytest.fixture(autouse=True)
 def sigint_raises_keyboard_interrupt():
     """A shell that starts pytest in the background (``cmd &`` without job control) ignores SIGINT in it, and the
-    interrupted start-ups below rely on Python's own handler: install it whatever the launch."""
+    interrupted start-ups below rely on Python's own handler: install it whatever the launch. SIGTERM stands in for
+    Python's default (exit 143) without ending the test process."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, exit_143)
     yield
     signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGTERM, previous_term)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +58,11 @@ def interrupt(*args: object, **kwargs: object) -> None:
     raise AssertionError("the signal did not arrive")
 
 
+def terminate(*args: object, **kwargs: object) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: an interruption as Ctrl-C is, not a silent exit 143
+    raise AssertionError("the signal did not arrive")
+
+
 def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list[str], str, Callable]]:
     """Per command: a command line, and what to break after the command has started its work."""
     base = ["--imgsz", "64", "--device", "cpu"]
@@ -66,14 +78,23 @@ def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list
             fail,
         ),
         "export": (["export", "--weights", student, "--imgsz", "64"], "distill_cli.exporter.onnx_parity", fail),
+        "compare-sigterm": (
+            ["compare", "--weights", student, teacher, "--data", data, *base],
+            "distill_cli.comparison.draw_predictions",
+            terminate,
+        ),
         "demo": (["demo", "--epochs", "1"], "distill_cli.demo.train", fail),
+        "demo-sigterm": (["demo", "--epochs", "1"], "distill_cli.demo.train", terminate),
         "probe-channels": (
             ["probe-channels", "--teacher", teacher, "--student", student], "distill_cli.probe.pair_layers", fail
         ),
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["train", "train-sigint", "eval", "compare", "export", "demo", "probe-channels"])
+@pytest.mark.parametrize(
+    "case",
+    ["train", "train-sigint", "eval", "compare", "compare-sigterm", "export", "demo", "demo-sigterm", "probe-channels"],
+)
 def test_a_failed_command_leaves_the_folder_as_it_was(
     case: str,
     quiet_folder: Path,
@@ -88,7 +109,7 @@ def test_a_failed_command_leaves_the_folder_as_it_was(
     args, target, breaker = late_failures(str(synthetic_data), str(tiny_teacher), str(student))[case]
     monkeypatch.setattr(target, breaker)
     result = runner.invoke(app, args)
-    assert result.exit_code == (EXIT_INTERRUPTED if breaker is interrupt else 1), result.output
+    assert result.exit_code == (1 if breaker is fail else EXIT_INTERRUPTED), result.output
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert tree(quiet_folder) == before
