@@ -17,7 +17,7 @@ from ultralytics.engine.exporter import export_formats
 from .data import _draw_image
 from .errors import EXIT_RUNTIME, DistillError
 from .evaluation import threads_kept, validator_device
-from .models import load_model
+from .models import load_model, stride_multiple
 from .options import ExportOptions
 from .rules import validated
 from .runlog import check_creatable, first_missing
@@ -39,20 +39,20 @@ def export(
     """
     opts = validated(ExportOptions, locals())
     on = validator_device(opts.device)
-    load_model(opts.weights, "weights", trust=opts.trust_checkpoint)  # the safe load vets the file first
+    model = load_model(opts.weights, "weights", trust=opts.trust_checkpoint)  # the safe load vets the file first
+    imgsz = stride_multiple(opts.imgsz, int(model.stride.max()))  # the size ultralytics' exporter would use
     suffix = dict(zip(*(export_formats()[k] for k in ("Argument", "Suffix")), strict=True))[opts.format]
     stem = Path(opts.weights).with_suffix("")
     target = Path(opts.output) if opts.output else stem.with_name(stem.name + suffix)
-    check_target(target)
-    x = sample_input(opts.imgsz, opts.image) if opts.format == "onnx" else None
-    result: dict[str, Any] = {"weights": opts.weights, "format": opts.format, "file": str(target), "imgsz": opts.imgsz}
+    check_target(target, named=bool(opts.output))
+    x = sample_input(imgsz, opts.image) if opts.format == "onnx" else None
+    result: dict[str, Any] = {"weights": opts.weights, "format": opts.format, "file": str(target), "imgsz": imgsz}
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / Path(opts.weights).name
         shutil.copy2(opts.weights, copy)
         try:
             with threads_kept():
-                model = YOLO(str(copy), task="detect")
-                exported = Path(model.export(format=opts.format, imgsz=opts.imgsz, device=on))
+                exported = Path(YOLO(str(copy), task="detect").export(format=opts.format, imgsz=imgsz, device=on))
         except Exception as e:  # the exporter raises many kinds (missing packages, unsupported ops)
             raise DistillError(f"export to {opts.format} failed: {type(e).__name__}: {e}", EXIT_RUNTIME) from e
         if x is not None:
@@ -75,7 +75,7 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def check_target(target: Path) -> None:
+def check_target(target: Path, named: bool) -> None:
     """Bad input before any work: a target that exists (nothing is overwritten), a folder that cannot be made, or a
     name longer than the filesystem takes."""
     try:
@@ -87,7 +87,8 @@ def check_target(target: Path) -> None:
     except (AttributeError, ValueError):  # no pathconf (not POSIX), or the filesystem does not say
         longest = 255
     if exists:
-        raise DistillError(f"'{target}' already exists; pass --output to write elsewhere (nothing is overwritten)")
+        advice = "remove it or name another --output" if named else "pass --output to write elsewhere"
+        raise DistillError(f"'{target}' already exists; {advice} (nothing is overwritten)")
     check_creatable(target.parent, "the export", "--output PATH")
     if any(len(os.fsencode(part)) > longest for part in target.parts):
         raise DistillError(f"--output '{target}': a name in it is longer than {longest} bytes")
