@@ -25,6 +25,7 @@ from .errors import DistillError
 T = TypeVar("T")
 EXPONENT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
 MAX_INT = 2**31 - 1
+MAX_NAME_BYTES = 250  # filesystems take 255 bytes in a name; a taken run name gets a number after it (exp2)
 DEVICE_PATTERN = re.compile(r"(|auto|cpu|cuda|gpu|cuda:\d+|\d+(,\d+)*)")
 
 
@@ -73,8 +74,10 @@ class Rule:
             fold = str.lower if self.ignore_case else str
             if fold(value) not in {fold(c) for c in choices}:
                 return f"must be {self.describe()}"
-        if self.name and (not value or value in (".", "..") or re.search(r"[/\\\0]", value)):
+        if self.name and (not value.strip() or value in (".", "..") or re.search(r"[/\\\0]", value)):
             return "must be a plain name (no '/', not '.' or '..'), so that it stays inside its folder"
+        if self.name and len(os.fsencode(value)) > MAX_NAME_BYTES:  # found here, not after the models have loaded
+            return f"must be at most {MAX_NAME_BYTES} bytes long (a folder name, with room for a number after it)"
         return self.check(value) if self.check else None
 
     def summary(self) -> str:

@@ -45,8 +45,10 @@ class TrainResult:
 
 
 def new_run_dir(project: str | Path, name: str, what: str = "the run directory", hint: str = "--project DIR") -> Path:
-    """``project/name``, or ``name2``, ``name3``... if taken: an earlier run is never overwritten."""
+    """``project/name``, or ``name2``, ``name3``... if taken: an earlier run is never overwritten. Folders above it
+    that this made are removed again when it fails."""
     project = Path(project)
+    made = first_missing(project)
     try:
         project.mkdir(parents=True, exist_ok=True)
         for n in range(1, 10000):
@@ -57,6 +59,8 @@ def new_run_dir(project: str | Path, name: str, what: str = "the run directory",
             except FileExistsError:
                 continue
     except OSError as e:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         raise DistillError(f"cannot create {what} under '{project}' ({e.strerror}); use {hint}") from e
     raise DistillError(f"no free name '{name}N' under '{project}'; give another name")
 

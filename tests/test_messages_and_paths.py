@@ -25,6 +25,7 @@ from distill_cli.config import recipe_from_dict
 from distill_cli.errors import EXIT_INTERRUPTED, DistillError
 from distill_cli.evaluation import mismatch_notes
 from distill_cli.options import checkpoints_problem
+from distill_cli.runlog import new_run_dir
 from distill_cli.training import check_inputs, train
 
 from .conftest import train_args
@@ -72,6 +73,23 @@ def test_the_same_weights_twice_are_refused_and_labels_stay_unique(tiny_teacher:
     runs = ["p1/exp/weights/best.pt", "p2/exp/weights/best.pt"]
     assert model_labels(runs) == runs  # two runs of one name in two projects: the paths
     assert model_labels(["a/weights/best.pt", "b/weights/best.pt"]) == ["a/best", "b/best"]
+
+
+def test_a_name_too_long_or_blank_is_bad_input_and_leaves_no_new_folders(
+    run_kwargs: dict, synthetic_data: Path, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    long = "x" * 251
+    with pytest.raises(DistillError, match="'name' must be at most 250 bytes long"):
+        check_inputs("none", **{**run_kwargs, "project": str(tmp_path / "new" / "deeper"), "name": long})
+    with pytest.raises(DistillError, match="'name' must be a plain name"):
+        check_inputs("none", **{**run_kwargs, "name": " "})
+    out = str(tmp_path / "new" / "deeper" / long)
+    args = ["compare", "--weights", str(tiny_teacher), "--data", str(synthetic_data), "--out", out]
+    assert "must be at most 250 bytes long" in one_error_line(runner.invoke(app, args))
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(DistillError, match="cannot create the run directory"):  # the filesystem's own refusal
+        new_run_dir(tmp_path / "new" / "deeper", "y" * 300)
+    assert not (tmp_path / "new").exists(), "the folders made above the refused name are left"
 
 
 def test_eval_says_when_it_rounds_the_image_size(synthetic_data: Path, tiny_teacher: Path) -> None:
