@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -15,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from .config import DEFAULT_RECIPE, RunConfig
-from .errors import EXIT_INTERRUPTED, DistillError, sigterm_interrupts
+from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DistillError, sigterm_interrupts
 from .options import CompareOptions, DemoOptions, EvalOptions, ExportOptions, ProbeOptions
 
 STATE = {"verbose": False}
@@ -72,7 +73,8 @@ def main_options(
 
 def handled(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn any error into one line on stderr (after the traceback with --verbose) and its exit code: a DistillError's
-    own (2 bad input, 3 run failed, 130 interrupted), 130 for Ctrl-C, 1 for anything unexpected."""
+    own (2 bad input, 3 run failed, 130 interrupted), 130 for Ctrl-C or SIGTERM, 3 for a full disk, 1 for anything
+    unexpected."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -85,10 +87,18 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                fail(unexpected(e), 1)
+            fail(f"cannot write{f' {e.filename!r}' if e.filename else ''}: {e.strerror}", EXIT_RUNTIME)
         except Exception as e:
-            fail(f"{type(e).__name__}: {e}" + ("" if STATE["verbose"] else " (run with --verbose for details)"), 1)
+            fail(unexpected(e), 1)
 
     return wrapper
+
+
+def unexpected(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}" + ("" if STATE["verbose"] else " (run with --verbose for details)")
 
 
 @contextlib.contextmanager

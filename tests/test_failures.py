@@ -3,6 +3,7 @@ or goes away again. The one exception is a training run's resumable last.pt."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from distill_cli.cli import app
-from distill_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError
+from distill_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, DistillError
 from distill_cli.training import train
 
 from .conftest import save_model, train_args, tree
@@ -58,6 +59,10 @@ def interrupt(*args: object, **kwargs: object) -> None:
     raise AssertionError("the signal did not arrive")
 
 
+def disk_full(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "report.md")
+
+
 def terminate(*args: object, **kwargs: object) -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: an interruption as Ctrl-C is, not a silent exit 143
     raise AssertionError("the signal did not arrive")
@@ -78,6 +83,11 @@ def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list
             fail,
         ),
         "export": (["export", "--weights", student, "--imgsz", "64"], "distill_cli.exporter.onnx_parity", fail),
+        "compare-disk-full": (
+            ["compare", "--weights", student, teacher, "--data", data, *base],
+            "distill_cli.comparison.draw_predictions",
+            disk_full,
+        ),
         "compare-sigterm": (
             ["compare", "--weights", student, teacher, "--data", data, *base],
             "distill_cli.comparison.draw_predictions",
@@ -85,6 +95,7 @@ def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list
         ),
         "demo": (["demo", "--epochs", "1"], "distill_cli.demo.train", fail),
         "demo-sigterm": (["demo", "--epochs", "1"], "distill_cli.demo.train", terminate),
+        "demo-disk-full": (["demo", "--epochs", "1"], "distill_cli.demo.train", disk_full),
         "probe-channels": (
             ["probe-channels", "--teacher", teacher, "--student", student], "distill_cli.probe.pair_layers", fail
         ),
@@ -93,7 +104,10 @@ def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list
 
 @pytest.mark.parametrize(
     "case",
-    ["train", "train-sigint", "eval", "compare", "compare-sigterm", "export", "demo", "demo-sigterm", "probe-channels"],
+    [
+        *("train", "train-sigint", "eval", "compare", "compare-sigterm", "compare-disk-full", "export"),
+        *("demo", "demo-sigterm", "demo-disk-full", "probe-channels"),
+    ],
 )
 def test_a_failed_command_leaves_the_folder_as_it_was(
     case: str,
@@ -109,7 +123,7 @@ def test_a_failed_command_leaves_the_folder_as_it_was(
     args, target, breaker = late_failures(str(synthetic_data), str(tiny_teacher), str(student))[case]
     monkeypatch.setattr(target, breaker)
     result = runner.invoke(app, args)
-    assert result.exit_code == (1 if breaker is fail else EXIT_INTERRUPTED), result.output
+    assert result.exit_code == {fail: 1, disk_full: EXIT_RUNTIME}.get(breaker, EXIT_INTERRUPTED), result.output
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert tree(quiet_folder) == before
