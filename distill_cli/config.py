@@ -205,9 +205,9 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     if data is not None and not isinstance(data, dict):
         raise DistillError(f"a recipe must be a mapping (description, layers, losses), got {type(data).__name__}")
     data = dict(data or {})
-    losses = data.get("losses") or {}
-    if not isinstance(losses, dict):
-        raise DistillError("recipe 'losses' must be a mapping of term name -> settings")
+    losses = data.get("losses", {})
+    if not isinstance(losses, dict):  # null included: 'losses: {}' is how a recipe says "no distillation"
+        raise DistillError("recipe 'losses' must be a mapping of term name -> settings (losses: {} for none)")
     data["losses"] = {str(k): _loss_entry(str(k), v) for k, v in losses.items()}
     recipe = build(Recipe, data, "")
     for name, spec in recipe.losses.items():
@@ -312,10 +312,12 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
                 hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
                 raise DistillError(f"unknown setting '{key}'; {hint}")
             parts = ["recipe", *parts]
+        if parts[1:2] == ["losses"] and parts[3:4] == ["params"] and len(parts) > 4:
+            del parts[3]  # a term's parameters sit beside its weight here (losses.cwd.params.tau = losses.cwd.tau)
         node, losses = data, data["recipe"]["losses"]
         for part in parts[:-1]:
             if node is losses and part not in node:
-                node[part] = {}  # --set adds a new term: losses.cwd.weight=1
+                node[part] = {"schedule": {}}  # --set adds a new term: losses.cwd.weight=1, and its schedule
             node = node.get(part)
             if not isinstance(node, dict):
                 raise DistillError(f"--set {key}: '{part}' is not a known section")

@@ -90,9 +90,12 @@ def test_set_overrides_reach_run_recipe_and_method_fields() -> None:
             "losses.cwd.schedule.kind=cosine",
             "layers=[15,18]",
             "losses.pkd.weight=0.5",
+            "losses.pkd.schedule.kind=linear",  # the schedule of a term that --set added
+            "losses.cls_kd.params.temperature=2",  # the YAML's params section, spelt out
         ]
     )
     out = apply_overrides(cfg, sets)
+    assert out.recipe.losses["pkd"].schedule.kind == "linear" and out.recipe.losses["cls_kd"].params["temperature"] == 2
     assert out.epochs == 3
     assert out.recipe.losses["cwd"].weight == 2.5 and out.recipe.losses["cwd"].params["tau"] == 4
     assert out.recipe.losses["cwd"].schedule.kind == "cosine"
@@ -101,6 +104,8 @@ def test_set_overrides_reach_run_recipe_and_method_fields() -> None:
     assert cfg.epochs == 100  # the original is untouched
     with pytest.raises(DistillError, match="unknown setting 'bogus'"):
         apply_overrides(cfg, {"bogus": 1})
+    with pytest.raises(DistillError, match=r"'losses' must be a mapping .*\(losses: \{\} for none\)"):
+        apply_overrides(cfg, parse_overrides(["losses="]))  # not a silent "no distillation" under the recipe's name
     with pytest.raises(DistillError, match="key=value"):
         parse_overrides(["epochs"])
 
@@ -165,6 +170,11 @@ def test_a_stop_epoch_that_leaves_a_term_no_epoch_is_refused(stop: int, epochs: 
 def test_recipe_name_is_chosen_with_the_recipe_not_set() -> None:
     with pytest.raises(DistillError, match="--set recipe_name: choose the recipe with --recipe"):
         resolve_config(recipe="default", recipe_name="cwd")
+    cwd = load_recipe("cwd")
+    assert resolve_config(RunConfig(recipe=cwd)).recipe_name == "custom"  # its terms are not the default's
+    assert resolve_config(RunConfig(recipe=cwd, recipe_name="cwd")).recipe_name == "cwd"
+    assert resolve_config(RunConfig()).recipe_name == "default"
+    assert resolve_config(RunConfig(recipe=load_recipe("default"))).recipe_name == "default"
 
 
 def test_number_fields_take_exponents_without_a_dot() -> None:
