@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import Recipe, load_recipe
+from .config import Recipe, RunConfig, apply_overrides, load_recipe
 from .distiller import output_problem, uses_recipe_layers
 from .features import pair_layers, probe_layers
 from .losses import LOSSES
@@ -23,7 +23,7 @@ def probe_channels(
     student: str,
     imgsz: int = ProbeOptions.imgsz,
     layers: str | list[int] | None = None,
-    recipe: str | None = None,
+    recipe: str | Recipe | None = None,
     trust_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Every candidate layer of both models (index, module, C x H x W, stride) and the layer pairs with adapters.
@@ -31,9 +31,11 @@ def probe_channels(
     The pairing is that of ``layers`` (a group or student indices), else of each feature term of ``recipe``, else
     the default: the maps feeding the Detect head, matched by stride.
     """
-    opts = validated(ProbeOptions, locals())
+    # a Recipe object, as train() takes it, checked the way train() checks it
+    given = apply_overrides(RunConfig(recipe=recipe), {}).recipe if isinstance(recipe, Recipe) else None
+    opts = validated(ProbeOptions, {**locals(), "recipe": None if given else recipe})
     teacher, student, imgsz, layers, recipe = opts.teacher, opts.student, opts.imgsz, opts.layers, opts.recipe
-    spec = load_recipe(recipe) if recipe is not None else None  # checked even where --layers decides the pairing
+    spec = given or (load_recipe(recipe) if recipe is not None else None)  # checked even where --layers decides
     teacher_model = load_model(teacher, "teacher", trust=opts.trust_checkpoint)
     student_model = probe_student(student, teacher_model, opts.trust_checkpoint)
     imgsz = stride_multiple(imgsz, int(max(teacher_model.stride.max(), student_model.stride.max())))

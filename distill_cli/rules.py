@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import operator
 import os
 import re
@@ -120,12 +121,13 @@ def coerce(tp: type, value: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise DistillError(f"'{where}' must be true or false, got {value!r}")
+        raise DistillError(f"'{where}' must be true or false, got {shown(value)}")
     if tp in (int, float):
         if isinstance(value, str) and EXPONENT.fullmatch(value):
             value = float(value)  # YAML 1.1 reads an exponent without a dot (1e9, 2e-5) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DistillError(f"'{where}' must be a number, got {value!r}")
+        if not is_number(value):
+            raise DistillError(f"'{where}' must be a number, got {shown(value)}")
+        value = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy's scalars too
         if tp is int:  # a float that is whole (1e3, 8.0) is taken; the bound keeps counts within C integers
             if isinstance(value, float) and not value.is_integer():
                 raise DistillError(f"'{where}' must be a whole number, got {shown_number(value)}")
@@ -138,10 +140,21 @@ def coerce(tp: type, value: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise DistillError(f"'{where}' must be text, got {value!r}")
+        if not (isinstance(value, str) or is_number(value)):
+            raise DistillError(f"'{where}' must be text, got {shown(value)}")
         return str(value)
     return value
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, numpy's included; not a bool (True is an int to Python, not a number to a user)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def shown(value: Any) -> str:
+    """A value for a one-line message: its repr where short, else its type (a whole Recipe would fill the screen)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__}"
 
 
 def shown_number(value: float) -> str:
@@ -157,7 +170,7 @@ def checked(tp: type, value: Any, where: str, field_rule: Rule | None) -> Any:
     value = coerce(tp, value, where)
     problem = field_rule.problem(value) if field_rule else None
     if problem:
-        raise DistillError(f"'{where}' {problem}, got {value!r}")
+        raise DistillError(f"'{where}' {problem}, got {shown(value)}")
     return value
 
 
@@ -235,10 +248,11 @@ def _coerce(tp: Any, value: Any, where: str, field_rule: Rule | None = None) -> 
         value = [checked(typing.get_args(tp)[0], v, where, None) for v in items]
     elif tp in (bool, int, float, str):
         return checked(tp, value, where, field_rule)
-    elif not (isinstance(value, str) or isinstance(value, list) and all(type(i) is int for i in value)):
-        # str | list[int]: a layer group or a list of layer indices
-        raise DistillError(f"'{where}' must be a layer group name or a list of layer indices, got {value!r}")
+    elif isinstance(value, list) and all(isinstance(i, numbers.Integral) and is_number(i) for i in value):
+        value = [int(i) for i in value]  # str | list[int]: a list of layer indices (numpy's ints too)
+    elif not isinstance(value, str):  # ... or a layer group
+        raise DistillError(f"'{where}' must be a layer group name or a list of layer indices, got {shown(value)}")
     problem = field_rule.problem(value) if field_rule else None
     if problem:
-        raise DistillError(f"'{where}' {problem}, got {value!r}")
+        raise DistillError(f"'{where}' {problem}, got {shown(value)}")
     return value

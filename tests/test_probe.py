@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from distill_cli.config import LossSpec, Recipe, load_recipe
 from distill_cli.errors import DistillError
 from distill_cli.probe import probe_channels
 
@@ -48,6 +50,19 @@ def test_layer_groups_and_index_lists_pair_by_stride() -> None:
 def test_recipe_pairings_are_shown_per_feature_term() -> None:
     report = probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=128, recipe="cwd+logits")
     assert list(report["pairs"]) == ["cwd"]  # output terms need no pairing
+
+
+def test_a_recipe_object_and_numpy_numbers_are_taken_as_train_takes_them() -> None:
+    by_name = probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=128, recipe="cwd+logits")
+    by_object = probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=np.int64(128), recipe=load_recipe("cwd+logits"))
+    assert by_object == by_name
+    chosen = probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=np.float32(128), layers=[np.int64(15)])
+    assert [p["student"] for p in chosen["pairs"]["default"]] == [15]
+    broken = Recipe(losses={"cwd": LossSpec(type="cwd", params={"bogus": 1})})
+    with pytest.raises(DistillError, match="no parameter 'bogus'"):  # checked as train checks it
+        probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=128, recipe=broken)
+    with pytest.raises(DistillError, match=r"'imgsz' must be a number, got a Recipe$"):  # a line, not a repr
+        probe_channels("yolov8s.yaml", "yolov8n.yaml", imgsz=broken)
 
 
 def test_a_bad_recipe_is_refused_even_where_layers_decide_the_pairing() -> None:
