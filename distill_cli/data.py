@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,9 @@ from ultralytics.utils import DATASETS_DIR, IterableSimpleNamespace
 
 from .config import read_yaml
 from .errors import DistillError
+from .options import SyntheticOptions
+from .rules import validated
+from .runlog import check_creatable, first_missing
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
 
@@ -184,22 +188,41 @@ def make_synthetic_dataset(
     """Draw a small detection dataset of filled shapes (circle, square, triangle) in YOLO format; return its yaml.
 
     Images are ``size`` x ``size`` with 1-4 shapes on a noisy background; the same seed gives the same files.
+    ``root`` must be new or empty (nothing is overwritten); what this made is removed again if it fails.
     """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n_train), ("val", n_val)):
+    opts = validated(SyntheticOptions, locals())
+    root = Path(opts.root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DistillError(f"'{root}' is not an empty folder; give a new or empty one (nothing is overwritten)")
+    check_creatable(root, "the dataset", "another root")
+    made = first_missing(root)
+    try:
+        draw_dataset(root, opts)
+    except BaseException:
+        for path in [made] if made else list(root.iterdir()):  # an empty folder before: all in it is this call's
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    return root / "data.yaml"
+
+
+def draw_dataset(root: Path, opts: SyntheticOptions) -> None:
+    rng = np.random.default_rng(opts.seed)
+    for split, count in (("train", opts.n_train), ("val", opts.n_val)):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            image, labels = _draw_image(rng, size)
-            cv2.imwrite(str(root / "images" / split / f"{i:04d}.png"), image)
+            image, labels = _draw_image(rng, opts.size)
+            # encoded here and written by Python: a full disk is an OSError that says so (cv2.imwrite returns False)
+            (root / "images" / split / f"{i:04d}.png").write_bytes(cv2.imencode(".png", image)[1].tobytes())
             (root / "labels" / split / f"{i:04d}.txt").write_text(
                 "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels)
             )
-    yaml_path = root / "data.yaml"
     names = "\n".join(f"  {i}: {n}" for i, n in enumerate(SYNTHETIC_CLASSES))
-    yaml_path.write_text(f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
-    return yaml_path
+    text = f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n"
+    (root / "data.yaml").write_text(text)
 
 
 def _draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple]]:

@@ -111,6 +111,17 @@ class DemoOptions:
     seed: int = ranged(0, ge=0, le=2**31 - 1)
 
 
+@dataclass
+class SyntheticOptions:
+    """:func:`data.make_synthetic_dataset` (the demo's data; Python API)."""
+
+    root: str = ranged("", check=blank_problem, text="a new or empty folder")
+    n_train: int = ranged(64, ge=1)
+    n_val: int = ranged(16, ge=1)
+    size: int = imgsz_field(128)
+    seed: int = ranged(0, ge=0, le=2**31 - 1)
+
+
 SCHEMA = {
     "train (`RunConfig`; every field through `--set`)": RunConfig,
     "recipe (`Recipe`)": Recipe,
@@ -122,6 +133,7 @@ SCHEMA = {
     "compare": CompareOptions,
     "export": ExportOptions,
     "demo": DemoOptions,
+    "make_synthetic_dataset (Python API)": SyntheticOptions,
 }
 
 

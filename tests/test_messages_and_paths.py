@@ -17,11 +17,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from distill_cli import dist
+from distill_cli import data, dist
 from distill_cli.checkpoint import load_resume
 from distill_cli.cli import app
 from distill_cli.comparison import model_labels
 from distill_cli.config import recipe_from_dict
+from distill_cli.data import make_synthetic_dataset
 from distill_cli.errors import EXIT_INTERRUPTED, DistillError
 from distill_cli.evaluation import mismatch_notes
 from distill_cli.options import checkpoints_problem
@@ -90,6 +91,37 @@ def test_a_name_too_long_or_blank_is_bad_input_and_leaves_no_new_folders(
     with pytest.raises(DistillError, match="cannot create the run directory"):  # the filesystem's own refusal
         new_run_dir(tmp_path / "new" / "deeper", "y" * 300)
     assert not (tmp_path / "new").exists(), "the folders made above the refused name are left"
+
+
+def test_the_synthetic_data_maker_never_overwrites_and_checks_its_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.yaml").write_text("mine")
+    with pytest.raises(DistillError, match="is not an empty folder; give a new or empty one"):
+        make_synthetic_dataset(tmp_path / "mine", 2, 1, 64)
+    assert (tmp_path / "mine" / "data.yaml").read_text() == "mine"
+    for bad, message in ({"size": 8}, "'size' must be in \\[32"), ({"n_train": "3"}, "'n_train' must be a number"):
+        with pytest.raises(DistillError, match=message):
+            make_synthetic_dataset(tmp_path / "new" / "data", **{"n_train": 2, "n_val": 1, "size": 64, **bad})
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    assert make_synthetic_dataset(tmp_path / "empty", 2, 1, 64) == tmp_path / "empty" / "data.yaml"
+    draw, calls = data._draw_image, []
+
+    def full_after_one(*args: object) -> object:
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return draw(*args)
+
+    monkeypatch.setattr(data, "_draw_image", full_after_one)
+    (tmp_path / "empty2").mkdir()
+    for root in (tmp_path / "new2" / "data", tmp_path / "empty2"):
+        calls.clear()
+        with pytest.raises(OSError, match="No space left"):
+            make_synthetic_dataset(root, 2, 1, 64)
+    assert not (tmp_path / "new2").exists() and not any((tmp_path / "empty2").iterdir())
 
 
 def test_eval_says_when_it_rounds_the_image_size(synthetic_data: Path, tiny_teacher: Path) -> None:
