@@ -21,6 +21,7 @@ from .engine import TrainState, trained_params
 from .errors import EXIT_INTERRUPTED, DistillError, sigterm_interrupts
 from .models import read_checkpoint, save_student
 from .report import Baseline
+from .rules import shown
 from .runlog import RunLog, check_creatable, first_missing, new_run_dir
 
 # resume loads safely only, so there is no --trust-checkpoint to offer
@@ -94,6 +95,8 @@ def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> di
 
 
 def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # the CLI takes an empty value as none
+        raise DistillError(f"--resume: give a run dir or its weights/last.pt, got {shown(path)}")
     path = Path(path)
     last = path / "weights" / "last.pt" if path.is_dir() else path
     if not last.is_file():

@@ -15,7 +15,7 @@ from .data import make_synthetic_dataset
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import evaluate
 from .options import DemoOptions
-from .rules import validated
+from .rules import check_function, validated
 from .runlog import check_creatable, output_dir
 from .training import train
 
@@ -36,6 +36,7 @@ def run_demo(
     """Returns the output folder, the data yaml and the eval table (per family: teacher, plain and distilled student).
     The folder (never an earlier demo's) is removed again if the demo fails or is interrupted."""
     opts = validated(DemoOptions, locals())
+    check_function(log, "log", "(message)")
     target = Path(opts.out)
     check_creatable(target.parent, "the demo folder", "--out DIR")
     try:

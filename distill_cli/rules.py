@@ -151,6 +151,12 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_function(value: Any, where: str, shape: str) -> None:
+    """A callback argument of the Python API: None or something to call, said before any work."""
+    if value is not None and not callable(value):
+        raise DistillError(f"'{where}' must be a function {shape} or None, got {shown(value)}")
+
+
 def shown(value: Any) -> str:
     """A value for a one-line message: its repr where short, else its type (a whole Recipe would fill the screen)."""
     text = repr(value)

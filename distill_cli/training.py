@@ -37,6 +37,7 @@ from .models import class_names, count_params, stride_multiple
 from .optimizer import ADAM_FAMILY, build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
 from .report import feature_agreement, measure_baseline, write_report
+from .rules import check_function
 from .runlog import RunLog, TrainResult
 from .schedule import schedule_problem
 from .start import (
@@ -214,6 +215,7 @@ def train(
     ``callback(event, info)`` receives ``start``, ``step`` (running means), ``epoch`` (the results row) and ``end``.
     Under ``torchrun`` every rank calls this; rank 0 alone writes files, validates and calls back.
     """
+    check_function(callback, "callback", "(event, info)")
     info = dist.from_environment()
     with warnings.catch_warnings():
         if info.enabled and not info.is_main:  # rank 0 gives each warning; one copy per process would add nothing

@@ -23,6 +23,7 @@ from distill_cli.cli import app
 from distill_cli.comparison import model_labels
 from distill_cli.config import recipe_from_dict
 from distill_cli.data import make_synthetic_dataset
+from distill_cli.demo import run_demo
 from distill_cli.errors import EXIT_INTERRUPTED, DistillError
 from distill_cli.evaluation import mismatch_notes
 from distill_cli.options import checkpoints_problem
@@ -122,6 +123,17 @@ def test_the_synthetic_data_maker_never_overwrites_and_checks_its_arguments(
         with pytest.raises(OSError, match="No space left"):
             make_synthetic_dataset(root, 2, 1, 64)
     assert not (tmp_path / "new2").exists() and not any((tmp_path / "empty2").iterdir())
+
+
+def test_api_arguments_outside_the_schema_are_checked_before_any_work(tmp_path: Path) -> None:
+    for bad in (5, "", " "):
+        with pytest.raises(DistillError, match="--resume: give a run dir or its weights/last.pt, got"):
+            train(resume=bad)  # 5 was a TypeError; "" was taken as "."
+    with pytest.raises(DistillError, match="'callback' must be a function \\(event, info\\) or None, got 'x'"):
+        train(callback="x")
+    with pytest.raises(DistillError, match="'log' must be a function \\(message\\) or None"):
+        run_demo(out=str(tmp_path / "demo"), log="print")
+    assert not (tmp_path / "demo").exists()
 
 
 def test_eval_says_when_it_rounds_the_image_size(synthetic_data: Path, tiny_teacher: Path) -> None:
