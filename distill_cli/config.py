@@ -35,6 +35,7 @@ ADAPTER_INITS = ("fit", "random")
 MAX_TEACHER_SCALE = 2.0  # the view mapping pairs each student level with two teacher levels (teacher_scale.py)
 TEACHER_SCALE_TEXT = f"auto, a number in [1, {MAX_TEACHER_SCALE:g}], or such numbers joined by + (views averaged)"
 MAX_IMGSZ = 16384
+MAX_LR = 1e38  # optimizers step in float32 (at most 3.4e38): a larger LR is an overflow error, not a run that fails
 
 
 def ranged(default: Any, **kwargs: Any) -> Any:
@@ -143,13 +144,13 @@ class RunConfig:
     # YOLO11/26: probe-channels shows it); off by default: no gain beyond seed noise measured (benchmarks/RESULTS.md)
     freeze: int = ranged(0, ge=0)
     optimizer: str = ranged("auto", choices=_optimizers, ignore_case=True, text="auto or an ultralytics optimizer")
-    lr0: float = ranged(0.01, gt=0)
+    lr0: float = ranged(0.01, gt=0, le=MAX_LR)
     lrf: float = ranged(0.01, ge=0, le=1)  # final LR as a fraction of lr0
     momentum: float = ranged(0.937, ge=0, lt=1)
     weight_decay: float = ranged(0.0005, ge=0)
     warmup_epochs: float = ranged(3.0, ge=0)
     warmup_momentum: float = ranged(0.8, ge=0, lt=1)
-    warmup_bias_lr: float = ranged(0.1, ge=0)
+    warmup_bias_lr: float = ranged(0.1, ge=0, le=MAX_LR)
     cos_lr: bool = False
     # nominal batch size: gradients accumulate to it. 0 (auto): 64, as ultralytics, from scratch; the batch size (an
     # optimizer step every batch) when fine-tuning a .pt student, where a short run needs the updates

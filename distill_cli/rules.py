@@ -108,7 +108,7 @@ class Rule:
 
 
 def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 def rule(**kwargs: Any) -> dict[str, Rule]:

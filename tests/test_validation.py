@@ -91,7 +91,8 @@ def bad_values(tp: Any, rule: rules.Rule | None) -> Iterator[Any]:
         return
     step = 1 if base is int else 0.5
     yield from (v for v in (rule.ge - step if rule.ge is not None else None, rule.gt) if v is not None)
-    yield from (v for v in (rule.le + step if rule.le is not None else None, rule.lt) if v is not None)
+    above = None if rule.le is None else rule.le + step if rule.le + step > rule.le else rule.le * 2  # 1e38 + 0.5
+    yield from (v for v in (above, rule.lt) if v is not None)
     if rule.valid_choices():
         yield "bogus"
     if rule.name:
