@@ -324,11 +324,13 @@ def demo(
     from .demo import run_demo
 
     report = run_demo(out, epochs, log=None if json_out else console.print, seed=seed)
-    print_json(report) if json_out else print_eval(report["table"], "demo: val split of the drawn dataset")
-    if not json_out:
-        for row in report["table"]:
-            console.print(f"{row['model']}: {row['weights']}")
-        console.print(f"outputs in {report['out']} (each run has its report.md)")
+    if json_out:
+        print_json(report)
+        return
+    print_eval([{**r, "model": r["label"]} for r in report["table"]], "demo: val split of the drawn dataset")
+    for row in report["table"]:
+        console.print(f"{row['label']}: {row['model']}")
+    console.print(f"outputs in {report['out']} (each run has its report.md)")
 
 
 @app.command()

@@ -90,5 +90,5 @@ def demo_runs(root: Path, opts: DemoOptions, say: Callable[[str], None]) -> dict
             rows.append((f"{family} {label}", str(run.best)))
     table = evaluate([w for _, w in rows], data, imgsz=imgsz, batch=BATCH, device="cpu")
     for row, (label, _) in zip(table, rows, strict=True):
-        row["weights"], row["model"] = row["model"], label
+        row["label"] = label  # "model" stays the checkpoint's path, as in eval's and compare's rows
     return {"out": str(root), "data": data, "table": table}
