@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import RunConfig, config_from_dict
+from .config import RunConfig, blank_problem, config_from_dict
 from .data import loader_state, restore_loader
 from .engine import TrainState, trained_params
 from .errors import EXIT_INTERRUPTED, DistillError, sigterm_interrupts
@@ -95,7 +95,7 @@ def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> di
 
 
 def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
-    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():  # the CLI takes an empty value as none
+    if not isinstance(path, (str, os.PathLike)) or blank_problem(str(path)):  # the CLI takes an empty value as none
         raise DistillError(f"--resume: give a run dir or its weights/last.pt, got {shown(path)}")
     path = Path(path)
     last = path / "weights" / "last.pt" if path.is_dir() else path

@@ -35,7 +35,9 @@ ADAPTER_INITS = ("fit", "random")
 MAX_TEACHER_SCALE = 2.0  # the view mapping pairs each student level with two teacher levels (teacher_scale.py)
 TEACHER_SCALE_TEXT = f"auto, a number in [1, {MAX_TEACHER_SCALE:g}], or such numbers joined by + (views averaged)"
 MAX_IMGSZ = 16384
-MAX_LR = 1e38  # optimizers step in float32 (at most 3.4e38): a larger LR is an overflow error, not a run that fails
+# optimizers step in float32 (at most 3.4e38): a larger LR or weight decay (scaled by batch / nbs, and by warm-up) is an
+# overflow error, not a run that fails
+MAX_STEP_SIZE = 1e30
 
 
 def ranged(default: Any, **kwargs: Any) -> Any:
@@ -144,13 +146,13 @@ class RunConfig:
     # YOLO11/26: probe-channels shows it); off by default: no gain beyond seed noise measured (benchmarks/RESULTS.md)
     freeze: int = ranged(0, ge=0)
     optimizer: str = ranged("auto", choices=_optimizers, ignore_case=True, text="auto or an ultralytics optimizer")
-    lr0: float = ranged(0.01, gt=0, le=MAX_LR)
+    lr0: float = ranged(0.01, gt=0, le=MAX_STEP_SIZE)
     lrf: float = ranged(0.01, ge=0, le=1)  # final LR as a fraction of lr0
     momentum: float = ranged(0.937, ge=0, lt=1)
-    weight_decay: float = ranged(0.0005, ge=0)
+    weight_decay: float = ranged(0.0005, ge=0, le=MAX_STEP_SIZE)
     warmup_epochs: float = ranged(3.0, ge=0)
     warmup_momentum: float = ranged(0.8, ge=0, lt=1)
-    warmup_bias_lr: float = ranged(0.1, ge=0, le=MAX_LR)
+    warmup_bias_lr: float = ranged(0.1, ge=0, le=MAX_STEP_SIZE)
     cos_lr: bool = False
     # nominal batch size: gradients accumulate to it. 0 (auto): 64, as ultralytics, from scratch; the batch size (an
     # optimizer step every batch) when fine-tuning a .pt student, where a short run needs the updates
@@ -206,9 +208,9 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     if data is not None and not isinstance(data, dict):
         raise DistillError(f"a recipe must be a mapping (description, layers, losses), got {type(data).__name__}")
     data = dict(data or {})
-    losses = data.get("losses", {})
-    if not isinstance(losses, dict):  # null included: 'losses: {}' is how a recipe says "no distillation"
-        raise DistillError("recipe 'losses' must be a mapping of term name -> settings (losses: {} for none)")
+    losses = data.get("losses") or {}  # a file's 'losses:' with every term commented out: no distillation
+    if not isinstance(losses, dict):
+        raise DistillError("recipe 'losses' must be a mapping of term name -> settings")
     data["losses"] = {str(k): _loss_entry(str(k), v) for k, v in losses.items()}
     recipe = build(Recipe, data, "")
     for name, spec in recipe.losses.items():
@@ -304,7 +306,9 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Apply dotted overrides to a copy of ``cfg``; recipe fields may omit the ``recipe.`` prefix
     (``losses.cwd.weight=2``, ``losses.mgd.alpha=2e-5``, ``losses.cwd.schedule.kind=cosine``)."""
     data = config_to_dict(cfg)
-    for key, value in overrides.items():
+    for key, value in with_params_spelt_out(overrides):
+        if key in ("losses", "recipe.losses") and value is None:  # not a silent "none" under the recipe's name
+            raise DistillError(f"--set {key}: give a mapping of terms; --recipe none trains without distillation")
         parts = key.split(".")
         if parts[0] not in data:
             if parts[0] not in data["recipe"]:  # neither a run setting nor a recipe field
@@ -314,7 +318,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
                 raise DistillError(f"unknown setting '{key}'; {hint}")
             parts = ["recipe", *parts]
         if parts[1:2] == ["losses"] and parts[3:4] == ["params"] and len(parts) > 4:
-            del parts[3]  # a term's parameters sit beside its weight here (losses.cwd.params.tau = losses.cwd.tau)
+            del parts[3]  # a term's parameters sit beside its weight here: losses.cwd.params.tau = losses.cwd.tau
         node, losses = data, data["recipe"]["losses"]
         for part in parts[:-1]:
             if node is losses and part not in node:
@@ -324,6 +328,18 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
                 raise DistillError(f"--set {key}: '{part}' is not a known section")
         node[parts[-1]] = value
     return config_from_dict(data)
+
+
+def with_params_spelt_out(overrides: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``losses.cwd.params={tau: 2}`` as ``losses.cwd.params.tau=2``, each key as given otherwise."""
+    items: list[tuple[str, Any]] = []
+    for key, value in overrides.items():
+        term_params = key.split(".")[-1] == "params" and "losses" in key.split(".")[:-2]
+        if term_params and isinstance(value, dict):
+            items += [(f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            items.append((key, value))
+    return items
 
 
 def describe_recipes() -> list[dict[str, str]]:

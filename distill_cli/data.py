@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from .config import read_yaml
 from .errors import DistillError
 from .options import SyntheticOptions
 from .rules import validated
-from .runlog import check_creatable, first_missing
+from .runlog import check_creatable, first_missing, remove
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
 
@@ -200,10 +199,7 @@ def make_synthetic_dataset(
         draw_dataset(root, opts)
     except BaseException:
         for path in [made] if made else list(root.iterdir()):  # an empty folder before: all in it is this call's
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            remove(path)
         raise
     return root / "data.yaml"
 

@@ -28,13 +28,20 @@ class DistillError(Exception):
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt as Ctrl-C does, so that it is an interruption (130, half-made output removed)
-    and not Python's silent exit 143; outside the main thread signals are left alone."""
-    try:
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    except ValueError:  # not the main thread
+    and not Python's silent exit 143; an ignored SIGTERM stays ignored, and outside the main thread signals are left
+    alone."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:  # the caller chose to ignore it (trap '' TERM): so do we
         yield
         return
     try:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:  # not the main thread: signals stay as they are
+        main_thread = False
+    else:
+        main_thread = True
+    try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:  # (None: a handler set outside Python, which cannot be put back: the default then)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -20,7 +20,7 @@ from .evaluation import threads_kept, validator_device
 from .models import load_model, stride_multiple
 from .options import ExportOptions
 from .rules import validated
-from .runlog import check_creatable, first_missing
+from .runlog import check_creatable, first_missing, remove
 
 
 def export(
@@ -60,19 +60,13 @@ def export(
         made = first_missing(target.parent)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(exported), target)
-        except OSError as e:  # a full disk, or the folder changed under us: leave no part of the file behind
+            shutil.move(str(exported), target)  # a copy across filesystems: it can be cut short
+        except BaseException as e:  # a full disk, the folder changed under us, a stop: no part of the file is left
             remove(made or target)
-            raise DistillError(f"cannot write '{target}' ({e.strerror or e})", EXIT_RUNTIME) from e
+            if isinstance(e, OSError):
+                raise DistillError(f"cannot write '{target}' ({e.strerror or e})", EXIT_RUNTIME) from e
+            raise
     return result
-
-
-def remove(path: Path) -> None:
-    """What a failed move created: new folders, or a partly written export (a file, or a folder for some formats)."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def check_target(target: Path, named: bool) -> None:

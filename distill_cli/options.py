@@ -35,7 +35,7 @@ def file_identity(path: str) -> tuple[int, int] | str:
         stat = os.stat(path)
     except OSError:
         return os.path.abspath(path)
-    return stat.st_dev, stat.st_ino
+    return (stat.st_dev, stat.st_ino) if stat.st_ino else os.path.abspath(path)  # 0: no inodes on that filesystem
 
 
 def image_file_problem(value: str) -> str | None:

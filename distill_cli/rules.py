@@ -158,9 +158,14 @@ def check_function(value: Any, where: str, shape: str) -> None:
 
 
 def shown(value: Any) -> str:
-    """A value for a one-line message: its repr where short, else its type (a whole Recipe would fill the screen)."""
+    """A value for a one-line message: its repr where short; a long text cut, with its length; any other long
+    value by its type (a whole Recipe would fill the screen)."""
     text = repr(value)
-    return text if len(text) <= 80 else f"a {type(value).__name__}"
+    if len(text) <= 80:
+        return text
+    if isinstance(value, str):
+        return f"{value[:40]!r}... ({len(os.fsencode(value))} bytes)"
+    return f"a {type(value).__name__}"
 
 
 def shown_number(value: float) -> str:

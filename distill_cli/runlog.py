@@ -90,6 +90,14 @@ def output_dir(project: str | Path, name: str, what: str, hint: str) -> Iterator
         raise
 
 
+def remove(path: Path) -> None:
+    """What a failed command created: new folders, or a partly written file (or a folder, for some export formats)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def first_missing(folder: Path) -> Path | None:
     """The outermost folder of ``folder`` (itself included) that does not exist yet: what creating it would add."""
     missing = None

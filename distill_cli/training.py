@@ -19,15 +19,7 @@ from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 from . import dist
 from .adapter_fit import adapter_targets, fit_adapters
 from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
-from .config import (
-    DEFAULT_RECIPE,
-    ULTRALYTICS_MAX_NORM,
-    ULTRALYTICS_NBS,
-    Recipe,
-    RunConfig,
-    apply_overrides,
-    load_recipe,
-)
+from .config import ULTRALYTICS_MAX_NORM, ULTRALYTICS_NBS, Recipe, RunConfig, apply_overrides, load_recipe
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms, uses_recipe_layers
 from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
@@ -78,7 +70,7 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | Recipe | None = N
         cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=str(recipe))
     elif cfg.recipe == Recipe() and cfg.recipe_name:
         cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))
-    elif cfg.recipe_name == DEFAULT_RECIPE and cfg.recipe != load_recipe(DEFAULT_RECIPE):
+    elif cfg.recipe_name == RunConfig.recipe_name and cfg.recipe != load_recipe(cfg.recipe_name):
         cfg = replace(cfg, recipe_name="custom")  # RunConfig(recipe=...) without a name: not the default's terms
     if "recipe_name" in overrides:  # it names the recipe the terms came from; setting it alone would mislabel the run
         raise DistillError("--set recipe_name: choose the recipe with --recipe (recipe= in the Python API)")

@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from distill_cli.cli import app
-from distill_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, DistillError
+from distill_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, DistillError, sigterm_interrupts
 from distill_cli.training import train
 
 from .conftest import save_model, train_args, tree
@@ -63,6 +64,12 @@ def disk_full(*args: object, **kwargs: object) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "report.md")
 
 
+def half_written_then_stopped(source: str, target: str | Path) -> None:
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    Path(target).write_bytes(b"part of a file")  # a move across filesystems is a copy, cut short here
+    terminate()
+
+
 def terminate(*args: object, **kwargs: object) -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: an interruption as Ctrl-C is, not a silent exit 143
     raise AssertionError("the signal did not arrive")
@@ -83,6 +90,11 @@ def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list
             fail,
         ),
         "export": (["export", "--weights", student, "--imgsz", "64"], "distill_cli.exporter.onnx_parity", fail),
+        "export-sigterm": (
+            ["export", "--weights", student, "--imgsz", "64", "--format", "torchscript", "--output", "new/s.ts"],
+            "distill_cli.exporter.shutil.move",
+            half_written_then_stopped,
+        ),
         "compare-disk-full": (
             ["compare", "--weights", student, teacher, "--data", data, *base],
             "distill_cli.comparison.draw_predictions",
@@ -105,7 +117,16 @@ def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list
 @pytest.mark.parametrize(
     "case",
     [
-        *("train", "train-sigint", "eval", "compare", "compare-sigterm", "compare-disk-full", "export"),
+        *(
+            "train",
+            "train-sigint",
+            "eval",
+            "compare",
+            "compare-sigterm",
+            "compare-disk-full",
+            "export",
+            "export-sigterm",
+        ),
         *("demo", "demo-sigterm", "demo-disk-full", "probe-channels"),
     ],
 )
@@ -127,6 +148,28 @@ def test_a_failed_command_leaves_the_folder_as_it_was(
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert tree(quiet_folder) == before
+
+
+def test_sigterm_is_an_interruption_unless_ignored_and_only_in_the_main_thread() -> None:
+    with sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is exit_143  # put back
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # trap '' TERM: the caller's choice stands
+    with sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    raised: list[BaseException] = []
+
+    def in_a_thread() -> None:
+        try:
+            with sigterm_interrupts():
+                raise RuntimeError("the body's own error")
+        except RuntimeError as e:
+            raised.append(e)
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    assert raised and raised[0].__context__ is None  # no "signal only works in main thread" chained onto it
 
 
 def test_an_interrupted_start_up_says_nothing_was_saved(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:

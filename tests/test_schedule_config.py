@@ -17,6 +17,7 @@ from distill_cli.config import (
     list_recipes,
     load_recipe,
     parse_overrides,
+    recipe_from_dict,
 )
 from distill_cli.errors import DistillError
 from distill_cli.schedule import lr_factor, weight_factor
@@ -104,8 +105,11 @@ def test_set_overrides_reach_run_recipe_and_method_fields() -> None:
     assert cfg.epochs == 100  # the original is untouched
     with pytest.raises(DistillError, match="unknown setting 'bogus'"):
         apply_overrides(cfg, {"bogus": 1})
-    with pytest.raises(DistillError, match=r"'losses' must be a mapping .*\(losses: \{\} for none\)"):
+    with pytest.raises(DistillError, match="--set losses: give a mapping of terms; --recipe none trains without"):
         apply_overrides(cfg, parse_overrides(["losses="]))  # not a silent "no distillation" under the recipe's name
+    assert recipe_from_dict({"losses": None}).losses == {}  # a file's 'losses:' with every term commented out
+    spelt = apply_overrides(cfg, parse_overrides(["losses.cwd.params={tau: 3}"]))  # given once, as a mapping
+    assert spelt.recipe.losses["cwd"].params["tau"] == 3
     with pytest.raises(DistillError, match="key=value"):
         parse_overrides(["epochs"])
 
