@@ -62,6 +62,7 @@ SETTINGS = {
         [VIEWS, ("gain-v24-finetune2-seeds34.json", "default")],
         [*NONE, ("gain-v24-finetune2-seeds34.json", "none")],
     ),
+    "finetune12": together("1+2", "gain-v30-finetune12.json", threads="0.3.16"),
     "finetune6": Setting(
         "1+2",
         [VIEWS, ("gain-v23-finetune6-seeds34.json", "default")],

@@ -18,6 +18,7 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   finetune9  fine-tune yolov8n-bccd.pt, imgsz 576, 5 epochs, batch 12 (a check between the student's size and 640)
   finetune10 fine-tune yolov8n-bccd.pt, imgsz 480, 6 epochs, batch 8 (a check: 26 steps an epoch, just under 512)
   finetune11 fine-tune yolov8n-bccd.pt, imgsz 192, 8 epochs, batch 16 (a check below 256 px, where auto uses 2)
+  finetune12 fine-tune yolov8n-bccd.pt, imgsz 384, 10 epochs, batch 16 (a check where auto averages 1 and 2)
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
   scratch2   yolov8n.yaml from scratch, imgsz 320, 15 epochs, batch 16 (other imgsz and epochs)
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
@@ -84,6 +85,7 @@ SETTINGS = {
     "finetune9": Setting(STUDENT, TEACHER, 576, 5, 12),
     "finetune10": Setting(STUDENT, TEACHER, 480, 6, 8),
     "finetune11": Setting(STUDENT, TEACHER, 192, 8, 16),
+    "finetune12": Setting(STUDENT, TEACHER, 384, 10, 16),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),
