@@ -208,7 +208,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     if data is not None and not isinstance(data, dict):
         raise DistillError(f"a recipe must be a mapping (description, layers, losses), got {type(data).__name__}")
     data = dict(data or {})
-    losses = data.get("losses") or {}  # a file's 'losses:' with every term commented out: no distillation
+    losses = data.get("losses")
+    losses = {} if losses is None else losses  # a file's 'losses:' with every term commented out: no distillation
     if not isinstance(losses, dict):
         raise DistillError("recipe 'losses' must be a mapping of term name -> settings")
     data["losses"] = {str(k): _loss_entry(str(k), v) for k, v in losses.items()}
@@ -307,7 +308,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     (``losses.cwd.weight=2``, ``losses.mgd.alpha=2e-5``, ``losses.cwd.schedule.kind=cosine``)."""
     data = config_to_dict(cfg)
     for key, value in with_params_spelt_out(overrides):
-        if key in ("losses", "recipe.losses") and value is None:  # not a silent "none" under the recipe's name
+        if key in ("losses", "recipe.losses") and not value:  # not a silent "none" under the recipe's name
             raise DistillError(f"--set {key}: give a mapping of terms; --recipe none trains without distillation")
         parts = key.split(".")
         if parts[0] not in data:
@@ -334,7 +335,8 @@ def with_params_spelt_out(overrides: dict[str, Any]) -> list[tuple[str, Any]]:
     """``losses.cwd.params={tau: 2}`` as ``losses.cwd.params.tau=2``, each key as given otherwise."""
     items: list[tuple[str, Any]] = []
     for key, value in overrides.items():
-        term_params = key.split(".")[-1] == "params" and "losses" in key.split(".")[:-2]
+        parts = key.split(".")
+        term_params = parts[-1] == "params" and parts[-3:-2] == ["losses"] and parts[:-3] in ([], ["recipe"])
         if term_params and isinstance(value, dict):
             items += [(f"{key}.{k}", v) for k, v in value.items()]
         else:

@@ -29,13 +29,13 @@ def checkpoints_problem(value: list[str]) -> str | None:
 
 
 def file_identity(path: str) -> tuple[int, int] | str:
-    """What makes two names one file: device and inode where it exists (a link or symlink is the file it names),
-    else the absolute path."""
+    """What makes two names one file: device and inode where it exists (a link or symlink is the file it names;
+    without inodes, the path with symlinks resolved), else the absolute path."""
     try:
         stat = os.stat(path)
     except OSError:
         return os.path.abspath(path)
-    return (stat.st_dev, stat.st_ino) if stat.st_ino else os.path.abspath(path)  # 0: no inodes on that filesystem
+    return (stat.st_dev, stat.st_ino) if stat.st_ino else os.path.realpath(path)  # 0: no inodes on that filesystem
 
 
 def image_file_problem(value: str) -> str | None:

@@ -77,7 +77,7 @@ class Rule:
                 return f"must be {self.describe()}"
         if self.name and (not value.strip() or value in (".", "..") or re.search(r"[/\\\0]", value)):
             return "must be a plain name (no '/', not '.' or '..'), so that it stays inside its folder"
-        if self.name and len(os.fsencode(value)) > MAX_NAME_BYTES:  # found here, not after the models have loaded
+        if self.name and len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:  # not after the models load
             return f"must be at most {MAX_NAME_BYTES} bytes long (a folder name, with room for a number after it)"
         return self.check(value) if self.check else None
 
@@ -164,7 +164,7 @@ def shown(value: Any) -> str:
     if len(text) <= 80:
         return text
     if isinstance(value, str):
-        return f"{value[:40]!r}... ({len(os.fsencode(value))} bytes)"
+        return f"{text[:60]}... ({len(value)} characters)"
     return f"a {type(value).__name__}"
 
 

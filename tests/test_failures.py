@@ -157,6 +157,7 @@ def test_sigterm_is_an_interruption_unless_ignored_and_only_in_the_main_thread()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # trap '' TERM: the caller's choice stands
     with sigterm_interrupts():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    signal.signal(signal.SIGTERM, exit_143)  # handled, so that the thread reaches signal.signal and its refusal
     raised: list[BaseException] = []
 
     def in_a_thread() -> None:

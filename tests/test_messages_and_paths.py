@@ -81,7 +81,7 @@ def test_a_name_too_long_or_blank_is_bad_input_and_leaves_no_new_folders(
     run_kwargs: dict, synthetic_data: Path, tiny_teacher: Path, tmp_path: Path
 ) -> None:
     long = "x" * 251
-    with pytest.raises(DistillError, match="'name' must be at most 250 bytes long"):
+    with pytest.raises(DistillError, match="'name' must be at most 250 bytes long .* \\(251 characters\\)"):
         check_inputs("none", **{**run_kwargs, "project": str(tmp_path / "new" / "deeper"), "name": long})
     with pytest.raises(DistillError, match="'name' must be a plain name"):
         check_inputs("none", **{**run_kwargs, "name": " "})

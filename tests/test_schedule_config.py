@@ -107,6 +107,11 @@ def test_set_overrides_reach_run_recipe_and_method_fields() -> None:
         apply_overrides(cfg, {"bogus": 1})
     with pytest.raises(DistillError, match="--set losses: give a mapping of terms; --recipe none trains without"):
         apply_overrides(cfg, parse_overrides(["losses="]))  # not a silent "no distillation" under the recipe's name
+    for empty in ("losses=[]", "losses={}", "recipe.losses=0"):
+        with pytest.raises(DistillError, match="give a mapping of terms"):
+            apply_overrides(cfg, parse_overrides([empty]))
+    with pytest.raises(DistillError, match="recipe 'losses' must be a mapping"):
+        recipe_from_dict({"losses": []})
     assert recipe_from_dict({"losses": None}).losses == {}  # a file's 'losses:' with every term commented out
     spelt = apply_overrides(cfg, parse_overrides(["losses.cwd.params={tau: 3}"]))  # given once, as a mapping
     assert spelt.recipe.losses["cwd"].params["tau"] == 3
