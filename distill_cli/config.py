@@ -337,7 +337,9 @@ def with_params_spelt_out(overrides: dict[str, Any]) -> list[tuple[str, Any]]:
     for key, value in overrides.items():
         parts = key.split(".")
         term_params = parts[-1] == "params" and parts[-3:-2] == ["losses"] and parts[:-3] in ([], ["recipe"])
-        if term_params and isinstance(value, dict):
+        if term_params and not (isinstance(value, dict) and value):  # null or {} would change nothing, silently
+            raise DistillError(f"--set {key}: give the parameters as a mapping ({key}={{tau: 2}}) or one by one")
+        if term_params:
             items += [(f"{key}.{k}", v) for k, v in value.items()]
         else:
             items.append((key, value))
