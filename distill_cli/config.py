@@ -307,7 +307,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Apply dotted overrides to a copy of ``cfg``; recipe fields may omit the ``recipe.`` prefix
     (``losses.cwd.weight=2``, ``losses.mgd.alpha=2e-5``, ``losses.cwd.schedule.kind=cosine``)."""
     data = config_to_dict(cfg)
-    for key, value in with_params_spelt_out(overrides):
+    for key, value in params_beside_weights(overrides):
         if key in ("losses", "recipe.losses") and not value:  # not a silent "none" under the recipe's name
             raise DistillError(f"--set {key}: give a mapping of terms; --recipe none trains without distillation")
         parts = key.split(".")
@@ -318,8 +318,6 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
                 hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
                 raise DistillError(f"unknown setting '{key}'; {hint}")
             parts = ["recipe", *parts]
-        if parts[1:2] == ["losses"] and parts[3:4] == ["params"] and len(parts) > 4:
-            del parts[3]  # a term's parameters sit beside its weight here: losses.cwd.params.tau = losses.cwd.tau
         node, losses = data, data["recipe"]["losses"]
         for part in parts[:-1]:
             if node is losses and part not in node:
@@ -331,18 +329,23 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return config_from_dict(data)
 
 
-def with_params_spelt_out(overrides: dict[str, Any]) -> list[tuple[str, Any]]:
-    """``losses.cwd.params={tau: 2}`` as ``losses.cwd.params.tau=2``, each key as given otherwise."""
+def params_beside_weights(overrides: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A term's parameters sit beside its weight in the config's data: ``losses.cwd.params.tau=2`` and
+    ``losses.cwd.params={tau: 2}`` both become ``losses.cwd.tau=2``; other keys stay as given."""
     items: list[tuple[str, Any]] = []
     for key, value in overrides.items():
         parts = key.split(".")
-        term_params = parts[-1] == "params" and parts[-3:-2] == ["losses"] and parts[:-3] in ([], ["recipe"])
-        if term_params and not (isinstance(value, dict) and value):  # null or {} would change nothing, silently
-            raise DistillError(f"--set {key}: give the parameters as a mapping ({key}={{tau: 2}}) or one by one")
-        if term_params:
-            items += [(f"{key}.{k}", v) for k, v in value.items()]
-        else:
+        at = 1 if parts[:1] == ["recipe"] else 0  # where "losses" would be
+        if parts[at : at + 1] != ["losses"] or parts[at + 2 : at + 3] != ["params"]:
             items.append((key, value))
+            continue
+        term = ".".join(parts[: at + 2])
+        if len(parts) > at + 3:
+            items.append((".".join([term, *parts[at + 3 :]]), value))
+        elif isinstance(value, dict) and value:
+            items += [(f"{term}.{k}", v) for k, v in value.items()]
+        else:  # null or {} would change nothing, silently
+            raise DistillError(f"--set {key}: give the parameters as a mapping ({key}={{tau: 2}}) or one by one")
     return items
 
 

@@ -60,7 +60,7 @@ def new_run_dir(project: str | Path, name: str, what: str = "the run directory",
                 continue
     except OSError as e:
         if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
+            remove(made)
         raise DistillError(f"cannot create {what} under '{project}' ({e.strerror}); use {hint}") from e
     raise DistillError(f"no free name '{name}N' under '{project}'; give another name")
 
