@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,11 @@ class Recipe:
     teacher_scale: str = ranged("1", check=teacher_scale_problem, text=TEACHER_SCALE_TEXT)
 
 
+class NamedRecipe(Recipe):
+    """RunConfig's recipe when none is given: a stand-in for the file ``recipe_name`` names, which
+    ``resolve_config`` loads. A type of its own, so that an explicit ``Recipe()`` (no terms) is never taken for it."""
+
+
 @dataclass
 class RunConfig:
     """Everything a training run needs; saved as ``config.yaml`` in the run dir and inside every checkpoint."""
@@ -130,7 +135,7 @@ class RunConfig:
     teacher: str = ""
     student: str = ""
     data: str = ""
-    recipe: Recipe = field(default_factory=Recipe)
+    recipe: Recipe = field(default_factory=NamedRecipe)
     recipe_name: str = DEFAULT_RECIPE
     epochs: int = ranged(100, ge=1)
     batch: int = ranged(16, ge=1)
@@ -223,6 +228,8 @@ def recipe_path(name_or_path: str) -> Path:
     """Resolve a recipe name (``cwd``) or a YAML path to a file."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise DistillError(f"a recipe is a name or a YAML path, got {type(name_or_path).__name__}")
+    if not str(name_or_path).strip():
+        raise DistillError(f"a recipe is a name or a YAML path, got a blank text; one of: {', '.join(list_recipes())}")
     path = Path(name_or_path)
     shipped = name_or_path in list_recipes()  # a bare shipped name beats a local file or folder of that name
     if not shipped and (path.suffix in {".yaml", ".yml"} or path.exists()):
@@ -326,7 +333,10 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             if not isinstance(node, dict):
                 raise DistillError(f"--set {key}: '{part}' is not a known section")
         node[parts[-1]] = value
-    return config_from_dict(data)
+    out = config_from_dict(data)
+    if isinstance(cfg.recipe, NamedRecipe) and asdict(out.recipe) == asdict(cfg.recipe):
+        out = replace(out, recipe=cfg.recipe)  # no recipe field changed: still the one recipe_name names, unloaded
+    return out
 
 
 def params_beside_weights(overrides: dict[str, Any]) -> list[tuple[str, Any]]:

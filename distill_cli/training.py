@@ -19,7 +19,16 @@ from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 from . import dist
 from .adapter_fit import adapter_targets, fit_adapters
 from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
-from .config import ULTRALYTICS_MAX_NORM, ULTRALYTICS_NBS, Recipe, RunConfig, apply_overrides, load_recipe
+from .config import (
+    ULTRALYTICS_MAX_NORM,
+    ULTRALYTICS_NBS,
+    NamedRecipe,
+    Recipe,
+    RunConfig,
+    apply_overrides,
+    list_recipes,
+    load_recipe,
+)
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms, uses_recipe_layers
 from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
@@ -68,10 +77,10 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | Recipe | None = N
         cfg = replace(cfg, recipe=recipe, recipe_name="custom")  # a Recipe object carries no name
     elif recipe is not None:
         cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=str(recipe))
-    elif cfg.recipe == Recipe() and cfg.recipe_name:
+    elif isinstance(cfg.recipe, NamedRecipe):
         cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))
-    elif cfg.recipe_name == RunConfig.recipe_name and cfg.recipe != load_recipe(cfg.recipe_name):
-        cfg = replace(cfg, recipe_name="custom")  # RunConfig(recipe=...) without a name: not the default's terms
+    elif cfg.recipe_name in list_recipes() and cfg.recipe != load_recipe(cfg.recipe_name):
+        cfg = replace(cfg, recipe_name="custom")  # RunConfig(recipe=...): terms that are not the named recipe's
     if "recipe_name" in overrides:  # it names the recipe the terms came from; setting it alone would mislabel the run
         raise DistillError("--set recipe_name: choose the recipe with --recipe (recipe= in the Python API)")
     cfg = apply_overrides(cfg, overrides)  # also checks every field against the schema's rules

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from distill_cli.config import (
+    Recipe,
     RunConfig,
     Schedule,
     apply_overrides,
@@ -187,6 +188,12 @@ def test_recipe_name_is_chosen_with_the_recipe_not_set() -> None:
     assert resolve_config(RunConfig(recipe=cwd, recipe_name="cwd")).recipe_name == "cwd"
     assert resolve_config(RunConfig()).recipe_name == "default"
     assert resolve_config(RunConfig(recipe=load_recipe("default"))).recipe_name == "default"
+    empty = resolve_config(RunConfig(recipe=Recipe()))  # no terms given on purpose: not the default's
+    assert empty.recipe == Recipe() and empty.recipe_name == "custom"
+    assert resolve_config(RunConfig(recipe=Recipe(), recipe_name="cwd")).recipe_name == "custom"
+    with pytest.raises(DistillError, match="a recipe is a name or a YAML path, got a blank text"):
+        resolve_config(RunConfig(recipe_name=" "))  # it trained without terms, under a blank name
+    assert resolve_config(apply_overrides(RunConfig(), {"epochs": 2})).recipe == load_recipe("default")
 
 
 def test_number_fields_take_exponents_without_a_dot() -> None:
