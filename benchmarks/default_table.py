@@ -56,6 +56,7 @@ SETTINGS = {
         [("gain-v22-scratch2-seed0.json", "default"), ("gain-v24-scratch2-seed1.json", "default")],
         [("gain-v5.json", "none")],
     ),
+    "cross11": together("2", "gain-v31-cross11.json", threads="0.3.17"),
     "finetune7": together("1+2", "gain-v25-finetune7-threads.json", threads="0.3.14"),
     "finetune2": Setting(
         "1+2",

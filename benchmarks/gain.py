@@ -90,6 +90,8 @@ SETTINGS = {
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),
     "cross26": Setting("yolo26n.yaml", TEACHER, 320, 15, 16),  # other box encoding: the teacher's boxes re-encoded
+    "cross11": Setting("yolo11n.yaml", TEACHER, 320, 15, 16),  # another family: weight selection cannot seed it
+    "cross11native": Setting("yolo11n.yaml", TEACHER, 512, 15, 16),  # the same at the teacher's size: auto keeps 1
     "gpu": Setting("yolov8n.yaml", TEACHER, 512, 80, 16),  # issue #4's table (benchmarks/gpu.sh)
     "smoke": Setting("yolov8n.yaml", TEACHER, 96, 2, 8),  # gpu.sh's smoke mode: the same script, tiny, on a CPU
 }
