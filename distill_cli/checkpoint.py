@@ -114,6 +114,8 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
             f"{made_by}, or start it again"
         )
     cfg = config_from_dict(ours["config"])
+    if cfg.recipe is None:  # every run saves the recipe it resolved
+        raise DistillError(f"--resume {path}: its config holds no recipe; give the run dir of a yolodistill run")
     run_dir = resumed_run_dir(last, resume.get("run_dir")) if isinstance(resume, dict) else None
     if run_dir is None:
         raise DistillError(f"--resume {path}: its resume state is incomplete; give the run dir of a yolodistill run")

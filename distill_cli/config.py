@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import DistillError
-from .rules import build, device_problem, layers_problem, rule
+from .rules import build, device_problem, layers_problem, rule, shown
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -123,11 +123,6 @@ class Recipe:
     teacher_scale: str = ranged("1", check=teacher_scale_problem, text=TEACHER_SCALE_TEXT)
 
 
-class NamedRecipe(Recipe):
-    """RunConfig's recipe when none is given: a stand-in for the file ``recipe_name`` names, which
-    ``resolve_config`` loads. A type of its own, so that an explicit ``Recipe()`` (no terms) is never taken for it."""
-
-
 @dataclass
 class RunConfig:
     """Everything a training run needs; saved as ``config.yaml`` in the run dir and inside every checkpoint."""
@@ -135,7 +130,8 @@ class RunConfig:
     teacher: str = ""
     student: str = ""
     data: str = ""
-    recipe: Recipe = field(default_factory=NamedRecipe)
+    # None: the recipe that recipe_name names, which resolve_config loads; a Recipe(): no terms, as written
+    recipe: Recipe | None = None
     recipe_name: str = DEFAULT_RECIPE
     epochs: int = ranged(100, ge=1)
     batch: int = ranged(16, ge=1)
@@ -242,7 +238,7 @@ def recipe_path(name_or_path: str) -> Path:
         candidate = folder / f"{name_or_path}.yaml"
         if candidate.is_file():
             return candidate
-    raise DistillError(f"unknown recipe '{name_or_path}'; valid recipes: {', '.join(list_recipes())}")
+    raise DistillError(f"unknown recipe {shown(str(name_or_path))}; valid recipes: {', '.join(list_recipes())}")
 
 
 def recipes_folder() -> Path:
@@ -295,7 +291,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The run config as plain YAML data; loss entries are flat (method parameters beside weight and schedule)."""
     data = asdict(cfg)
-    data["recipe"]["losses"] = {k: _flat_loss(v) for k, v in data["recipe"]["losses"].items()}
+    if data["recipe"] is not None:
+        data["recipe"]["losses"] = {k: _flat_loss(v) for k, v in data["recipe"]["losses"].items()}
     return data
 
 
@@ -306,13 +303,16 @@ def _flat_loss(spec: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     data = dict(data)
-    recipe = recipe_from_dict(data.pop("recipe", {}))
-    return build(RunConfig, {**data, "recipe": recipe}, "")
+    recipe = data.pop("recipe", None)
+    return build(RunConfig, {**data, "recipe": None if recipe is None else recipe_from_dict(recipe)}, "")
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Apply dotted overrides to a copy of ``cfg``; recipe fields may omit the ``recipe.`` prefix
     (``losses.cwd.weight=2``, ``losses.mgd.alpha=2e-5``, ``losses.cwd.schedule.kind=cosine``)."""
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"recipe"}
+    if cfg.recipe is None and any(key.split(".")[0] not in run_fields for key in overrides):
+        cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))  # a recipe field changes: the named recipe's
     data = config_to_dict(cfg)
     for key, value in params_beside_weights(overrides):
         if key in ("losses", "recipe.losses") and not value:  # not a silent "none" under the recipe's name
@@ -325,7 +325,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
                 hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
                 raise DistillError(f"unknown setting '{key}'; {hint}")
             parts = ["recipe", *parts]
-        node, losses = data, data["recipe"]["losses"]
+        node, losses = data, (data["recipe"] or {}).get("losses")
         for part in parts[:-1]:
             if node is losses and part not in node:
                 node[part] = {"schedule": {}}  # --set adds a new term: losses.cwd.weight=1, and its schedule
@@ -333,10 +333,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             if not isinstance(node, dict):
                 raise DistillError(f"--set {key}: '{part}' is not a known section")
         node[parts[-1]] = value
-    out = config_from_dict(data)
-    if isinstance(cfg.recipe, NamedRecipe) and asdict(out.recipe) == asdict(cfg.recipe):
-        out = replace(out, recipe=cfg.recipe)  # no recipe field changed: still the one recipe_name names, unloaded
-    return out
+    return config_from_dict(data)
 
 
 def params_beside_weights(overrides: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -241,11 +241,11 @@ def _join(where: str, key: str) -> str:
 
 def _coerce(tp: Any, value: Any, where: str, field_rule: Rule | None = None) -> Any:
     tp, optional = _strip_optional(tp)
+    if value is None and optional:
+        return None
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, where)
+        return build(tp, value, where)  # None: the section's defaults
     if value is None:
-        if optional:
-            return None
         raise DistillError(f"'{where}' needs a value")
     origin = typing.get_origin(tp)
     if origin is dict:

@@ -22,7 +22,6 @@ from .checkpoint import RunGuard, load_resume, restore_state, save_checkpoints
 from .config import (
     ULTRALYTICS_MAX_NORM,
     ULTRALYTICS_NBS,
-    NamedRecipe,
     Recipe,
     RunConfig,
     apply_overrides,
@@ -77,10 +76,12 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | Recipe | None = N
         cfg = replace(cfg, recipe=recipe, recipe_name="custom")  # a Recipe object carries no name
     elif recipe is not None:
         cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=str(recipe))
-    elif isinstance(cfg.recipe, NamedRecipe):
+    elif cfg.recipe is None:
         cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))
-    elif cfg.recipe_name in list_recipes() and cfg.recipe != load_recipe(cfg.recipe_name):
-        cfg = replace(cfg, recipe_name="custom")  # RunConfig(recipe=...): terms that are not the named recipe's
+    elif not str(cfg.recipe_name).strip() or (
+        cfg.recipe_name in list_recipes() and not same_terms(cfg.recipe, load_recipe(cfg.recipe_name))
+    ):
+        cfg = replace(cfg, recipe_name="custom")  # RunConfig(recipe=...): no name, or not the named recipe's terms
     if "recipe_name" in overrides:  # it names the recipe the terms came from; setting it alone would mislabel the run
         raise DistillError("--set recipe_name: choose the recipe with --recipe (recipe= in the Python API)")
     cfg = apply_overrides(cfg, overrides)  # also checks every field against the schema's rules
@@ -90,6 +91,11 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | Recipe | None = N
         if problem:
             raise DistillError(problem)
     return cfg
+
+
+def same_terms(a: Recipe, b: Recipe) -> bool:
+    """Whether two recipes train alike: every field but the description."""
+    return replace(a, description="") == replace(b, description="")
 
 
 def check_layers_read(recipe: Recipe, overrides: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import distill_cli
 from distill_cli.errors import EXIT_INTERRUPTED, DistillError
 from distill_cli.training import train
 
@@ -95,6 +96,11 @@ def test_resume_of_a_run_started_by_another_version_is_refused(run_kwargs: dict)
     ckpt["distill"]["yolodistill_version"] = "0.1.0"
     torch.save(ckpt, last)
     with pytest.raises(DistillError, match="started by yolodistill 0.1.0 and this is .*start it again"):
+        train(resume=last.parent.parent)
+    ckpt["distill"]["yolodistill_version"] = distill_cli.__version__
+    ckpt["distill"]["config"]["recipe"] = None  # a config without its recipe: not one that a run saved
+    torch.save(ckpt, last)
+    with pytest.raises(DistillError, match="its config holds no recipe"):
         train(resume=last.parent.parent)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -191,9 +192,25 @@ def test_recipe_name_is_chosen_with_the_recipe_not_set() -> None:
     empty = resolve_config(RunConfig(recipe=Recipe()))  # no terms given on purpose: not the default's
     assert empty.recipe == Recipe() and empty.recipe_name == "custom"
     assert resolve_config(RunConfig(recipe=Recipe(), recipe_name="cwd")).recipe_name == "custom"
+    assert resolve_config(RunConfig(recipe=Recipe(), recipe_name="none")).recipe_name == "none"  # none's terms
     with pytest.raises(DistillError, match="a recipe is a name or a YAML path, got a blank text"):
         resolve_config(RunConfig(recipe_name=" "))  # it trained without terms, under a blank name
-    assert resolve_config(apply_overrides(RunConfig(), {"epochs": 2})).recipe == load_recipe("default")
+    assert resolve_config(RunConfig(recipe=load_recipe("cwd"), recipe_name=" ")).recipe_name == "custom"
+    with pytest.raises(DistillError, match=r"^unknown recipe 'a\\nb'; valid recipes: at, "):  # one line
+        resolve_config(recipe="a\nb")
+
+
+def test_a_config_without_a_recipe_means_the_named_one_through_every_path() -> None:
+    """RunConfig's recipe None stands for the recipe its recipe_name names: a round trip through the config's data
+    keeps it so, and a recipe field changed before it is loaded changes the named recipe's."""
+    default = load_recipe("default")
+    data = config_to_dict(RunConfig())
+    assert data["recipe"] is None and resolve_config(config_from_dict(data)).recipe == default
+    assert resolve_config(apply_overrides(RunConfig(), {"epochs": 2})).recipe == default
+    changed = resolve_config(apply_overrides(RunConfig(recipe_name="cwd"), {"teacher_scale": "1", "layers": [15]}))
+    assert changed.recipe == replace(load_recipe("cwd"), teacher_scale="1", layers=[15])
+    assert changed.recipe_name == "custom"
+    assert resolve_config(RunConfig(), **{"losses.cwd.weight": 2}).recipe.losses.keys() == {"cls_kd", "box_kd", "cwd"}
 
 
 def test_number_fields_take_exponents_without_a_dot() -> None:
