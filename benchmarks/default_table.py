@@ -75,6 +75,7 @@ SETTINGS = {
     "native": together("1", "gain-v26-native-threads.json", threads="0.3.14"),
     "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", threads="0.3.14"),
     "imgsz640": Setting("1", AT_1, NONE),
+    "cross11native": together("1", "gain-v31-cross11native.json", threads="0.3.17"),
 }
 
 
