@@ -16,8 +16,9 @@ import typer
 from typer.core import TyperGroup
 
 from .config import DEFAULT_RECIPE, RunConfig
-from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DistillError, sigterm_interrupts
+from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, DistillError, sigterm_interrupts
 from .options import CompareOptions, DemoOptions, EvalOptions, ExportOptions, ProbeOptions
+from .rules import shown
 
 STATE = {"verbose": False}
 USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError (typer may vendor click)
@@ -73,8 +74,8 @@ def main_options(
 
 def handled(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn any error into one line on stderr (after the traceback with --verbose) and its exit code: a DistillError's
-    own (2 bad input, 3 run failed, 130 interrupted), 130 for Ctrl-C or SIGTERM, 3 for a full disk, 1 for anything
-    unexpected."""
+    own (2 bad input, 3 run failed, 130 interrupted), 130 for Ctrl-C or SIGTERM, 2 for a path longer than the system
+    takes (a value given), 3 for a full disk, 1 for anything unexpected."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -88,6 +89,8 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # a value given: bad input
+                fail(f"a path is longer than this system takes: {shown(str(e.filename or e))}", EXIT_USAGE)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 fail(unexpected(e), 1)
             fail(f"cannot write{f' {e.filename!r}' if e.filename else ''}: {e.strerror}", EXIT_RUNTIME)

@@ -94,6 +94,20 @@ def test_a_name_too_long_or_blank_is_bad_input_and_leaves_no_new_folders(
     assert not (tmp_path / "new").exists(), "the folders made above the refused name are left"
 
 
+def test_a_path_longer_than_the_system_takes_is_bad_input(tiny_teacher: Path, tmp_path: Path) -> None:
+    """The filesystem's ENAMETOOLONG on a path the user gave was an unexpected error, exit 1, with the whole path."""
+    long = "x" * 300
+    for option in ("--recipe", "--data"):
+        args = ["train", "--teacher", str(tiny_teacher), "--student", "yolov8n.yaml", "--data", "d.yaml"]
+        result = runner.invoke(app, [*args, option, f"{long}.yaml"])
+        assert result.exit_code == 2, result.output
+        assert one_error_line(result).startswith("error: a path is longer than this system takes: 'xxx")
+        assert "(305 characters)" in result.stderr
+    result = runner.invoke(app, ["probe-channels", "--teacher", "yolov8s.yaml", "--student", "yolov8n.yaml",
+                                 "--recipe", long])  # fmt: skip
+    assert result.exit_code == 2 and "longer than this system takes" in one_error_line(result)
+
+
 def test_the_synthetic_data_maker_never_overwrites_and_checks_its_arguments(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
