@@ -231,7 +231,7 @@ def recipe_path(name_or_path: str) -> Path:
     if not shipped and (path.suffix in {".yaml", ".yml"} or path.exists()):
         if not path.is_file():
             raise DistillError(
-                f"recipe file '{path}' not found; give a YAML path or one of: {', '.join(list_recipes())}"
+                f"recipe file {shown(str(path))} not found; give a YAML path or one of: {', '.join(list_recipes())}"
             )
         return path
     for folder in (RECIPES_DIR, PACKAGED_RECIPES_DIR):
@@ -253,9 +253,9 @@ def read_yaml(path: Path, what: str) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
-        raise DistillError(f"cannot read {what} '{path}': {e}") from e
+        raise DistillError(f"cannot read {what} {shown(str(path))}: {e}") from e
     except yaml.YAMLError as e:
-        raise DistillError(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise DistillError(f"{what} {shown(str(path))} is not valid YAML: {str(e).splitlines()[0]}") from e
 
 
 def load_recipe(name_or_path: str = DEFAULT_RECIPE) -> Recipe:
@@ -265,13 +265,13 @@ def load_recipe(name_or_path: str = DEFAULT_RECIPE) -> Recipe:
     data = read_yaml(path, "recipe")  # its errors name the file
     if not isinstance(data, dict) or "losses" not in data:
         raise DistillError(
-            f"recipe '{path}' has no 'losses'; list its terms (see `yolodistill recipes`), or write 'losses: {{}}' "
-            f"(as the 'none' recipe does) to train without distillation"
+            f"recipe {shown(str(path))} has no 'losses'; list its terms (see `yolodistill recipes`), or write "
+            f"'losses: {{}}' (as the 'none' recipe does) to train without distillation"
         )
     try:
         return recipe_from_dict(data)
     except DistillError as e:
-        raise DistillError(f"recipe '{path}': {e.message}") from e
+        raise DistillError(f"recipe {shown(str(path))}: {e.message}") from e
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

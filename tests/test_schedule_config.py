@@ -198,6 +198,8 @@ def test_recipe_name_is_chosen_with_the_recipe_not_set() -> None:
     assert resolve_config(RunConfig(recipe=load_recipe("cwd"), recipe_name=" ")).recipe_name == "custom"
     with pytest.raises(DistillError, match=r"^unknown recipe 'a\\nb'; valid recipes: at, "):  # one line
         resolve_config(recipe="a\nb")
+    with pytest.raises(DistillError, match=r"^recipe file 'a\\nb.yaml' not found; give a YAML path"):
+        resolve_config(recipe="a\nb.yaml")
 
 
 def test_a_config_without_a_recipe_means_the_named_one_through_every_path() -> None:
