@@ -25,7 +25,6 @@ from .config import (
     Recipe,
     RunConfig,
     apply_overrides,
-    list_recipes,
     load_recipe,
 )
 from .data import build_loader, hyperparameters, load_data
@@ -78,9 +77,7 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | Recipe | None = N
         cfg = replace(cfg, recipe=load_recipe(recipe), recipe_name=str(recipe))
     elif cfg.recipe is None:
         cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))
-    elif not str(cfg.recipe_name).strip() or (
-        cfg.recipe_name in list_recipes() and not same_terms(cfg.recipe, load_recipe(cfg.recipe_name))
-    ):
+    elif not names_its_terms(cfg):
         cfg = replace(cfg, recipe_name="custom")  # RunConfig(recipe=...): no name, or not the named recipe's terms
     if "recipe_name" in overrides:  # it names the recipe the terms came from; setting it alone would mislabel the run
         raise DistillError("--set recipe_name: choose the recipe with --recipe (recipe= in the Python API)")
@@ -91,6 +88,15 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | Recipe | None = N
         if problem:
             raise DistillError(problem)
     return cfg
+
+
+def names_its_terms(cfg: RunConfig) -> bool:
+    """Whether ``recipe_name`` (a shipped name or a YAML path) loads to ``cfg.recipe``'s terms: a blank, unknown or
+    unreadable name, or one whose terms differ, would mislabel the run."""
+    try:
+        return same_terms(cfg.recipe, load_recipe(cfg.recipe_name))
+    except DistillError:
+        return False
 
 
 def same_terms(a: Recipe, b: Recipe) -> bool:

@@ -20,6 +20,7 @@ from distill_cli.config import (
     load_recipe,
     parse_overrides,
     recipe_from_dict,
+    recipe_path,
 )
 from distill_cli.errors import DistillError
 from distill_cli.schedule import lr_factor, weight_factor
@@ -200,6 +201,18 @@ def test_recipe_name_is_chosen_with_the_recipe_not_set() -> None:
         resolve_config(recipe="a\nb")
     with pytest.raises(DistillError, match=r"^recipe file 'a\\nb.yaml' not found; give a YAML path"):
         resolve_config(recipe="a\nb.yaml")
+
+
+def test_a_recipe_given_keeps_its_name_only_where_the_name_loads_to_its_terms(tmp_path) -> None:
+    """Before, only shipped names were checked: an unknown name or a path whose file holds other terms stayed the
+    run's label in its config, report and JSON."""
+    cwd = load_recipe("cwd")
+    assert resolve_config(RunConfig(recipe=cwd, recipe_name="typo")).recipe_name == "custom"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(recipe_path("cwd").read_text())
+    assert resolve_config(RunConfig(recipe=cwd, recipe_name=str(mine))).recipe_name == str(mine)
+    assert resolve_config(RunConfig(recipe=Recipe(), recipe_name=str(mine))).recipe_name == "custom"
+    assert resolve_config(RunConfig(recipe=cwd, recipe_name=str(tmp_path / "gone.yaml"))).recipe_name == "custom"
 
 
 def test_a_config_without_a_recipe_means_the_named_one_through_every_path() -> None:
