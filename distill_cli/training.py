@@ -49,6 +49,7 @@ from .start import (
     needs_teacher,
     seed_student,
     seeds_from_teacher,
+    warn_if_short,
 )
 from .stopping import Interrupted, StopOnSignal
 from .teacher_scale import resolved, view_scales
@@ -338,6 +339,7 @@ def prepare(
     for _ in range(start_epoch):  # the E2E loss's branch gains are a function of the epochs done
         update_criterion(student)
     if log:
+        warn_if_short(cfg, math.ceil(cfg.epochs * state.steps_per_epoch / state.accumulate))
         note = precision_note(amp_dtype, teacher_dtype if teacher else amp_dtype or torch.float32, device)
         log.start(
             pairs,

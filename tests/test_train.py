@@ -4,6 +4,8 @@ adapters train, the teacher never changes."""
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,9 @@ import yaml
 from ultralytics import YOLO
 
 from distill_cli import engine
-from distill_cli.config import RunConfig, list_recipes
+from distill_cli.config import RunConfig, list_recipes, load_recipe
 from distill_cli.errors import DistillError
+from distill_cli.start import warn_if_short
 from distill_cli.training import max_grad_norm, resolve_auto, train
 
 
@@ -151,9 +154,13 @@ def test_a_fine_tune_keeps_batchnorm_statistics_steps_every_batch_averages_late_
     student = save_model(tmp_path / "student.pt", trained)
     for spec, frozen in ((str(student), True), ("yolov8n.yaml", False)):
         recorder = Recorder()
-        result = train(
-            recipe="cwd", callback=recorder, report=False, **{**run_kwargs, "student": spec, "name": spec[-4:]}
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train(
+                recipe="cwd", callback=recorder, report=False, **{**run_kwargs, "student": spec, "name": spec[-4:]}
+            )
+        short = [w for w in caught if "optimizer steps with the teacher at the student's size" in str(w.message)]
+        assert len(short) == frozen  # a 2-step fine-tune is told it is short; a run from scratch is not
         state = recorder.state
         stats = {k: v for k, v in state.distiller.student.state_dict().items() if "running_" in k}
         unchanged = all(torch.equal(v, recorder.student0[k]) for k, v in stats.items())
@@ -169,6 +176,27 @@ def test_a_fine_tune_keeps_batchnorm_statistics_steps_every_batch_averages_late_
         train_set = next(loader.dataset for loader in loaders if loader.dataset.augment)
         assert saved["scale"] == scale and random_resize_scales(train_set) == {scale}
         loaders.clear()
+
+
+@pytest.mark.parametrize(
+    ("student", "recipe", "view", "steps", "warned"),
+    [
+        ("s.pt", "default", "1", 99, True),
+        ("s.pt", "default", "1", 100, False),  # from 100 steps: the margin of the measured runs
+        ("s.pt", "default", "1+2", 39, False),  # a larger view: short runs gained (finetune13, finetune7)
+        ("s.pt", "default", "2", 39, False),
+        ("s.pt", "none", "1", 39, False),  # nothing distilled
+        ("s.yaml", "default", "1", 39, False),  # from scratch: not a fine-tune
+    ],
+)
+def test_a_short_fine_tune_with_the_teacher_at_the_students_size_is_warned(
+    student: str, recipe: str, view: str, steps: int, warned: bool
+) -> None:
+    cfg = RunConfig(student=student, recipe=replace(load_recipe(recipe), teacher_scale=view), recipe_name=recipe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_short(cfg, steps)
+    assert [str(w.message).split(" with ")[0] for w in caught] == (["99 optimizer steps"] if warned else [])
 
 
 @pytest.mark.parametrize(
