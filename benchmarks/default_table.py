@@ -51,6 +51,7 @@ SETTINGS = {
     "finetune4": Setting("2", AT_2, NONE),
     "finetune5": Setting("2", AT_2, NONE),
     "finetune3": Setting("2", [*AT_2, ("gain-v22-finetune3-seed2.json", "default")], NONE),
+    "finetune13": together("2", "gain-v32-short.json", threads="0.3.18"),
     "scratch2": Setting(
         "2",
         [("gain-v22-scratch2-seed0.json", "default"), ("gain-v24-scratch2-seed1.json", "default")],
@@ -71,6 +72,7 @@ SETTINGS = {
     ),
     "batch32": together("1", "gain-v26-batch32-threads.json", threads="0.3.14"),
     "finetune8": together("1", "gain-v26-finetune8-threads.json", threads="0.3.14"),
+    "finetune14": together("1", "gain-v32-short.json", threads="0.3.18"),
     "finetune10": together("1", "gain-v27-finetune10.json", "gain-v27-finetune10-seeds34.json", threads="0.3.14"),
     "native": together("1", "gain-v26-native-threads.json", threads="0.3.14"),
     "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", threads="0.3.14"),

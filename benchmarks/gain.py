@@ -19,10 +19,14 @@ Settings (``--settings``, CPU-sized, all on the shared BCCD data and models; see
   finetune10 fine-tune yolov8n-bccd.pt, imgsz 480, 6 epochs, batch 8 (a check: 26 steps an epoch, just under 512)
   finetune11 fine-tune yolov8n-bccd.pt, imgsz 192, 8 epochs, batch 16 (a check below 256 px, where auto uses 2)
   finetune12 fine-tune yolov8n-bccd.pt, imgsz 384, 10 epochs, batch 16 (a check where auto averages 1 and 2)
+  finetune13 fine-tune yolov8n-bccd.pt, imgsz 320, 3 epochs, batch 8 (a check: the shortest run, auto uses 2)
+  finetune14 fine-tune yolov8n-bccd.pt, imgsz 448, 3 epochs, batch 16 (a check: 39 steps, auto keeps 1)
   scratch    yolov8n.yaml from scratch, imgsz 256, 30 epochs, batch 16
   scratch2   yolov8n.yaml from scratch, imgsz 320, 15 epochs, batch 16 (other imgsz and epochs)
   yolo26     yolo26n.yaml from scratch with a yolo26s teacher trained here first (recipe none), imgsz 256
   cross26    yolo26n.yaml from scratch with the shared YOLOv8s teacher (other box encoding), imgsz 320, 15 epochs
+  cross11    yolo11n.yaml from scratch with the shared YOLOv8s teacher (weight selection cannot seed it), imgsz 320
+  cross11native  cross11 at 512 px, the teacher's own size (auto keeps it at 1)
   gpu        yolov8n.yaml from scratch, imgsz 512, 80 epochs, batch 16 (GPU; benchmarks/gpu.sh)
   smoke      the gpu setting in miniature, for gpu.sh's CPU smoke mode
 
@@ -86,6 +90,8 @@ SETTINGS = {
     "finetune10": Setting(STUDENT, TEACHER, 480, 6, 8),
     "finetune11": Setting(STUDENT, TEACHER, 192, 8, 16),
     "finetune12": Setting(STUDENT, TEACHER, 384, 10, 16),
+    "finetune13": Setting(STUDENT, TEACHER, 320, 3, 8),
+    "finetune14": Setting(STUDENT, TEACHER, 448, 3, 16),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),

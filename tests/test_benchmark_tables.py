@@ -30,7 +30,7 @@ def test_every_run_it_names_is_committed_and_rows_add_up(table: ModuleType, caps
     assert len([line for line in lines if line.startswith("| ") and "**0." in line]) == len(table.SETTINGS)
     total = sum(2 * len(line.split(" | ")[2].split(",")) for line in lines if "**0." in line)
     assert lines[-1].startswith("above none in ") and f" of {total} cells;" in lines[-1]
-    assert lines[-1] == "above none in 130 of 140 cells; above the student as given in 113 of 118"
+    assert lines[-1] == "above none in 142 of 160 cells; above the student as given in 125 of 138"
 
 
 def test_rows_hold_the_committed_runs(table: ModuleType) -> None:
@@ -44,6 +44,8 @@ def test_rows_hold_the_committed_runs(table: ModuleType) -> None:
     line, counts = table.row("batch32")
     assert "| 0,1,2,3,4 (0.3.14) |" in line and counts == [7, 10, 10, 10]
     assert table.row("finetune8")[1] == [8, 10, 6, 10]  # on test, every seed of none is below the student as given
+    # 3 epochs at 448 px: below none on val in seeds 0, 1, 3 and 4 (0.5680 against 0.5695 for seed 0)
+    assert table.row("finetune14")[1] == [3, 10, 2, 10]
     assert table.row("scratch")[1][3] == 0  # from scratch there is no student as given
 
 
@@ -58,7 +60,7 @@ def test_a_row_is_marked_with_a_version_exactly_when_every_file_it_reads_ran_wit
         else:  # the loop on one thread: every version before 0.3.14
             assert not any(re.search(r"0\.3\.(1[4-9]|[2-9]\d)", m) for m in machines), name
         assert (f"({setting.threads})" in table.row(name)[0]) == bool(setting.threads), name
-    assert marked == {"0.3.14", "0.3.16", "0.3.17"}
+    assert marked == {"0.3.14", "0.3.16", "0.3.17", "0.3.18"}
 
 
 def test_a_misspelt_label_is_an_error_not_a_dropped_seed(table: ModuleType) -> None:
