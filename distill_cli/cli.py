@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from .config import DEFAULT_RECIPE, RunConfig
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, DistillError, sigterm_interrupts
 from .options import CompareOptions, DemoOptions, EvalOptions, ExportOptions, ProbeOptions
-from .rules import shown
+from .rules import path_too_long
 
 STATE = {"verbose": False}
 USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError (typer may vendor click)
@@ -90,7 +90,7 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
             fail("interrupted", EXIT_INTERRUPTED)
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG:  # a value given: bad input
-                fail(f"a path is longer than this system takes: {shown(str(e.filename or e))}", EXIT_USAGE)
+                fail(path_too_long(e.filename or e), EXIT_USAGE)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 fail(unexpected(e), 1)
             fail(f"cannot write{f' {e.filename!r}' if e.filename else ''}: {e.strerror}", EXIT_RUNTIME)

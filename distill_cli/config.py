@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import DistillError
-from .rules import build, device_problem, layers_problem, rule, shown
+from .rules import build, device_problem, layers_problem, path_too_long, rule, shown
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -226,6 +227,16 @@ def recipe_path(name_or_path: str) -> Path:
         raise DistillError(f"a recipe is a name or a YAML path, got {type(name_or_path).__name__}")
     if not str(name_or_path).strip():
         raise DistillError(f"a recipe is a name or a YAML path, got a blank text; one of: {', '.join(list_recipes())}")
+    try:
+        return find_recipe(name_or_path)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        raise DistillError(path_too_long(name_or_path)) from e
+
+
+def find_recipe(name_or_path: str | os.PathLike) -> Path:
+    """The file of a shipped recipe's name, or the YAML path given."""
     path = Path(name_or_path)
     shipped = name_or_path in list_recipes()  # a bare shipped name beats a local file or folder of that name
     if not shipped and (path.suffix in {".yaml", ".yml"} or path.exists()):
@@ -272,6 +283,20 @@ def load_recipe(name_or_path: str = DEFAULT_RECIPE) -> Recipe:
         return recipe_from_dict(data)
     except DistillError as e:
         raise DistillError(f"recipe {shown(str(path))}: {e.message}") from e
+
+
+def names_its_terms(cfg: RunConfig) -> bool:
+    """Whether ``recipe_name`` (a shipped name or a YAML path) loads to ``cfg.recipe``'s terms: a blank, unknown or
+    unreadable name, or one whose terms differ, would mislabel the run."""
+    try:
+        return same_terms(cfg.recipe, load_recipe(cfg.recipe_name))
+    except DistillError:
+        return False
+
+
+def same_terms(a: Recipe, b: Recipe) -> bool:
+    """Whether two recipes train alike: every field but the description."""
+    return replace(a, description="") == replace(b, description="")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -168,6 +168,11 @@ def shown(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def path_too_long(path: object) -> str:
+    """The one line for a path longer than the filesystem takes (ENAMETOOLONG): a value the user gave."""
+    return f"a path is longer than this system takes: {shown(str(path))}"
+
+
 def shown_number(value: float) -> str:
     """A number for a message: as it is, or its length where it would fill the line (or exceed Python's limit on
     the digits of an int it will print)."""

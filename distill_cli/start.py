@@ -17,6 +17,7 @@ from .engine import preprocess
 from .errors import DistillError
 from .features import Pair
 from .models import class_names, load_model
+from .teacher_scale import LEAST_VIEWS_SCALE, trained_imgsz, upsamples
 from .weight_selection import CALIBRATION_IMAGES, calibrate_batchnorm, select_weights, selection_problem
 
 
@@ -117,19 +118,22 @@ def init_note(cfg: RunConfig, adapters: bool) -> str:
     return f"student init: {start}{frozen}" + (f"; adapters: {cfg.recipe.adapters}" if adapters else "")
 
 
-# fine-tunes with the teacher at the student's own size (BCCD, benchmarks/RESULTS.md session 26): of six settings of
-# 39-90 optimizer steps, five ended below plain fine-tuning in 1 to 7 of 10 cells; of 26 cells of 130-156 steps, one
-SHORT_FINE_TUNE = 100
+# fine-tunes where auto keeps the teacher at 1 (BCCD, 416-640 px; benchmarks/RESULTS.md, session 26): of six settings
+# of 39-90 optimizer steps, five ended below plain fine-tuning in 1 to 7 of 10 cells; of 26 cells of 130-156 steps, one
+SHORT_FINE_TUNE_STEPS = 100
 
 
-def warn_if_short(cfg: RunConfig, optimizer_steps: int) -> None:
-    """Say, before it runs, that a fine-tune is in the regime where distillation was measured to gain nothing."""
-    at_one = all(view == "1" for view in cfg.recipe.teacher_scale.split("+"))  # resolved: no larger view
-    if fine_tunes(cfg) and cfg.recipe.losses and at_one and optimizer_steps < SHORT_FINE_TUNE:
+def warn_if_short(cfg: RunConfig, teacher: nn.Module | None, optimizer_steps: int) -> None:
+    """Say, before a fine-tune starts, that it is in the regime where the default recipe was measured to lose: a class
+    term, the teacher at 1 near the size it was trained at (where auto keeps 1), and few optimizer steps."""
+    trained = trained_imgsz(teacher)
+    near = trained is not None and trained / cfg.imgsz < LEAST_VIEWS_SCALE and not upsamples(cfg.recipe)
+    class_term = any(spec.type == "cls_kd" for spec in cfg.recipe.losses.values())
+    if fine_tunes(cfg) and class_term and near and optimizer_steps < SHORT_FINE_TUNE_STEPS:
         warnings.warn(
-            f"{optimizer_steps} optimizer steps with the teacher at the student's size: in five of the six BCCD "
-            f"fine-tunes this short (under {SHORT_FINE_TUNE} steps) that we measured, the default recipe ended below "
-            f"plain fine-tuning in 1 to 7 of 10 cells; with 130 steps or more, in 1 of 26 (README, 'What is not "
+            f"{optimizer_steps} optimizer steps, with the teacher at 1 near the size it was trained at: of six such "
+            f"BCCD fine-tunes under {SHORT_FINE_TUNE_STEPS} steps, the default recipe ended below plain fine-tuning "
+            f"in 1 to 7 of 10 cells in five; with 130 steps or more, in 1 of 26 cells (README, 'What is not "
             f"solved'). More epochs give distillation room",
             stacklevel=2,
         )

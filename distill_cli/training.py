@@ -26,6 +26,7 @@ from .config import (
     RunConfig,
     apply_overrides,
     load_recipe,
+    names_its_terms,
 )
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms, uses_recipe_layers
@@ -89,20 +90,6 @@ def resolve_config(cfg: RunConfig | None = None, recipe: str | Recipe | None = N
         if problem:
             raise DistillError(problem)
     return cfg
-
-
-def names_its_terms(cfg: RunConfig) -> bool:
-    """Whether ``recipe_name`` (a shipped name or a YAML path) loads to ``cfg.recipe``'s terms: a blank, unknown or
-    unreadable name, or one whose terms differ, would mislabel the run."""
-    try:
-        return same_terms(cfg.recipe, load_recipe(cfg.recipe_name))
-    except DistillError:
-        return False
-
-
-def same_terms(a: Recipe, b: Recipe) -> bool:
-    """Whether two recipes train alike: every field but the description."""
-    return replace(a, description="") == replace(b, description="")
 
 
 def check_layers_read(recipe: Recipe, overrides: dict[str, Any]) -> None:
@@ -339,7 +326,9 @@ def prepare(
     for _ in range(start_epoch):  # the E2E loss's branch gains are a function of the epochs done
         update_criterion(student)
     if log:
-        warn_if_short(cfg, math.ceil(cfg.epochs * state.steps_per_epoch / state.accumulate))
+        if checkpoint is None:  # a resumed run cannot change its length
+            optimizer_steps = cfg.epochs * state.steps_per_epoch // target_accumulate(cfg, state.steps_per_epoch)
+            warn_if_short(cfg, teacher_model, optimizer_steps)
         note = precision_note(amp_dtype, teacher_dtype if teacher else amp_dtype or torch.float32, device)
         log.start(
             pairs,

@@ -213,6 +213,14 @@ def test_a_recipe_given_keeps_its_name_only_where_the_name_loads_to_its_terms(tm
     assert resolve_config(RunConfig(recipe=cwd, recipe_name=str(mine))).recipe_name == str(mine)
     assert resolve_config(RunConfig(recipe=Recipe(), recipe_name=str(mine))).recipe_name == "custom"
     assert resolve_config(RunConfig(recipe=cwd, recipe_name=str(tmp_path / "gone.yaml"))).recipe_name == "custom"
+    assert resolve_config(RunConfig(recipe=cwd, recipe_name="x" * 300)).recipe_name == "custom"
+
+
+def test_a_recipe_path_longer_than_the_system_takes_is_bad_input_in_the_python_api() -> None:
+    """It was an OSError (ENAMETOOLONG) from the filesystem; the CLI already made it exit 2 with this line."""
+    for long in ("x" * 300, "x" * 300 + ".yaml"):
+        with pytest.raises(DistillError, match=r"^a path is longer than this system takes: 'x{59}\.\.\. \(30[05] "):
+            load_recipe(long)
 
 
 def test_a_config_without_a_recipe_means_the_named_one_through_every_path() -> None:

@@ -154,13 +154,9 @@ def test_a_fine_tune_keeps_batchnorm_statistics_steps_every_batch_averages_late_
     student = save_model(tmp_path / "student.pt", trained)
     for spec, frozen in ((str(student), True), ("yolov8n.yaml", False)):
         recorder = Recorder()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = train(
-                recipe="cwd", callback=recorder, report=False, **{**run_kwargs, "student": spec, "name": spec[-4:]}
-            )
-        short = [w for w in caught if "optimizer steps with the teacher at the student's size" in str(w.message)]
-        assert len(short) == frozen  # a 2-step fine-tune is told it is short; a run from scratch is not
+        result = train(
+            recipe="cwd", callback=recorder, report=False, **{**run_kwargs, "student": spec, "name": spec[-4:]}
+        )
         state = recorder.state
         stats = {k: v for k, v in state.distiller.student.state_dict().items() if "running_" in k}
         unchanged = all(torch.equal(v, recorder.student0[k]) for k, v in stats.items())
@@ -178,25 +174,65 @@ def test_a_fine_tune_keeps_batchnorm_statistics_steps_every_batch_averages_late_
         loaders.clear()
 
 
+class Trained(torch.nn.Module):
+    """A teacher as far as the warning reads it: the image size of its training arguments."""
+
+    def __init__(self, imgsz: int | None) -> None:
+        super().__init__()
+        self.args = {"imgsz": imgsz} if imgsz else {}
+
+
 @pytest.mark.parametrize(
-    ("student", "recipe", "view", "steps", "warned"),
+    ("student", "recipe", "view", "imgsz", "trained", "steps", "warned"),
     [
-        ("s.pt", "default", "1", 99, True),
-        ("s.pt", "default", "1", 100, False),  # from 100 steps: the margin of the measured runs
-        ("s.pt", "default", "1+2", 39, False),  # a larger view: short runs gained (finetune13, finetune7)
-        ("s.pt", "default", "2", 39, False),
-        ("s.pt", "none", "1", 39, False),  # nothing distilled
-        ("s.yaml", "default", "1", 39, False),  # from scratch: not a fine-tune
+        ("s.pt", "default", "1", 448, 512, 99, True),
+        ("s.pt", "default", "1.0", 448, 512, 99, True),  # the same view written as a float
+        ("s.pt", "logits", "1", 640, 512, 39, True),  # any recipe with the class term
+        ("s.pt", "default", "1", 448, 512, 100, False),  # 100 steps or more
+        ("s.pt", "default", "1+2", 448, 512, 39, False),  # a larger view
+        ("s.pt", "default", "1", 384, 512, 39, False),  # where auto would not keep 1: not measured
+        ("s.pt", "default", "1", 448, None, 39, False),  # the teacher's training size unknown
+        ("s.pt", "mgd", "1", 448, 512, 39, False),  # no class term
+        ("s.pt", "none", "1", 448, 512, 39, False),  # nothing distilled
+        ("s.yaml", "default", "1", 448, 512, 39, False),  # from scratch: not a fine-tune
     ],
 )
-def test_a_short_fine_tune_with_the_teacher_at_the_students_size_is_warned(
-    student: str, recipe: str, view: str, steps: int, warned: bool
+def test_a_short_fine_tune_where_auto_keeps_the_teacher_at_1_is_warned(
+    student: str, recipe: str, view: str, imgsz: int, trained: int | None, steps: int, warned: bool
 ) -> None:
-    cfg = RunConfig(student=student, recipe=replace(load_recipe(recipe), teacher_scale=view), recipe_name=recipe)
+    recipe_given = replace(load_recipe(recipe), teacher_scale=view)
+    cfg = RunConfig(student=student, recipe=recipe_given, recipe_name=recipe, imgsz=imgsz)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_if_short(cfg, steps)
-    assert [str(w.message).split(" with ")[0] for w in caught] == (["99 optimizer steps"] if warned else [])
+        warn_if_short(cfg, Trained(trained), steps)
+    assert [str(w.message).split(",")[0] for w in caught] == ([f"{steps} optimizer steps"] if warned else [])
+
+
+def test_train_counts_a_fine_tunes_optimizer_steps_for_the_warning(run_kwargs: dict, tmp_path: Path) -> None:
+    """One epoch of the synthetic data's batches, a step each (a fine-tune steps every batch), with a teacher trained
+    at the run's size."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli.data import SYNTHETIC_CLASSES
+    from distill_cli.models import save_student
+
+    from .conftest import save_model
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    model.names = dict(enumerate(SYNTHETIC_CLASSES))
+    student = save_model(tmp_path / "student.pt", model)
+    teacher_model = torch.load(run_kwargs["teacher"], map_location="cpu", weights_only=False)["model"]
+    teacher = tmp_path / "teacher.pt"
+    save_student(teacher, teacher_model, {"task": "detect", "imgsz": 64}, {})
+    recorder = Recorder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(recipe="logits", callback=recorder, **{**run_kwargs, "student": str(student),
+                                                              "teacher": str(teacher)})  # fmt: skip
+    short = [str(w.message) for w in caught if "optimizer steps, with the teacher at 1" in str(w.message)]
+    assert short and short[0].startswith(f"{recorder.state.steps_per_epoch} optimizer steps,"), short
+    assert recorder.state.steps_per_epoch > 1 and result.epochs_done == 1
 
 
 @pytest.mark.parametrize(
