@@ -202,6 +202,11 @@ def jobs(cli: argparse.Namespace):
     return out
 
 
+def sorted_seeds(done: dict[str, dict]) -> list[dict]:
+    """A label's runs in seed order."""
+    return [done[seed] for seed in sorted(done, key=int)]
+
+
 def summarise(runs: dict[str, list[dict]], reference: dict[str, dict], split: str) -> list[dict]:
     base = statistics.mean(r[split] for r in runs["none"]) if runs.get("none") else None
     teacher = reference["teacher"][split]
@@ -269,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{name} {label} seed {seed}: " + ", ".join(f"{s} {done[str(seed)][s]:.4f}" for s in cli.splits),
                     flush=True,
                 )
-        runs = {label: [results["runs"][label][str(s)] for s in cli.seeds] for label, _ in jobs(cli)}
+        # every seed the file holds for these runs: a later call that adds seeds summarises them all
+        runs = {label: sorted_seeds(results["runs"][label]) for label, _ in jobs(cli)}
         results["reference"] = reference
         for split in cli.splits:
             rows = summarise(runs, reference, split)
