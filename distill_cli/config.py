@@ -16,6 +16,7 @@ import difflib
 import errno
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -239,17 +240,30 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
     """The file of a shipped recipe's name, or the YAML path given."""
     path = Path(name_or_path)
     shipped = name_or_path in list_recipes()  # a bare shipped name beats a local file or folder of that name
-    if not shipped and (path.suffix in {".yaml", ".yml"} or path.exists()):
-        if not path.is_file():
+    if not shipped and (path.suffix in {".yaml", ".yml"} or found(path) is not None):
+        if not is_file(path):
             raise DistillError(
                 f"recipe file {shown(str(path))} not found; give a YAML path or one of: {', '.join(list_recipes())}"
             )
         return path
     for folder in (RECIPES_DIR, PACKAGED_RECIPES_DIR):
         candidate = folder / f"{name_or_path}.yaml"
-        if candidate.is_file():
+        if is_file(candidate):
             return candidate
     raise DistillError(f"unknown recipe {shown(str(name_or_path))}; valid recipes: {', '.join(list_recipes())}")
+
+
+def found(path: Path) -> os.stat_result | None:
+    """What is at ``path``, or None where nothing is; any other error (a name longer than the system takes) raises,
+    which ``Path.exists`` stops doing in Python 3.14."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def is_file(path: Path) -> bool:
+    return (status := found(path)) is not None and stat.S_ISREG(status.st_mode)
 
 
 def recipes_folder() -> Path:
@@ -290,7 +304,7 @@ def names_its_terms(cfg: RunConfig) -> bool:
     unreadable name, or one whose terms differ, would mislabel the run."""
     try:
         return same_terms(cfg.recipe, load_recipe(cfg.recipe_name))
-    except DistillError:
+    except (DistillError, OSError):  # a label check: what cannot be read is not the run's recipe
         return False
 
 

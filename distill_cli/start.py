@@ -125,16 +125,18 @@ SHORT_FINE_TUNE_STEPS = 100
 
 def warn_if_short(cfg: RunConfig, teacher: nn.Module | None, optimizer_steps: int) -> None:
     """Say, before a fine-tune starts, that it is in the regime where the default recipe was measured to lose: a class
-    term, the teacher at 1 near the size it was trained at (where auto keeps 1), and few optimizer steps."""
+    term, the teacher at 1 and trained at under 1.3x the student's size (where auto keeps 1), and few optimizer
+    steps."""
     trained = trained_imgsz(teacher)
-    near = trained is not None and trained / cfg.imgsz < LEAST_VIEWS_SCALE and not upsamples(cfg.recipe)
+    trained_near = trained is not None and trained / cfg.imgsz < LEAST_VIEWS_SCALE  # where auto keeps 1
     class_term = any(spec.type == "cls_kd" for spec in cfg.recipe.losses.values())
-    if fine_tunes(cfg) and class_term and near and optimizer_steps < SHORT_FINE_TUNE_STEPS:
+    at_1 = trained_near and not upsamples(cfg.recipe)
+    if fine_tunes(cfg) and class_term and at_1 and optimizer_steps < SHORT_FINE_TUNE_STEPS:
         warnings.warn(
-            f"{optimizer_steps} optimizer steps, with the teacher at 1 near the size it was trained at: of six such "
-            f"BCCD fine-tunes under {SHORT_FINE_TUNE_STEPS} steps, the default recipe ended below plain fine-tuning "
-            f"in 1 to 7 of 10 cells in five; with 130 steps or more, in 1 of 26 cells (README, 'What is not "
-            f"solved'). More epochs give distillation room",
+            f"{optimizer_steps} optimizer steps, with the teacher at 1 and trained at under {LEAST_VIEWS_SCALE:g}x "
+            f"this size: of six such BCCD fine-tunes under {SHORT_FINE_TUNE_STEPS} steps, the default recipe ended "
+            f"below plain fine-tuning in 1 to 7 of 10 cells in five; with 130 steps or more, in 1 of 26 cells "
+            f"(README, 'What is not solved'). More epochs give distillation room",
             stacklevel=2,
         )
 

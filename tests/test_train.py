@@ -208,9 +208,10 @@ def test_a_short_fine_tune_where_auto_keeps_the_teacher_at_1_is_warned(
     assert [str(w.message).split(",")[0] for w in caught] == ([f"{steps} optimizer steps"] if warned else [])
 
 
-def test_train_counts_a_fine_tunes_optimizer_steps_for_the_warning(run_kwargs: dict, tmp_path: Path) -> None:
-    """One epoch of the synthetic data's batches, a step each (a fine-tune steps every batch), with a teacher trained
-    at the run's size."""
+@pytest.mark.parametrize("nbs", [0, 8])
+def test_train_counts_a_fine_tunes_optimizer_steps_for_the_warning(run_kwargs: dict, tmp_path: Path, nbs: int) -> None:
+    """One epoch of the synthetic data's batches with a teacher trained at the run's size: a step each (a fine-tune's
+    auto nbs is its batch), or one every two batches with nbs 8 at batch 4."""
     from ultralytics.nn.tasks import DetectionModel
 
     from distill_cli.data import SYNTHETIC_CLASSES
@@ -228,11 +229,12 @@ def test_train_counts_a_fine_tunes_optimizer_steps_for_the_warning(run_kwargs: d
     recorder = Recorder()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = train(recipe="logits", callback=recorder, **{**run_kwargs, "student": str(student),
-                                                              "teacher": str(teacher)})  # fmt: skip
+        result = train(recipe="logits", callback=recorder, nbs=nbs, **{**run_kwargs, "student": str(student),
+                                                                       "teacher": str(teacher)})  # fmt: skip
     short = [str(w.message) for w in caught if "optimizer steps, with the teacher at 1" in str(w.message)]
-    assert short and short[0].startswith(f"{recorder.state.steps_per_epoch} optimizer steps,"), short
-    assert recorder.state.steps_per_epoch > 1 and result.epochs_done == 1
+    steps = recorder.state.steps_per_epoch // (2 if nbs else 1)
+    assert short and short[0].startswith(f"{steps} optimizer steps,"), short
+    assert recorder.state.steps_per_epoch >= 2 and result.epochs_done == 1  # so that nbs 8 halves the count
 
 
 @pytest.mark.parametrize(
