@@ -202,29 +202,29 @@ def jobs(cli: argparse.Namespace):
     return out
 
 
-def sorted_seeds(done: dict[str, dict]) -> list[dict]:
-    """A label's runs in seed order."""
-    return [done[seed] for seed in sorted(done, key=int)]
-
-
-def summarise(runs: dict[str, list[dict]], reference: dict[str, dict], split: str) -> list[dict]:
-    base = statistics.mean(r[split] for r in runs["none"]) if runs.get("none") else None
+def summarise(runs: dict[str, dict[str, dict]], reference: dict[str, dict], split: str) -> list[dict]:
+    """One row per label over its seeds that have ``split``; "delta" and "gap closed" against ``none`` on the same
+    seeds (a row with fewer seeds than ``none`` is not compared with none's other seeds)."""
+    none = {seed: run[split] for seed, run in runs.get("none", {}).items() if split in run}
     teacher = reference["teacher"][split]
     rows = []
     for name, seeds in runs.items():
-        maps = [r[split] for r in seeds]
-        mean = statistics.mean(maps)
-        gap = teacher - base if base is not None else None
+        maps = {seed: run[split] for seed, run in sorted(seeds.items(), key=lambda item: int(item[0])) if split in run}
+        mean = statistics.mean(maps.values())
+        shared = [seed for seed in maps if seed in none]
+        base = statistics.mean(none[seed] for seed in shared) if shared else None
+        delta = None if base is None else statistics.mean(maps[seed] for seed in shared) - base
+        gap = None if base is None else teacher - base
         rows.append(
             {
                 "run": name,
                 "mAP50-95": mean,
-                "spread": (max(maps) - min(maps)) / 2,
+                "spread": (max(maps.values()) - min(maps.values())) / 2,
                 "per_seed": maps,
-                "delta": None if base is None else mean - base,
+                "delta": delta,
                 # a teacher scored at the student's size can be below none (at 192 px): then there is no gap to close
-                "gap_closed": None if not gap or gap < 0 else (mean - base) / gap,
-                "seconds": statistics.mean(r["seconds"] for r in seeds),
+                "gap_closed": None if not gap or gap < 0 else delta / gap,
+                "seconds": statistics.mean(seeds[seed]["seconds"] for seed in maps),
             }
         )
     return rows
@@ -232,14 +232,14 @@ def summarise(runs: dict[str, list[dict]], reference: dict[str, dict], split: st
 
 def markdown(name: str, rows: list[dict], reference: dict[str, dict], split: str) -> str:
     lines = [
-        f"| {name} ({split}) | mAP50-95 (± half-range) | per seed | Δ vs none | gap closed | wall s |",
+        f"| {name} ({split}) | mAP50-95 (± half-range) | per seed | Δ vs none (same seeds) | gap closed | wall s |",
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {label} | {ref[split]:.4f} | | | | |" for label, ref in reference.items()]
     for r in rows:
         delta = "" if r["delta"] is None else f"{r['delta']:+.4f}"
         gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
-        seeds = " / ".join(f"{m:.4f}" for m in r["per_seed"])
+        seeds = " / ".join(f"{seed}: {m:.4f}" for seed, m in r["per_seed"].items())
         lines.append(
             f"| {r['run']} | {r['mAP50-95']:.4f} ± {r['spread']:.4f} | {seeds} | {delta} | {gap} | {r['seconds']:.0f} |"
         )
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
         # every seed the file holds for these runs: a later call that adds seeds summarises them all
-        runs = {label: sorted_seeds(results["runs"][label]) for label, _ in jobs(cli)}
+        runs = {label: results["runs"][label] for label, _ in jobs(cli)}
         results["reference"] = reference
         for split in cli.splits:
             rows = summarise(runs, reference, split)
