@@ -119,7 +119,7 @@ def init_note(cfg: RunConfig, adapters: bool) -> str:
 
 
 # fine-tunes where auto keeps the teacher at 1 (BCCD, 416-640 px; benchmarks/RESULTS.md, session 26): of six settings
-# of 39-90 optimizer steps, five ended below plain fine-tuning in 1 to 7 of 10 cells; of 26 cells of 130-156 steps, one
+# of 39-90 optimizer steps, five ended below plain fine-tuning in 1 to 7 of 10 cells; of 32 cells of 130-156 steps, 3
 SHORT_FINE_TUNE_STEPS = 100
 
 
@@ -135,7 +135,7 @@ def warn_if_short(cfg: RunConfig, teacher: nn.Module | None, optimizer_steps: in
         warnings.warn(
             f"{optimizer_steps} optimizer steps, with the teacher at 1 and trained at under {LEAST_VIEWS_SCALE:g}x "
             f"this size: of six such BCCD fine-tunes under {SHORT_FINE_TUNE_STEPS} steps, the default recipe ended "
-            f"below plain fine-tuning in 1 to 7 of 10 cells in five; with 130 steps or more, in 1 of 26 cells "
+            f"below plain fine-tuning in 1 to 7 of 10 cells in five; with 130 steps or more, in 3 of 32 cells "
             f"(README, 'What is not solved'). More epochs give distillation room",
             stacklevel=2,
         )
