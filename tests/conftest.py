@@ -34,6 +34,20 @@ def save_model(path: Path, model: torch.nn.Module) -> Path:
     return path
 
 
+def saved_teacher(path: Path, yaml_file: str, imgsz: int) -> Path:
+    """A checkpoint of an untrained teacher with the synthetic classes, trained (its train_args say) at ``imgsz``."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli.data import SYNTHETIC_CLASSES
+    from distill_cli.models import save_student
+
+    torch.manual_seed(0)
+    model = DetectionModel(yaml_file, nc=3, verbose=False)
+    model.names = dict(enumerate(SYNTHETIC_CLASSES))
+    save_student(path, model, {"task": "detect", "imgsz": imgsz}, {"teacher": "", "recipe": "test"})
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An (untrained) YOLOv8s checkpoint with the synthetic dataset's classes."""

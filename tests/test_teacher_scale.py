@@ -12,14 +12,14 @@ import yaml
 from ultralytics.nn.tasks import DetectionModel
 
 from distill_cli.config import load_recipe
-from distill_cli.data import SYNTHETIC_CLASSES
 from distill_cli.distiller import Teacher
 from distill_cli.errors import DistillError
 from distill_cli.losses.output import distances
-from distill_cli.models import save_student
 from distill_cli.probe import probe_channels
 from distill_cli.teacher_scale import averaged, resample, resolved, scaled_head, two_hot, view_size
 from distill_cli.training import train
+
+from .conftest import saved_teacher
 
 NC = 2
 
@@ -238,15 +238,6 @@ def test_a_teacher_with_two_views_runs_once_per_view_and_answers_their_average()
     in_bf16 = Teacher(model, [], torch.device("cpu"), torch.bfloat16, scales=(1.0, 2.0))(images).head["one2many"]
     assert in_bf16["scores"].dtype == in_bf16["boxes"].dtype == torch.float32  # the 1x view's bf16 head joins fp32
     assert torch.isfinite(in_bf16["scores"]).all() and torch.isfinite(in_bf16["boxes"]).all()
-
-
-def saved_teacher(path: Path, yaml_file: str, imgsz: int) -> Path:
-    """A checkpoint of an untrained teacher with the synthetic classes, trained (its train_args say) at ``imgsz``."""
-    torch.manual_seed(0)
-    model = DetectionModel(yaml_file, nc=3, verbose=False)
-    model.names = dict(enumerate(SYNTHETIC_CLASSES))
-    save_student(path, model, {"task": "detect", "imgsz": imgsz}, {"teacher": "", "recipe": "test"})
-    return path
 
 
 @pytest.mark.parametrize(("trained", "scale"), [(128, "2"), (96, "1+2")])  # the student at 64 px: x2, x1.5

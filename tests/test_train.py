@@ -215,17 +215,14 @@ def test_train_counts_a_fine_tunes_optimizer_steps_for_the_warning(run_kwargs: d
     from ultralytics.nn.tasks import DetectionModel
 
     from distill_cli.data import SYNTHETIC_CLASSES
-    from distill_cli.models import save_student
 
-    from .conftest import save_model
+    from .conftest import save_model, saved_teacher
 
     torch.manual_seed(0)
     model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
     model.names = dict(enumerate(SYNTHETIC_CLASSES))
     student = save_model(tmp_path / "student.pt", model)
-    teacher_model = torch.load(run_kwargs["teacher"], map_location="cpu", weights_only=False)["model"]
-    teacher = tmp_path / "teacher.pt"
-    save_student(teacher, teacher_model, {"task": "detect", "imgsz": 64}, {})
+    teacher = saved_teacher(tmp_path / "teacher.pt", "yolov8s.yaml", 64)
     recorder = Recorder()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
