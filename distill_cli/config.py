@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import errno
 import os
 import re
 import stat
@@ -24,7 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import DistillError
-from .rules import build, device_problem, layers_problem, path_too_long, rule, shown
+from .rules import build, device_problem, found, is_file, layers_problem, rule, shown
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -228,20 +227,16 @@ def recipe_path(name_or_path: str) -> Path:
         raise DistillError(f"a recipe is a name or a YAML path, got {type(name_or_path).__name__}")
     if not str(name_or_path).strip():
         raise DistillError(f"a recipe is a name or a YAML path, got a blank text; one of: {', '.join(list_recipes())}")
-    try:
-        return find_recipe(name_or_path)
-    except OSError as e:
-        if e.errno != errno.ENAMETOOLONG:
-            raise
-        raise DistillError(path_too_long(name_or_path)) from e
+    return find_recipe(name_or_path)
 
 
 def find_recipe(name_or_path: str | os.PathLike) -> Path:
     """The file of a shipped recipe's name, or the YAML path given."""
     path = Path(name_or_path)
     shipped = name_or_path in list_recipes()  # a bare shipped name beats a local file or folder of that name
-    if not shipped and (path.suffix in {".yaml", ".yml"} or found(path) is not None):
-        if not is_file(path):
+    status = None if shipped else found(path)
+    if not shipped and (path.suffix in {".yaml", ".yml"} or status is not None):
+        if status is None or not stat.S_ISREG(status.st_mode):
             raise DistillError(
                 f"recipe file {shown(str(path))} not found; give a YAML path or one of: {', '.join(list_recipes())}"
             )
@@ -251,19 +246,6 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
         if is_file(candidate):
             return candidate
     raise DistillError(f"unknown recipe {shown(str(name_or_path))}; valid recipes: {', '.join(list_recipes())}")
-
-
-def found(path: Path) -> os.stat_result | None:
-    """What is at ``path``, or None where nothing is; any other error (a name longer than the system takes) raises,
-    which ``Path.exists`` stops doing in Python 3.14."""
-    try:
-        return path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def is_file(path: Path) -> bool:
-    return (status := found(path)) is not None and stat.S_ISREG(status.st_mode)
 
 
 def recipes_folder() -> Path:

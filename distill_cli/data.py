@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import warnings
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from ultralytics.utils import DATASETS_DIR, IterableSimpleNamespace
 from .config import read_yaml
 from .errors import DistillError
 from .options import SyntheticOptions
-from .rules import validated
+from .rules import found, is_file, path_too_long, validated
 from .runlog import check_creatable, first_missing, remove
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
@@ -33,7 +34,7 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
     ``path:`` is taken from the current folder, then from ultralytics' datasets folder, never from beside the yaml.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         raise DistillError(f"data yaml '{path}' not found; give an ultralytics data yaml (train/val/names)")
     raw = read_yaml(path, "data yaml")
     if not isinstance(raw, dict):
@@ -54,6 +55,8 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
     try:
         data = check_det_dataset(str(path), autodownload=False, split=split)
     except Exception as e:  # ultralytics raises FileNotFoundError, SyntaxError, KeyError... for bad yamls
+        if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+            raise DistillError(path_too_long(e.filename)) from e
         hint = ""
         if raw.get("path") and not Path(raw["path"]).is_absolute():
             hint = (
@@ -64,7 +67,7 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
     for key in ("train", split):
         for entry in data[key] if isinstance(data[key], list) else [data[key]]:
             target = Path(entry)
-            if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+            if found(target) is None or (target.is_dir() and not any(target.iterdir())):
                 raise DistillError(f"data yaml '{path}': split '{key}' points at '{target}', which is missing or empty")
     return data
 

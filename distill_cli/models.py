@@ -23,6 +23,7 @@ from ultralytics.utils import downloads
 
 from . import __version__
 from .errors import EXIT_RUNTIME, DistillError
+from .rules import found, is_file
 
 
 def load_model(spec: str | Path, role: str = "model", nc: int | None = None, trust: bool = False) -> DetectionModel:
@@ -35,7 +36,7 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
     if spec.endswith((".yaml", ".yml")):
         return _build_from_yaml(spec, role, nc)
     path = fetch_named_model(spec, role) or Path(spec)
-    if not path.is_file():
+    if not is_file(path):
         raise DistillError(f"{role} '{spec}' not found; give a .pt checkpoint or a model yaml such as yolov8n.yaml")
     if path.suffix != ".pt":
         raise DistillError(f"{role} '{spec}' is not a .pt checkpoint or a .yaml model definition")
@@ -55,7 +56,7 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
 def fetch_named_model(spec: str, role: str) -> Path | None:
     """An ultralytics model name (``yolo26n.pt``) with no such local file: ultralytics' weights dir, else its own
     download helper when online; offline, one line that says what to do. None for anything else."""
-    if Path(spec).exists() or Path(spec).name != spec or spec not in downloads.GITHUB_ASSETS_NAMES:
+    if found(spec) is not None or Path(spec).name != spec or spec not in downloads.GITHUB_ASSETS_NAMES:
         return None
     cached = Path(ultralytics_utils.SETTINGS["weights_dir"]) / spec
     if cached.is_file():

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import LAYERS, Balance, LossSpec, Recipe, RunConfig, Schedule, blank_problem, imgsz_field, ranged
-from .rules import Rule, device_problem, rule
+from .rules import Rule, device_problem, is_file, rule
 
 
 def checkpoint_problem(value: str) -> str | None:
@@ -39,7 +39,7 @@ def file_identity(path: str) -> tuple[int, int] | str:
 
 
 def image_file_problem(value: str) -> str | None:
-    return None if Path(value).is_file() else "must be an image file that exists"
+    return None if is_file(value) else "must be an image file that exists"
 
 
 def out_name_problem(value: str) -> str | None:

@@ -9,12 +9,14 @@ checks. Every float must be finite (NaN and infinity are refused everywhere).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import math
 import numbers
 import operator
 import os
 import re
+import stat
 import types
 import typing
 from collections.abc import Callable
@@ -171,6 +173,23 @@ def shown(value: Any) -> str:
 def path_too_long(path: object) -> str:
     """The one line for a path longer than the filesystem takes (ENAMETOOLONG): a value the user gave."""
     return f"a path is longer than this system takes: {shown(str(path))}"
+
+
+def found(path: str | os.PathLike) -> os.stat_result | None:
+    """What is at a path the user gave, or None where nothing is. A name longer than the system takes is bad input
+    (``Path.is_file`` raises it as an OSError, and from Python 3.14 ``Path.exists`` returns False on it)."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise DistillError(path_too_long(path)) from e
+        raise
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    return (status := found(path)) is not None and stat.S_ISREG(status.st_mode)
 
 
 def shown_number(value: float) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from distill_cli import data, dist
@@ -106,6 +107,28 @@ def test_a_path_longer_than_the_system_takes_is_bad_input(tiny_teacher: Path, tm
     result = runner.invoke(app, ["probe-channels", "--teacher", "yolov8s.yaml", "--student", "yolov8n.yaml",
                                  "--recipe", long])  # fmt: skip
     assert result.exit_code == 2 and "longer than this system takes" in one_error_line(result)
+
+
+def test_a_path_longer_than_the_system_takes_is_a_distill_error_in_the_python_api(tmp_path: Path) -> None:
+    """Data, weights and an image were an OSError (ENAMETOOLONG) from the API; the CLI already made it exit 2."""
+    from distill_cli import evaluate, probe_channels
+    from distill_cli.data import load_data
+    from distill_cli.options import image_file_problem
+
+    long = "x" * 300
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(tmp_path), "train": long, "val": long, "names": ["a"]}))
+    calls = {
+        "data": lambda: load_data(f"{long}.yaml"),
+        "a split in the data yaml": lambda: load_data(data),
+        "weights": lambda: evaluate(weights=f"{long}.pt", data=str(data)),
+        "teacher": lambda: probe_channels(teacher=f"{long}.pt", student="yolov8n.yaml"),
+        "image": lambda: image_file_problem(f"{long}.jpg"),
+    }
+    for what, call in calls.items():
+        with pytest.raises(DistillError, match="^a path is longer than this system takes: '"):
+            call()
+            pytest.fail(what)
 
 
 def test_the_synthetic_data_maker_never_overwrites_and_checks_its_arguments(

@@ -208,10 +208,8 @@ def test_a_short_fine_tune_where_auto_keeps_the_teacher_at_1_is_warned(
     assert [str(w.message).split(",")[0] for w in caught] == ([f"{steps} optimizer steps"] if warned else [])
 
 
-@pytest.mark.parametrize("nbs", [0, 8])
-def test_train_counts_a_fine_tunes_optimizer_steps_for_the_warning(run_kwargs: dict, tmp_path: Path, nbs: int) -> None:
-    """One epoch of the synthetic data's batches with a teacher trained at the run's size: a step each (a fine-tune's
-    auto nbs is its batch), or one every two batches with nbs 8 at batch 4."""
+def near_native_fine_tune(run_kwargs: dict, tmp_path: Path) -> dict:
+    """``run_kwargs`` for a fine-tune of a saved student by a teacher trained at the run's size (the teacher at 1)."""
     from ultralytics.nn.tasks import DetectionModel
 
     from distill_cli.data import SYNTHETIC_CLASSES
@@ -223,15 +221,40 @@ def test_train_counts_a_fine_tunes_optimizer_steps_for_the_warning(run_kwargs: d
     model.names = dict(enumerate(SYNTHETIC_CLASSES))
     student = save_model(tmp_path / "student.pt", model)
     teacher = saved_teacher(tmp_path / "teacher.pt", "yolov8s.yaml", 64)
+    return {**run_kwargs, "student": str(student), "teacher": str(teacher)}
+
+
+def short_run_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "optimizer steps, with the teacher at 1" in str(w.message)]
+
+
+@pytest.mark.parametrize("nbs", [0, 8])
+def test_train_counts_a_fine_tunes_optimizer_steps_for_the_warning(run_kwargs: dict, tmp_path: Path, nbs: int) -> None:
+    """One epoch of the synthetic data's batches with a teacher trained at the run's size: a step each (a fine-tune's
+    auto nbs is its batch), or one every two batches with nbs 8 at batch 4."""
     recorder = Recorder()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = train(recipe="logits", callback=recorder, nbs=nbs, **{**run_kwargs, "student": str(student),
-                                                                       "teacher": str(teacher)})  # fmt: skip
-    short = [str(w.message) for w in caught if "optimizer steps, with the teacher at 1" in str(w.message)]
+        result = train(recipe="logits", callback=recorder, nbs=nbs, **near_native_fine_tune(run_kwargs, tmp_path))
+    short = short_run_warnings(caught)
     steps = recorder.state.steps_per_epoch // (2 if nbs else 1)
     assert short and short[0].startswith(f"{steps} optimizer steps,"), short
     assert recorder.state.steps_per_epoch >= 2 and result.epochs_done == 1  # so that nbs 8 halves the count
+
+
+def test_a_resumed_short_fine_tune_is_not_warned_again(run_kwargs: dict, tmp_path: Path) -> None:
+    """The warning is advice on the run's length, which a resumed run cannot change: it was given at the start."""
+    from .test_resume import interrupt_after_epoch
+
+    kwargs = {**near_native_fine_tune(run_kwargs, tmp_path), "epochs": 2}
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(DistillError, match="--resume"):
+        warnings.simplefilter("always")
+        train(recipe="logits", callback=interrupt_after_epoch(1), **kwargs)
+    assert short_run_warnings(caught)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train(resume=Path(kwargs["project"]) / kwargs["name"]).epochs_done == 2
+    assert not short_run_warnings(caught)
 
 
 @pytest.mark.parametrize(
