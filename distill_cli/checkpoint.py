@@ -21,7 +21,7 @@ from .engine import TrainState, trained_params
 from .errors import EXIT_INTERRUPTED, DistillError, sigterm_interrupts
 from .models import read_checkpoint, save_student
 from .report import Baseline
-from .rules import shown
+from .rules import is_dir, is_file, shown
 from .runlog import RunLog, check_creatable, first_missing, new_run_dir
 
 # resume loads safely only, so there is no --trust-checkpoint to offer
@@ -98,8 +98,8 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     if not isinstance(path, (str, os.PathLike)) or blank_problem(str(path)):  # the CLI takes an empty value as none
         raise DistillError(f"--resume: give a run dir or its weights/last.pt, got {shown(path)}")
     path = Path(path)
-    last = path / "weights" / "last.pt" if path.is_dir() else path
-    if not last.is_file():
+    last = path / "weights" / "last.pt" if is_dir(path) else path
+    if not is_file(last):
         raise DistillError(f"--resume {path}: no last.pt there; give a run dir or its weights/last.pt")
     ckpt = read_checkpoint(last, "checkpoint to resume", trust=False, advice=UNSAFE_RESUME)
     resume, ours = ckpt.get("resume"), ckpt.get("distill")

@@ -11,6 +11,7 @@ before any command reads or writes a file. A loss method's parameters carry thei
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -243,8 +244,9 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
         return path
     for folder in (RECIPES_DIR, PACKAGED_RECIPES_DIR):
         candidate = folder / f"{name_or_path}.yaml"
-        if is_file(candidate):
-            return candidate
+        with contextlib.suppress(DistillError):  # a name too long for a file is none of ours: an unknown recipe
+            if is_file(candidate):
+                return candidate
     raise DistillError(f"unknown recipe {shown(str(name_or_path))}; valid recipes: {', '.join(list_recipes())}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from ultralytics.utils import DATASETS_DIR, IterableSimpleNamespace
 from .config import read_yaml
 from .errors import DistillError
 from .options import SyntheticOptions
-from .rules import found, is_file, path_too_long, validated
+from .rules import found, is_dir, is_file, path_too_long, validated
 from .runlog import check_creatable, first_missing, remove
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
@@ -56,7 +57,7 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
         data = check_det_dataset(str(path), autodownload=False, split=split)
     except Exception as e:  # ultralytics raises FileNotFoundError, SyntaxError, KeyError... for bad yamls
         if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
-            raise DistillError(path_too_long(e.filename)) from e
+            raise DistillError(path_too_long(e.filename or path)) from e
         hint = ""
         if raw.get("path") and not Path(raw["path"]).is_absolute():
             hint = (
@@ -67,7 +68,8 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
     for key in ("train", split):
         for entry in data[key] if isinstance(data[key], list) else [data[key]]:
             target = Path(entry)
-            if found(target) is None or (target.is_dir() and not any(target.iterdir())):
+            status = found(target)
+            if status is None or (stat.S_ISDIR(status.st_mode) and not any(target.iterdir())):
                 raise DistillError(f"data yaml '{path}': split '{key}' points at '{target}', which is missing or empty")
     return data
 
@@ -194,7 +196,7 @@ def make_synthetic_dataset(
     """
     opts = validated(SyntheticOptions, locals())
     root = Path(opts.root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if found(root) is not None and (not is_dir(root) or any(root.iterdir())):
         raise DistillError(f"'{root}' is not an empty folder; give a new or empty one (nothing is overwritten)")
     check_creatable(root, "the dataset", "another root")
     made = first_missing(root)

@@ -23,7 +23,7 @@ from ultralytics.utils import downloads
 
 from . import __version__
 from .errors import EXIT_RUNTIME, DistillError
-from .rules import found, is_file
+from .rules import found, is_file, shown
 
 
 def load_model(spec: str | Path, role: str = "model", nc: int | None = None, trust: bool = False) -> DetectionModel:
@@ -122,7 +122,8 @@ def _build_from_yaml(spec: str, role: str, nc: int | None) -> DetectionModel:
     try:
         model = DetectionModel(spec, nc=nc, verbose=False)
     except FileNotFoundError as e:
-        raise DistillError(f"{role} yaml '{spec}' not found; ultralytics knows e.g. yolov8n.yaml, yolo11s.yaml") from e
+        known = "ultralytics knows e.g. yolov8n.yaml, yolo11s.yaml"
+        raise DistillError(f"{role} yaml {shown(spec)} not found; {known}") from e
     except Exception as e:  # ultralytics raises many kinds for a malformed model yaml
         raise DistillError(f"{role} yaml '{spec}' does not build a model: {type(e).__name__}: {e}") from e
     task = guess_model_task(model)  # a classify/segment/pose/obb yaml builds a DetectionModel with another head

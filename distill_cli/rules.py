@@ -175,21 +175,35 @@ def path_too_long(path: object) -> str:
     return f"a path is longer than this system takes: {shown(str(path))}"
 
 
+# what pathlib's exists() and is_file() read as "nothing there"
+NOTHING_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF)
+
+
 def found(path: str | os.PathLike) -> os.stat_result | None:
-    """What is at a path the user gave, or None where nothing is. A name longer than the system takes is bad input
-    (``Path.is_file`` raises it as an OSError, and from Python 3.14 ``Path.exists`` returns False on it)."""
+    """What is at a path the user gave, or None where nothing usable is (missing, a symlink loop, a name with a NUL
+    byte), as pathlib reads them. A name longer than the system takes is bad input, not a missing file: before Python
+    3.14 pathlib raises it as an OSError, from 3.14 it reads it as missing; here it is a ``DistillError``. Any other
+    error (no permission) is raised as it is."""
     try:
         return os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
+    except ValueError:  # a NUL byte, or a name the filesystem's encoding cannot hold
         return None
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
             raise DistillError(path_too_long(path)) from e
+        if e.errno in NOTHING_THERE:
+            return None
         raise
 
 
 def is_file(path: str | os.PathLike) -> bool:
+    """A regular file (or a link to one) at a path the user gave; see ``found``."""
     return (status := found(path)) is not None and stat.S_ISREG(status.st_mode)
+
+
+def is_dir(path: str | os.PathLike) -> bool:
+    """A folder (or a link to one) at a path the user gave; see ``found``."""
+    return (status := found(path)) is not None and stat.S_ISDIR(status.st_mode)
 
 
 def shown_number(value: float) -> str:

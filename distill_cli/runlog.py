@@ -21,6 +21,7 @@ from .config import RunConfig, config_to_dict
 from .errors import DistillError
 from .features import Pair
 from .models import atomic_write_text
+from .rules import found
 
 
 @dataclass
@@ -101,7 +102,7 @@ def remove(path: Path) -> None:
 def first_missing(folder: Path) -> Path | None:
     """The outermost folder of ``folder`` (itself included) that does not exist yet: what creating it would add."""
     missing = None
-    while not folder.exists() and folder.parent != folder:
+    while found(folder) is None and folder.parent != folder:
         missing, folder = folder, folder.parent
     return missing
 

@@ -109,26 +109,55 @@ def test_a_path_longer_than_the_system_takes_is_bad_input(tiny_teacher: Path, tm
     assert result.exit_code == 2 and "longer than this system takes" in one_error_line(result)
 
 
-def test_a_path_longer_than_the_system_takes_is_a_distill_error_in_the_python_api(tmp_path: Path) -> None:
-    """Data, weights and an image were an OSError (ENAMETOOLONG) from the API; the CLI already made it exit 2."""
-    from distill_cli import evaluate, probe_channels
+def test_a_path_longer_than_the_system_takes_is_a_distill_error_in_the_python_api(
+    tmp_path: Path, synthetic_data: Path
+) -> None:
+    """Data, a split in it, weights, an image, a run to resume and a folder to write were an OSError (ENAMETOOLONG)
+    from the API; the CLI already made it exit 2. Each message names the path given (its length says which)."""
+    from distill_cli import evaluate, load_recipe, make_synthetic_dataset, probe_channels, train
     from distill_cli.data import load_data
     from distill_cli.options import image_file_problem
 
-    long = "x" * 300
-    data = tmp_path / "data.yaml"
-    data.write_text(yaml.safe_dump({"path": str(tmp_path), "train": long, "val": long, "names": ["a"]}))
+    long = tmp_path / ("x" * 300)
+    split_too_long = tmp_path / "split.yaml"
+    split_too_long.write_text(yaml.safe_dump({**yaml.safe_load(synthetic_data.read_text()), "train": [str(long)]}))
     calls = {
-        "data": lambda: load_data(f"{long}.yaml"),
-        "a split in the data yaml": lambda: load_data(data),
-        "weights": lambda: evaluate(weights=f"{long}.pt", data=str(data)),
-        "teacher": lambda: probe_channels(teacher=f"{long}.pt", student="yolov8n.yaml"),
-        "image": lambda: image_file_problem(f"{long}.jpg"),
+        "data": (lambda: load_data(f"{long}.yaml"), f"{long}.yaml"),
+        "a split in the data yaml": (lambda: load_data(split_too_long, "val"), long),
+        "weights": (lambda: evaluate(weights=f"{long}.pt", data=str(synthetic_data)), f"{long}.pt"),
+        "teacher": (lambda: probe_channels(teacher=f"{long}.pt", student="yolov8n.yaml"), f"{long}.pt"),
+        "image": (lambda: image_file_problem(f"{long}.jpg"), f"{long}.jpg"),
+        "a run to resume": (lambda: train(resume=long), long),
+        "a dataset folder": (lambda: make_synthetic_dataset(long / "d", 2, 1, 64), long / "d"),
     }
-    for what, call in calls.items():
-        with pytest.raises(DistillError, match="^a path is longer than this system takes: '"):
+    for what, (call, given) in calls.items():
+        named = rf"^a path is longer than this system takes: .*\({len(str(given))} characters\)$"
+        with pytest.raises(DistillError, match=named):
             call()
             pytest.fail(what)
+    assert sorted(tmp_path.iterdir()) == [split_too_long]
+    with pytest.raises(DistillError, match="^unknown recipe"):  # fits as a name, not with .yaml: none of ours
+        load_recipe("y" * 252)
+
+
+def test_a_symlink_loop_or_a_nul_byte_given_as_a_path_is_not_found(tmp_path: Path) -> None:
+    """pathlib reads these as nothing there; the stat that tells a too-long name apart must too, not raise."""
+    from distill_cli.data import load_data
+    from distill_cli.models import load_model
+    from distill_cli.options import image_file_problem
+
+    for name in ("loop.yaml", "loop.pt", "loop.jpg"):
+        (tmp_path / name).symlink_to(tmp_path / name)
+    for given in (tmp_path / "loop.yaml", "a\0b.yaml"):
+        with pytest.raises(DistillError, match="not found"):
+            load_data(given)
+    with pytest.raises(DistillError, match="not found"):
+        load_model(str(tmp_path / "loop.pt"), "teacher")
+    assert (
+        image_file_problem(str(tmp_path / "loop.jpg"))
+        == image_file_problem("a\0b.jpg")
+        == "must be an image file that exists"
+    )
 
 
 def test_the_synthetic_data_maker_never_overwrites_and_checks_its_arguments(
