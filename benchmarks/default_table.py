@@ -22,7 +22,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 Source = list[tuple[str, str]]  # (results file, run label)
 NONE = [("gain-v14-scale0.json", "none")]  # the fine-tune loop of 0.3.7, which no version since has changed
 AT_2 = [("gain-v21-default-seeds.json", "default")]  # version 0.3.12: auto picks 2
-AT_1 = [("gain-v14-cls15-screen.json", "default, losses.cls_kd.weight=1.5")]  # 0.3.8, the same where auto picks 1
 VIEWS = ("gain-v23-views-averaged.json", "default, teacher_scale=1+2")  # 0.3.13's screen, equal to its code
 
 
@@ -42,7 +41,7 @@ def together(view: str, *names: str, threads: str = "") -> Setting:
 
 SETTINGS = {
     "finetune11": together("2", "gain-v30-finetune11.json", threads="0.3.16"),
-    "shared": Setting("2", AT_2, NONE),
+    "shared": together("2", "gain-v33-recheck-shared.json", threads="0.3.18"),
     "scratch": Setting(
         "2",
         [("gain-v22-scratch-seed0.json", "default"), ("gain-v24-scratch-seeds12.json", "default")],
@@ -76,7 +75,7 @@ SETTINGS = {
     "finetune10": together("1", "gain-v27-finetune10.json", "gain-v27-finetune10-seeds34.json", threads="0.3.14"),
     "native": together("1", "gain-v26-native-threads.json", threads="0.3.14"),
     "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", threads="0.3.14"),
-    "imgsz640": Setting("1", AT_1, NONE),
+    "imgsz640": together("1", "gain-v33-recheck-imgsz640.json", threads="0.3.18"),
     "cross11native": together("1", "gain-v31-cross11native.json", threads="0.3.17"),
 }
 
