@@ -48,7 +48,7 @@ SETTINGS = {
         [("gain-v5.json", "none")],
     ),
     "finetune4": Setting("2", AT_2, NONE),
-    "finetune5": Setting("2", AT_2, NONE),
+    "finetune5": together("2", "gain-v33-recheck-finetune5.json", threads="0.3.18"),
     "finetune3": Setting("2", [*AT_2, ("gain-v22-finetune3-seed2.json", "default")], NONE),
     "finetune13": together("2", "gain-v32-short.json", threads="0.3.18"),
     "scratch2": Setting(
