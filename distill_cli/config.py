@@ -228,11 +228,6 @@ def recipe_path(name_or_path: str) -> Path:
         raise DistillError(f"a recipe is a name or a YAML path, got {type(name_or_path).__name__}")
     if not str(name_or_path).strip():
         raise DistillError(f"a recipe is a name or a YAML path, got a blank text; one of: {', '.join(list_recipes())}")
-    return find_recipe(name_or_path)
-
-
-def find_recipe(name_or_path: str | os.PathLike) -> Path:
-    """The file of a shipped recipe's name, or the YAML path given."""
     path = Path(name_or_path)
     shipped = name_or_path in list_recipes()  # a bare shipped name beats a local file or folder of that name
     status = None if shipped else found(path)

@@ -22,7 +22,7 @@ from ultralytics.utils import DATASETS_DIR, IterableSimpleNamespace
 from .config import read_yaml
 from .errors import DistillError
 from .options import SyntheticOptions
-from .rules import found, is_dir, is_file, path_too_long, validated
+from .rules import found, is_file, path_too_long, validated
 from .runlog import check_creatable, first_missing, remove
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
@@ -196,7 +196,8 @@ def make_synthetic_dataset(
     """
     opts = validated(SyntheticOptions, locals())
     root = Path(opts.root)
-    if found(root) is not None and (not is_dir(root) or any(root.iterdir())):
+    status = found(root)
+    if status is not None and (not stat.S_ISDIR(status.st_mode) or any(root.iterdir())):
         raise DistillError(f"'{root}' is not an empty folder; give a new or empty one (nothing is overwritten)")
     check_creatable(root, "the dataset", "another root")
     made = first_missing(root)
