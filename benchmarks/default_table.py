@@ -21,7 +21,6 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 Source = list[tuple[str, str]]  # (results file, run label)
 NONE = [("gain-v14-scale0.json", "none")]  # the fine-tune loop of 0.3.7, which no version since has changed
-AT_2 = [("gain-v21-default-seeds.json", "default")]  # version 0.3.12: auto picks 2
 VIEWS = ("gain-v23-views-averaged.json", "default, teacher_scale=1+2")  # 0.3.13's screen, equal to its code
 
 
@@ -47,9 +46,9 @@ SETTINGS = {
         [("gain-v22-scratch-seed0.json", "default"), ("gain-v24-scratch-seeds12.json", "default")],
         [("gain-v5.json", "none")],
     ),
-    "finetune4": Setting("2", AT_2, NONE),
+    "finetune4": together("2", "gain-v34-recheck-finetune4.json", threads="0.3.18"),
     "finetune5": together("2", "gain-v33-recheck-finetune5.json", threads="0.3.18"),
-    "finetune3": Setting("2", [*AT_2, ("gain-v22-finetune3-seed2.json", "default")], NONE),
+    "finetune3": together("2", "gain-v34-recheck-finetune3.json", threads="0.3.18"),
     "finetune13": together("2", "gain-v32-short.json", threads="0.3.18"),
     "scratch2": Setting(
         "2",
