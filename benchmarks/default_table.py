@@ -20,8 +20,6 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Source = list[tuple[str, str]]  # (results file, run label)
-NONE = [("gain-v14-scale0.json", "none")]  # the fine-tune loop of 0.3.7, which no version since has changed
-VIEWS = ("gain-v23-views-averaged.json", "default, teacher_scale=1+2")  # 0.3.13's screen, equal to its code
 
 
 @dataclass
@@ -57,17 +55,9 @@ SETTINGS = {
     ),
     "cross11": together("2", "gain-v31-cross11.json", threads="0.3.17"),
     "finetune7": together("1+2", "gain-v25-finetune7-threads.json", threads="0.3.14"),
-    "finetune2": Setting(
-        "1+2",
-        [VIEWS, ("gain-v24-finetune2-seeds34.json", "default")],
-        [*NONE, ("gain-v24-finetune2-seeds34.json", "none")],
-    ),
+    "finetune2": together("1+2", "gain-v34-recheck-finetune2.json", threads="0.3.18"),
     "finetune12": together("1+2", "gain-v30-finetune12.json", threads="0.3.16"),
-    "finetune6": Setting(
-        "1+2",
-        [VIEWS, ("gain-v23-finetune6-seeds34.json", "default")],
-        [("gain-v15-finetune6.json", "none"), ("gain-v16-finetune6-seeds34.json", "none")],
-    ),
+    "finetune6": together("1+2", "gain-v34-recheck-finetune6.json", threads="0.3.18"),
     "batch32": together("1", "gain-v26-batch32-threads.json", threads="0.3.14"),
     "finetune8": together("1", "gain-v26-finetune8-threads.json", threads="0.3.14"),
     "finetune14": together("1", "gain-v32-short.json", threads="0.3.18"),

@@ -40,7 +40,9 @@ def test_rows_hold_the_committed_runs(table: ModuleType) -> None:
     assert "| 0,1,2,3,4 (0.3.18) |" in line
     assert "**0.551 ±0.003 / 0.538 ±0.005** | 0.545 / 0.550 | 107% / 89% |" in line
     assert counts == [10, 10, 10, 10]
-    # seeds from two files each, for the default and for none: finetune2's seed 3 is below none on val (0.5666, 0.5725)
+    # seeds 0-2 and 3-4 from two files, for the default and for none: below none on val in seed 0 and on test in seed 2
+    assert table.row("finetune9")[1] == [8, 10, 10, 10]
+    # one file, both recipes seed for seed (0.3.18): seed 2 is below none on val (0.5669 against 0.5742)
     assert table.row("finetune2")[1] == [9, 10, 10, 10]
     # rerun whole with 0.3.14 (one file, marked): test seeds 0, 2 and 4 below none (0.5686, 0.5742 for seed 0)
     line, counts = table.row("batch32")
