@@ -20,7 +20,7 @@ from .evaluation import threads_kept, validator_device
 from .models import load_model, stride_multiple
 from .options import ExportOptions
 from .rules import validated
-from .runlog import check_creatable, first_missing, remove
+from .runlog import check_creatable, first_missing, removed_on_failure
 
 
 def export(
@@ -57,15 +57,13 @@ def export(
             raise DistillError(f"export to {opts.format} failed: {type(e).__name__}: {e}", EXIT_RUNTIME) from e
         if x is not None:
             result["max_abs_diff"] = onnx_parity(opts.weights, exported, x)
-        made = first_missing(target.parent)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(exported), target)  # a copy across filesystems: it can be cut short
-        except BaseException as e:  # a full disk, the folder changed under us, a stop: no part of the file is left
-            remove(made or target)
-            if isinstance(e, OSError):
+        # a full disk, the folder changed under us, a stop: no part of the file (or of a folder made for it) is left
+        with removed_on_failure(first_missing(target.parent) or target):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(exported), target)  # a copy across filesystems: it can be cut short
+            except OSError as e:
                 raise DistillError(f"cannot write '{target}' ({e.strerror or e})", EXIT_RUNTIME) from e
-            raise
     return result
 
 

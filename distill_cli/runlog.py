@@ -49,19 +49,17 @@ def new_run_dir(project: str | Path, name: str, what: str = "the run directory",
     """``project/name``, or ``name2``, ``name3``... if taken: an earlier run is never overwritten. Folders above it
     that this made are removed again when it fails."""
     project = Path(project)
-    made = first_missing(project)
     try:
-        project.mkdir(parents=True, exist_ok=True)
-        for n in range(1, 10000):
-            candidate = project / (name if n == 1 else f"{name}{n}")
-            try:
-                candidate.mkdir()
-                return candidate
-            except FileExistsError:
-                continue
+        with removed_on_failure(first_missing(project)):
+            project.mkdir(parents=True, exist_ok=True)
+            for n in range(1, 10000):
+                candidate = project / (name if n == 1 else f"{name}{n}")
+                try:
+                    candidate.mkdir()
+                    return candidate
+                except FileExistsError:
+                    continue
     except OSError as e:
-        if made is not None:
-            remove(made)
         raise DistillError(f"cannot create {what} under '{project}' ({e.strerror}); use {hint}") from e
     raise DistillError(f"no free name '{name}N' under '{project}'; give another name")
 
@@ -84,10 +82,19 @@ def output_dir(project: str | Path, name: str, what: str, hint: str) -> Iterator
     when the command fails inside the block (an interruption included)."""
     made = first_missing(Path(project))
     folder = new_run_dir(project, name, what, hint)
-    try:
+    with removed_on_failure(made or folder):
         yield folder
+
+
+@contextlib.contextmanager
+def removed_on_failure(made: Path | None) -> Iterator[None]:
+    """Remove ``made`` (what the block creates: its outermost new folder, or a file; None: nothing) when the block
+    raises, an interruption included, so that a failed command leaves nothing behind."""
+    try:
+        yield
     except BaseException:
-        shutil.rmtree(made or folder, ignore_errors=True)
+        if made is not None:
+            remove(made)
         raise
 
 

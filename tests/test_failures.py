@@ -70,6 +70,12 @@ def half_written_then_stopped(source: str, target: str | Path) -> None:
     terminate()
 
 
+def half_written_then_disk_full(source: str, target: str | Path) -> None:
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    Path(target).write_bytes(b"part of a file")
+    disk_full()
+
+
 def terminate(*args: object, **kwargs: object) -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: an interruption as Ctrl-C is, not a silent exit 143
     raise AssertionError("the signal did not arrive")
@@ -94,6 +100,11 @@ def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list
             ["export", "--weights", student, "--imgsz", "64", "--format", "torchscript", "--output", "new/s.ts"],
             "distill_cli.exporter.shutil.move",
             half_written_then_stopped,
+        ),
+        "export-disk-full": (
+            ["export", "--weights", student, "--imgsz", "64", "--format", "torchscript", "--output", "new/s.ts"],
+            "distill_cli.exporter.shutil.move",
+            half_written_then_disk_full,
         ),
         "compare-disk-full": (
             ["compare", "--weights", student, teacher, "--data", data, *base],
@@ -126,6 +137,7 @@ def late_failures(data: str, teacher: str, student: str) -> dict[str, tuple[list
             "compare-disk-full",
             "export",
             "export-sigterm",
+            "export-disk-full",
         ),
         *("demo", "demo-sigterm", "demo-disk-full", "probe-channels"),
     ],
@@ -144,7 +156,8 @@ def test_a_failed_command_leaves_the_folder_as_it_was(
     args, target, breaker = late_failures(str(synthetic_data), str(tiny_teacher), str(student))[case]
     monkeypatch.setattr(target, breaker)
     result = runner.invoke(app, args)
-    assert result.exit_code == {fail: 1, disk_full: EXIT_RUNTIME}.get(breaker, EXIT_INTERRUPTED), result.output
+    exits = {fail: 1, disk_full: EXIT_RUNTIME, half_written_then_disk_full: EXIT_RUNTIME}
+    assert result.exit_code == exits.get(breaker, EXIT_INTERRUPTED), result.output
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert tree(quiet_folder) == before
