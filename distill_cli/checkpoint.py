@@ -21,7 +21,7 @@ from .errors import EXIT_INTERRUPTED, DistillError, sigterm_interrupts
 from .models import read_checkpoint, save_student
 from .report import Baseline
 from .rules import is_dir, is_file, shown
-from .runlog import RunLog, check_creatable, first_missing, new_run_dir, remove
+from .runlog import RunLog, check_creatable, first_missing, new_run_dir, undo
 
 # resume loads safely only, so there is no --trust-checkpoint to offer
 UNSAFE_RESUME = (
@@ -191,7 +191,7 @@ class RunGuard:
             return self._interrupted(None) if exc_type and issubclass(exc_type, KeyboardInterrupt) else False
         last = self.run_dir / "weights" / "last.pt"
         if self.created and not last.is_file():
-            remove(self.made or self.run_dir)
+            undo(self.run_dir, self.made)
             return self._interrupted(None) if issubclass(exc_type, KeyboardInterrupt) else False
         can_resume = resumable(last)
         if issubclass(exc_type, KeyboardInterrupt):

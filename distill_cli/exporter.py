@@ -57,8 +57,9 @@ def export(
             raise DistillError(f"export to {opts.format} failed: {type(e).__name__}: {e}", EXIT_RUNTIME) from e
         if x is not None:
             result["max_abs_diff"] = onnx_parity(opts.weights, exported, x)
+        check_target(target, named=bool(opts.output))  # again: another command may have written it meanwhile
         # a full disk, the folder changed under us, a stop: no part of the file (or of a folder made for it) is left
-        with removed_on_failure(first_missing(target.parent) or target):
+        with removed_on_failure(target, first_missing(target.parent)):
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(exported), target)  # a copy across filesystems: it can be cut short

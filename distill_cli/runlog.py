@@ -49,18 +49,21 @@ def new_run_dir(project: str | Path, name: str, what: str = "the run directory",
     """``project/name``, or ``name2``, ``name3``... if taken: an earlier run is never overwritten. Folders above it
     that this made are removed again when it fails."""
     project = Path(project)
+    made = first_missing(project)
     try:
-        with removed_on_failure(first_missing(project)):
-            project.mkdir(parents=True, exist_ok=True)
-            for n in range(1, 10000):
-                candidate = project / (name if n == 1 else f"{name}{n}")
-                try:
-                    candidate.mkdir()
-                    return candidate
-                except FileExistsError:
-                    continue
-    except OSError as e:
-        raise DistillError(f"cannot create {what} under '{project}' ({e.strerror}); use {hint}") from e
+        project.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10000):
+            candidate = project / (name if n == 1 else f"{name}{n}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except BaseException as e:  # an interruption too
+        prune(project, made)
+        if isinstance(e, OSError):
+            raise DistillError(f"cannot create {what} under '{project}' ({e.strerror}); use {hint}") from e
+        raise
     raise DistillError(f"no free name '{name}N' under '{project}'; give another name")
 
 
@@ -82,28 +85,47 @@ def output_dir(project: str | Path, name: str, what: str, hint: str) -> Iterator
     when the command fails inside the block (an interruption included)."""
     made = first_missing(Path(project))
     folder = new_run_dir(project, name, what, hint)
-    with removed_on_failure(made or folder):
+    with removed_on_failure(folder, made):
         yield folder
 
 
 @contextlib.contextmanager
-def removed_on_failure(made: Path | None) -> Iterator[None]:
-    """Remove ``made`` (what the block creates: its outermost new folder, or a file; None: nothing) when the block
-    raises, an interruption included, so that a failed command leaves nothing behind."""
+def removed_on_failure(created: Path, made: Path | None) -> Iterator[None]:
+    """When the block raises, an interruption included: remove ``created`` (the folder or file it makes) and the
+    folders above it that the command made (up to ``made``, the outermost), so that a failed command leaves nothing
+    behind."""
     try:
         yield
     except BaseException:
-        if made is not None:
-            remove(made)
+        undo(created, made)
         raise
 
 
+def undo(created: Path, made: Path | None) -> None:
+    """Remove ``created``, then the folders above it up to ``made`` while they are empty: another command started
+    beside this one may have put its own run in a project folder this one made."""
+    remove(created)
+    prune(created.parent, made)
+
+
+def prune(folder: Path, made: Path | None) -> None:
+    """Remove ``folder`` and the folders above it, up to ``made``, while they are empty (None: this made none)."""
+    while made is not None and (folder == made or made in folder.parents):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone else's output), or gone
+            return
+        folder = folder.parent
+
+
 def remove(path: Path) -> None:
-    """What a failed command created: new folders, or a partly written file (or a folder, for some export formats)."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    """What a failed command created: a folder, or a partly written file (or a folder, for some export formats).
+    Never raises: it runs while another error is on its way to the user."""
+    with contextlib.suppress(OSError):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def first_missing(folder: Path) -> Path | None:

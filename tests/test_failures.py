@@ -214,6 +214,45 @@ def test_an_interruption_after_the_first_checkpoint_resumes(run_kwargs: dict) ->
     assert train(resume=run_dir).epochs_done == 1
 
 
+def test_a_failed_run_leaves_the_run_started_beside_it_in_the_project_folder_it_made(
+    run_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = Path(run_kwargs["project"])
+    assert not project.exists()  # this run makes it; main removed it whole, with the other run in it
+    theirs = project / "exp2" / "weights" / "last.pt"
+
+    def another_run_starts_then_this_one_fails(*args: object, **kwargs: object) -> None:
+        theirs.parent.mkdir(parents=True)  # a second ``train --project`` started meanwhile
+        theirs.write_bytes(b"its checkpoint")
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr("distill_cli.training.measure_baseline", another_run_starts_then_this_one_fails)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(recipe="cwd", **run_kwargs)
+    assert theirs.read_bytes() == b"its checkpoint"
+    assert sorted(path.name for path in project.iterdir()) == ["exp2"]
+
+
+def test_an_export_target_written_meanwhile_is_kept(
+    quiet_folder: Path, small_student: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distill_cli import exporter
+
+    target = quiet_folder / "s.torchscript"
+    checked = exporter.check_target
+
+    def written_after_the_first_check(path: Path, named: bool) -> None:
+        checked(path, named)
+        if not target.exists():
+            target.write_bytes(b"another export")  # a second export of the same weights, finished first
+
+    monkeypatch.setattr(exporter, "check_target", written_after_the_first_check)
+    result = runner.invoke(app, ["export", "--weights", str(small_student), "--imgsz", "64", "--format",
+                                 "torchscript", "--output", str(target)])  # fmt: skip
+    assert result.exit_code == EXIT_USAGE and "already exists" in result.stderr, result.output
+    assert target.read_bytes() == b"another export"  # main moved its own file over it
+
+
 def test_unusable_training_images_leave_no_run_folder(run_kwargs: dict, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(Path(run_kwargs["data"]).parent, root)
