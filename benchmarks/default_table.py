@@ -1,11 +1,10 @@
 """The README's table of the default recipe in every setting, read from the committed ``benchmarks/gain.py`` results.
 
-Each setting names the runs that are today's code there: where a version changed nothing in a setting (the teacher at 1
-from 416 px, at 2 at 320 px and below), it keeps the runs of the version that last did (benchmarks/RESULTS.md says
-which). A setting all of whose seeds of both recipes ran with 0.3.14 or later, which trains on both CPU threads (other
-float sums, the same method), uses those runs, marked with that version. ``none`` is seed-matched; ``gap closed`` is
-how far the default went from the student as given to the teacher scored at the student's size. Each setting's
-schedule is read from its runs' record. No training here: it only reads JSON.
+Each setting names the runs that are today's code there: both recipes seed for seed, with 0.3.14 or later, which
+trains on both CPU threads (other float sums, the same method), marked with that version; where a later version changed
+nothing in a setting, it keeps the runs of the version that last did (benchmarks/RESULTS.md says which). ``none`` is
+seed-matched; ``gap closed`` is how far the default went from the student as given to the teacher scored at the
+student's size. Each setting's schedule is read from its runs' record. No training here: it only reads JSON.
 
     python benchmarks/default_table.py
 """
@@ -27,10 +26,10 @@ class Setting:
     view: str  # what teacher_scale auto picks there for the 512-px teacher, in the runs named
     default: Source
     none: Source
-    threads: str = ""  # the version (0.3.14 or later) with which every seed of both recipes ran on both CPU threads
+    threads: str  # the version (0.3.14 or later) with which every seed of both recipes ran on both CPU threads
 
 
-def together(view: str, *names: str, threads: str = "") -> Setting:
+def together(view: str, *names: str, threads: str) -> Setting:
     """A setting whose default and none ran together, seed for seed, in these results files (later ones adding
     seeds)."""
     return Setting(view, [(name, "default") for name in names], [(name, "none") for name in names], threads)
@@ -39,20 +38,12 @@ def together(view: str, *names: str, threads: str = "") -> Setting:
 SETTINGS = {
     "finetune11": together("2", "gain-v30-finetune11.json", threads="0.3.16"),
     "shared": together("2", "gain-v33-recheck-shared.json", threads="0.3.18"),
-    "scratch": Setting(
-        "2",
-        [("gain-v22-scratch-seed0.json", "default"), ("gain-v24-scratch-seeds12.json", "default")],
-        [("gain-v5.json", "none")],
-    ),
+    "scratch": together("2", "gain-v35-recheck-scratch.json", threads="0.3.18"),
     "finetune4": together("2", "gain-v34-recheck-finetune4.json", threads="0.3.18"),
     "finetune5": together("2", "gain-v33-recheck-finetune5.json", threads="0.3.18"),
     "finetune3": together("2", "gain-v34-recheck-finetune3.json", threads="0.3.18"),
     "finetune13": together("2", "gain-v32-short.json", threads="0.3.18"),
-    "scratch2": Setting(
-        "2",
-        [("gain-v22-scratch2-seed0.json", "default"), ("gain-v24-scratch2-seed1.json", "default")],
-        [("gain-v5.json", "none")],
-    ),
+    "scratch2": together("2", "gain-v35-recheck-scratch2.json", threads="0.3.18"),
     "cross11": together("2", "gain-v31-cross11.json", threads="0.3.17"),
     "finetune7": together("1+2", "gain-v25-finetune7-threads.json", threads="0.3.14"),
     "finetune2": together("1+2", "gain-v34-recheck-finetune2.json", threads="0.3.18"),
@@ -126,8 +117,7 @@ def row(setting: str) -> tuple[str, list[int]]:
     cells = 2 * len(seeds)
     start = "" if given else f"{Path(schedule['student']).name}, "
     what = f"{setting}: {start}{schedule['epochs']} epochs, batch {schedule['batch']}"
-    version = f" ({entry.threads})" if entry.threads else ""
-    cols = [what, f"{schedule['imgsz']} ({entry.view})", ",".join(seeds) + version]
+    cols = [what, f"{schedule['imgsz']} ({entry.view})", ",".join(seeds) + f" ({entry.threads})"]
     cols += [" / ".join(parts[key]) or "-" for key in ("given", "none")]
     cols += [f"**{' / '.join(parts['default'])}**", " / ".join(parts["teacher"]), " / ".join(parts["gap"]) or "-"]
     cols.append(f"{above_none}/{cells} / " + (f"{above_given}/{cells}" if given else "-"))
