@@ -45,6 +45,7 @@ SETTINGS = {
     "finetune13": together("2", "gain-v32-short.json", threads="0.3.18"),
     "scratch2": together("2", "gain-v35-recheck-scratch2.json", threads="0.3.18"),
     "cross11": together("2", "gain-v31-cross11.json", threads="0.3.17"),
+    "cross26": together("2", "gain-v35-cross26.json", threads="0.3.18"),
     "finetune7": together("1+2", "gain-v25-finetune7-threads.json", threads="0.3.14"),
     "finetune2": together("1+2", "gain-v34-recheck-finetune2.json", threads="0.3.18"),
     "finetune12": together("1+2", "gain-v30-finetune12.json", threads="0.3.16"),
