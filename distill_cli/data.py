@@ -23,7 +23,7 @@ from .config import read_yaml
 from .errors import DistillError
 from .options import SyntheticOptions
 from .rules import found, is_file, path_too_long, validated
-from .runlog import check_creatable, first_missing, prune, remove
+from .runlog import check_creatable, first_missing, remove, undo
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
 
@@ -204,9 +204,11 @@ def make_synthetic_dataset(
     try:
         draw_dataset(root, opts)
     except BaseException:
-        for path in [root] if made else list(root.iterdir()):  # an empty folder before: all in it is this call's
-            remove(path)
-        prune(root.parent, made)
+        if made:
+            undo(root, made)
+        else:  # an empty folder before: all in it is this call's
+            for path in list(root.iterdir()):
+                remove(path)
         raise
     return root / "data.yaml"
 
