@@ -64,15 +64,18 @@ def disk_full(*args: object, **kwargs: object) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "report.md")
 
 
-def half_written_then_stopped(source: str, target: str | Path) -> None:
+def write_part_of(target: str | Path) -> None:
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     Path(target).write_bytes(b"part of a file")  # a move across filesystems is a copy, cut short here
+
+
+def half_written_then_stopped(source: str, target: str | Path) -> None:
+    write_part_of(target)
     terminate()
 
 
 def half_written_then_disk_full(source: str, target: str | Path) -> None:
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
-    Path(target).write_bytes(b"part of a file")
+    write_part_of(target)
     disk_full()
 
 
