@@ -21,7 +21,7 @@ from .errors import EXIT_INTERRUPTED, DistillError, sigterm_interrupts
 from .models import read_checkpoint, save_student
 from .report import Baseline
 from .rules import is_dir, is_file, shown
-from .runlog import RunLog, check_creatable, first_missing, new_run_dir, undo
+from .runlog import RunLog, check_creatable, new_run_dir, undo
 
 # resume loads safely only, so there is no --trust-checkpoint to offer
 UNSAFE_RESUME = (
@@ -175,8 +175,8 @@ class RunGuard:
         self.signals = contextlib.ExitStack()
 
     def create(self, project: str, name: str) -> Path:
-        self.made = first_missing(Path(project))  # the project folder too, if this run creates it
-        self.run_dir, self.created = new_run_dir(project, name), True
+        self.run_dir, self.made = new_run_dir(project, name)  # made: the project folder too, if this run creates it
+        self.created = True
         return self.run_dir
 
     def __enter__(self) -> RunGuard:

@@ -45,9 +45,12 @@ class TrainResult:
         return fitness(self.best_metrics) > fitness(self.start_metrics) if self.start_metrics else None
 
 
-def new_run_dir(project: str | Path, name: str, what: str = "the run directory", hint: str = "--project DIR") -> Path:
-    """``project/name``, or ``name2``, ``name3``... if taken: an earlier run is never overwritten. Folders above it
-    that this made are removed again when it fails."""
+def new_run_dir(
+    project: str | Path, name: str, what: str = "the run directory", hint: str = "--project DIR"
+) -> tuple[Path, Path | None]:
+    """``project/name``, or ``name2``, ``name3``... if taken: an earlier run is never overwritten; returned with the
+    outermost folder above it that this made (None: none), for ``undo``. Folders above it that this made are removed
+    again when it fails."""
     project = Path(project)
     made = first_missing(project)
     try:
@@ -56,7 +59,7 @@ def new_run_dir(project: str | Path, name: str, what: str = "the run directory",
             candidate = project / (name if n == 1 else f"{name}{n}")
             try:
                 candidate.mkdir()
-                return candidate
+                return candidate, made
             except FileExistsError:
                 continue
     except BaseException as e:  # an interruption too
@@ -83,8 +86,7 @@ def check_creatable(folder: str | Path, what: str = "the run directory", hint: s
 def output_dir(project: str | Path, name: str, what: str, hint: str) -> Iterator[Path]:
     """A new folder ``project/name`` (or ``name2``...) for a command's output, removed again with everything in it
     when the command fails inside the block (an interruption included)."""
-    made = first_missing(Path(project))
-    folder = new_run_dir(project, name, what, hint)
+    folder, made = new_run_dir(project, name, what, hint)
     with removed_on_failure(folder, made):
         yield folder
 
