@@ -116,8 +116,15 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     if cfg.recipe is None:  # every run saves the recipe it resolved
         raise DistillError(f"--resume {path}: its config holds no recipe; give the run dir of a yolodistill run")
     run_dir = resumed_run_dir(last, resume.get("run_dir")) if isinstance(resume, dict) else None
-    if run_dir is None:
+    epoch = resume.get("epoch") if isinstance(resume, dict) else None
+    if run_dir is None or not isinstance(epoch, int) or not -1 <= epoch < cfg.epochs - 1:
         raise DistillError(f"--resume {path}: its resume state is incomplete; give the run dir of a yolodistill run")
+    own = run_dir / "weights" / "last.pt"
+    if own.exists() and not own.samefile(last):  # a copy of last.pt would write over the run that went on without it
+        raise DistillError(
+            f"--resume {path}: its run folder '{run_dir}' holds its own last.pt; resume '{run_dir}', or copy that "
+            f"folder with this file as its weights/last.pt and resume the copy"
+        )
     return cfg, {**resume, "run_dir": str(run_dir)}
 
 
@@ -133,6 +140,20 @@ def resumed_run_dir(last: Path, saved: str | None) -> Path | None:
 
 
 def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, train_loader) -> int:
+    """The run's state from its last.pt; the epoch to go on with. A state that does not fit the run as built now
+    (the data's classes changed, the file was edited) is bad input."""
+    try:
+        return load_state(state, ckpt, log, train_loader)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])[:160]
+        raise DistillError(
+            f"--resume {ckpt['run_dir']}: its saved state does not fit the run as built now (did the data yaml's "
+            f"classes or the models change?): {detail}; start a new run"
+        ) from e
+
+
+def load_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, train_loader) -> int:
     distiller = state.distiller
     distiller.student.load_state_dict(ckpt["student"])
     distiller.terms.load_state_dict(ckpt["terms"])

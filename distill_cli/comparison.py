@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +71,25 @@ def model_labels(weights: list[str]) -> list[str]:
 
 
 def sample_images(source: str | list[str], count: int) -> list[Path]:
+    """The first ``count`` images of the split that OpenCV can read (the validator skips a corrupt one too)."""
     folders = source if isinstance(source, list) else [source]
     files: list[Path] = []
     for folder in map(Path, folders):
         if folder.is_dir():
             files += sorted(p for p in folder.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
-    return files[:count]
+    readable = (path for path in files if cv2.imread(str(path)) is not None)
+    return list(itertools.islice(readable, count))
 
 
 def draw_ground_truth(path: Path) -> np.ndarray:
     image = cv2.imread(str(path))
     height, width = image.shape[:2]
     label = Path(img2label_paths([str(path)])[0])
-    rows = [parsed for line in label.read_text().splitlines() if (parsed := box_row(line))] if label.is_file() else []
+    try:
+        lines = label.read_text().splitlines() if label.is_file() else []
+    except (OSError, UnicodeDecodeError):  # a label file the validator cannot read either: drawn without boxes
+        lines = []
+    rows = [parsed for line in lines if (parsed := box_row(line))]
     boxes = [
         ((x - w / 2) * width, (y - h / 2) * height, (x + w / 2) * width, (y + h / 2) * height) for _, x, y, w, h in rows
     ]
@@ -90,12 +97,13 @@ def draw_ground_truth(path: Path) -> np.ndarray:
 
 
 def box_row(line: str) -> tuple[float, ...] | None:
-    """``class x y w h`` of a label line, or None for a line the validator skips too (wrong count, not numbers)."""
+    """``class x y w h`` of a label line, or None for a line the validator skips too (wrong count, not finite
+    numbers)."""
     try:
         values = tuple(float(v) for v in line.split())
     except ValueError:
         return None
-    return values if len(values) == 5 else None
+    return values if len(values) == 5 and all(map(np.isfinite, values)) else None
 
 
 def draw_predictions(path: Path, weights: str, imgsz: int) -> np.ndarray:

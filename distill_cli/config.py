@@ -37,6 +37,9 @@ ADAPTER_INITS = ("fit", "random")
 MAX_TEACHER_SCALE = 2.0  # the view mapping pairs each student level with two teacher levels (teacher_scale.py)
 TEACHER_SCALE_TEXT = f"auto, a number in [1, {MAX_TEACHER_SCALE:g}], or such numbers joined by + (views averaged)"
 MAX_IMGSZ = 16384
+# a training batch of one image at 32 px leaves BatchNorm one value per channel in the stride-32 maps (torch refuses
+# it); from 64 px they are 2x2
+TRAIN_MIN_IMGSZ = 64
 # optimizers step in float32 (at most 3.4e38): a larger LR or weight decay (scaled by batch / nbs, and by warm-up) is an
 # overflow error, not a run that fails
 MAX_STEP_SIZE = 1e30
@@ -47,8 +50,9 @@ def ranged(default: Any, **kwargs: Any) -> Any:
     return field(default=default, metadata=rule(**kwargs))
 
 
-def imgsz_field(default: int) -> Any:
-    return ranged(default, ge=32, le=MAX_IMGSZ)
+def imgsz_field(default: int, least: int = 32) -> Any:
+    """An image size; training takes ``least=TRAIN_MIN_IMGSZ``."""
+    return ranged(default, ge=least, le=MAX_IMGSZ)
 
 
 def _optimizers() -> tuple[str, ...]:
@@ -137,7 +141,7 @@ class RunConfig:
     recipe_name: str = DEFAULT_RECIPE
     epochs: int = ranged(100, ge=1)
     batch: int = ranged(16, ge=1)
-    imgsz: int = imgsz_field(640)
+    imgsz: int = imgsz_field(640, least=TRAIN_MIN_IMGSZ)
     device: str = ranged("", check=device_problem, text="cpu, cuda, 0, cuda:1 or 0,1")  # "" = cuda:0 if any, else cpu
     workers: int = ranged(8, ge=0)
     amp: bool = True
@@ -197,8 +201,10 @@ def _loss_entry(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise DistillError(f"recipe loss '{name}': 'params' must be a mapping")
     beside = {k: v for k, v in value.items() if k not in spec_keys | {"params"}}
-    if twice := sorted(set(params) & set(beside)):
-        raise DistillError(f"recipe loss '{name}': {', '.join(twice)} given in 'params' and beside it; give it once")
+    if twice := sorted(set(params) & set(beside), key=str):
+        raise DistillError(
+            f"recipe loss '{name}': {', '.join(map(str, twice))} given in 'params' and beside it; give it once"
+        )
     entry["params"] = {**params, **beside}
     entry.setdefault("type", name)
     return entry
@@ -253,6 +259,9 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in recipes_folder().glob("*.yaml"))
 
 
+TOO_DEEP = "nested deeper than Python's recursion limit"
+
+
 def read_yaml(path: Path, what: str) -> Any:
     try:
         return yaml.safe_load(path.read_text())
@@ -260,6 +269,8 @@ def read_yaml(path: Path, what: str) -> Any:
         raise DistillError(f"cannot read {what} {shown(str(path))}: {e}") from e
     except yaml.YAMLError as e:
         raise DistillError(f"{what} {shown(str(path))} is not valid YAML: {str(e).splitlines()[0]}") from e
+    except RecursionError as e:
+        raise DistillError(f"{what} {shown(str(path))} is not valid YAML: {TOO_DEEP}") from e
 
 
 def load_recipe(name_or_path: str = DEFAULT_RECIPE) -> Recipe:
@@ -281,6 +292,8 @@ def load_recipe(name_or_path: str = DEFAULT_RECIPE) -> Recipe:
 def names_its_terms(cfg: RunConfig) -> bool:
     """Whether ``recipe_name`` (a shipped name or a YAML path) loads to ``cfg.recipe``'s terms: a blank, unknown or
     unreadable name, or one whose terms differ, would mislabel the run."""
+    if not isinstance(cfg.recipe, Recipe):  # the Python API's RunConfig(recipe="cwd"): apply_overrides refuses it
+        return False
     try:
         return same_terms(cfg.recipe, load_recipe(cfg.recipe_name))
     except (DistillError, OSError):  # a label check: what cannot be read is not the run's recipe
@@ -301,21 +314,25 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise DistillError(f"--set expects key=value, got '{item}'")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except (yaml.YAMLError, ValueError) as e:  # ValueError: an int beyond Python's 4300 digits
-            raise DistillError(f"--set {key.strip()}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond Python's 4300 digits
+            why = TOO_DEEP if isinstance(e, RecursionError) else str(e).splitlines()[0]
+            raise DistillError(f"--set {key.strip()}: the value is not valid YAML ({why})") from e
     return out
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The run config as plain YAML data; loss entries are flat (method parameters beside weight and schedule)."""
     data = asdict(cfg)
-    if data["recipe"] is not None:
-        data["recipe"]["losses"] = {k: _flat_loss(v) for k, v in data["recipe"]["losses"].items()}
+    recipe = data["recipe"]  # a Recipe object of the Python API may hold anything: config_from_dict checks it
+    if isinstance(recipe, dict) and isinstance(recipe["losses"], dict):
+        recipe["losses"] = {k: _flat_loss(v) for k, v in recipe["losses"].items()}
     return data
 
 
-def _flat_loss(spec: dict[str, Any]) -> dict[str, Any]:
-    params = spec.pop("params", {})
+def _flat_loss(spec: Any) -> Any:
+    if not isinstance(spec, dict) or not isinstance(spec.get("params"), dict):
+        return spec  # a term that is no LossSpec, or params that are no mapping: recipe_from_dict names it
+    params = spec.pop("params")
     return {**spec, **params}
 
 

@@ -39,6 +39,8 @@ def export(
     """
     opts = validated(ExportOptions, locals())
     on = validator_device(opts.device)
+    if opts.format == "engine" and on == "cpu":  # ultralytics' exporter refuses it after loading: bad input, first
+        raise DistillError("--format engine (TensorRT) exports on a GPU; pass --device 0")
     model = load_model(opts.weights, "weights", trust=opts.trust_checkpoint)  # the safe load vets the file first
     imgsz = stride_multiple(opts.imgsz, int(model.stride.max()))  # the size ultralytics' exporter would use
     suffix = dict(zip(*(export_formats()[k] for k in ("Argument", "Suffix")), strict=True))[opts.format]
@@ -72,7 +74,7 @@ def check_target(target: Path, named: bool) -> None:
     """Bad input before any work: a target that exists (nothing is overwritten), a folder that cannot be made, or a
     name longer than the filesystem takes."""
     try:
-        exists = target.exists()
+        exists = target.exists() or target.is_symlink()  # a dangling link too: the export would replace it
         missing = first_missing(target.parent)
         longest = os.pathconf(missing.parent if missing else target.parent, "PC_NAME_MAX")
     except OSError as e:

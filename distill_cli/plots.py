@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+Draw = TypeVar("Draw", bound=Callable[..., Path])
+
+
+def plain_text(draw: Draw) -> Draw:
+    """Labels are drawn as given: a class, term or file name with ``$...$`` in it is no TeX (matplotlib's math
+    parser would fail on it, or change it)."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn  # type: ignore[return-value]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -18,6 +35,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+@plain_text
 def loss_curves(steps: list[int], series: dict[str, list[float]], path: Path) -> Path:
     """Two panels: raw values (detection items and unweighted terms), and what enters the total (weighted)."""
     fig, (raw, weighted) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -32,6 +50,7 @@ def loss_curves(steps: list[int], series: dict[str, list[float]], path: Path) ->
     return _save(fig, path)
 
 
+@plain_text
 def metric_curves(epochs: list[int], metrics: dict[str, list[float]], teacher: dict[str, float], path: Path) -> Path:
     fig, axis = plt.subplots(figsize=(7, 4.5))
     for index, (name, values) in enumerate(metrics.items()):
@@ -46,6 +65,7 @@ def metric_curves(epochs: list[int], metrics: dict[str, list[float]], teacher: d
     return _save(fig, path)
 
 
+@plain_text
 def schedules(steps: np.ndarray, weights: dict[str, np.ndarray], steps_per_epoch: int, path: Path) -> Path:
     fig, axis = plt.subplots(figsize=(7, 4))
     for name, values in weights.items():
@@ -58,6 +78,7 @@ def schedules(steps: np.ndarray, weights: dict[str, np.ndarray], steps_per_epoch
     return _save(fig, path)
 
 
+@plain_text
 def grouped_bars(groups: list[str], series: dict[str, list[float]], ylabel: str, title: str, path: Path) -> Path:
     fig, axis = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(series)) / 2), 4.5))
     width = 0.8 / max(len(series), 1)
@@ -72,6 +93,7 @@ def grouped_bars(groups: list[str], series: dict[str, list[float]], ylabel: str,
     return _save(fig, path)
 
 
+@plain_text
 def pr_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path) -> Path:
     fig, axis = plt.subplots(figsize=(6, 5))
     for name, (recall, precision) in curves.items():
@@ -85,6 +107,7 @@ def pr_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path) ->
     return _save(fig, path)
 
 
+@plain_text
 def image_grid(rows: list[list[np.ndarray]], titles: list[str], path: Path) -> Path:
     """rows of RGB images (one row per sample image, one column per model); ``titles`` name the columns."""
     cols = len(titles)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -15,7 +16,7 @@ from . import plots
 from .engine import TrainState, preprocess, validate
 from .evaluation import Validation
 from .features import as_rows
-from .models import class_names
+from .models import atomic_write_text, class_names
 from .runlog import fitness
 from .schedule import weight_factor
 
@@ -102,9 +103,32 @@ def write_report(
     final: Validation | None,
     agreement_after: dict[str, float],
 ) -> Path:
-    """report.md and its PNGs in the run dir; returns the report's path."""
-    figures = run_dir / "report"
-    figures.mkdir(exist_ok=True)
+    """report.md and its PNGs (``report/``) in the run dir, both or neither: the PNGs are drawn into a hidden folder
+    that becomes ``report/`` once all are drawn (a failed or interrupted drawing leaves nothing). Returns the path."""
+    partial = run_dir / ".report-partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        text = report_text(run_dir, state, log, baseline, final, agreement_after, partial)
+        shutil.rmtree(run_dir / "report", ignore_errors=True)
+        partial.rename(run_dir / "report")
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    path = run_dir / "report.md"
+    atomic_write_text(path, text)
+    return path
+
+
+def report_text(
+    run_dir: Path,
+    state: TrainState,
+    log: Any,
+    baseline: Baseline,
+    final: Validation | None,
+    agreement_after: dict[str, float],
+    figures: Path,
+) -> str:
+    """report.md's text; its figures are drawn into ``figures`` (the markdown names them under report/)."""
     cfg, history = state.cfg, log.history
     lines = [
         f"# Distillation report: {run_dir.name}",
@@ -134,9 +158,7 @@ def write_report(
         lines += ["## Distillation weights", "", "![schedules](report/schedules.png)", ""]
     lines += per_class_section(baseline, final, figures)
     lines += agreement_section(baseline.agreement, agreement_after, figures)
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return "\n".join(lines) + "\n"
 
 
 def summary_table(baseline: Baseline, final: Validation | None, log: Any) -> list[str]:

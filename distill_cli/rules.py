@@ -16,6 +16,7 @@ import numbers
 import operator
 import os
 import re
+import reprlib
 import stat
 import types
 import typing
@@ -159,15 +160,19 @@ def check_function(value: Any, where: str, shape: str) -> None:
         raise DistillError(f"'{where}' must be a function {shape} or None, got {shown(value)}")
 
 
+_BRIEF = reprlib.Repr()  # a nested value's repr, at most 3 levels deep (Python 3.11's Repr takes no arguments)
+_BRIEF.maxlevel = 3
+
+
 def shown(value: Any) -> str:
     """A value for a one-line message: its repr where short; a long text cut, with its length; any other long
     value by its type (a whole Recipe would fill the screen)."""
-    text = repr(value)
-    if len(text) <= 80:
-        return text
     if isinstance(value, str):
-        return f"{text[:60]}... ({len(value)} characters)"
-    return f"a {type(value).__name__}"
+        text = repr(value)
+        return text if len(text) <= 80 else f"{text[:60]}... ({len(value)} characters)"
+    # bounded: YAML aliases can make a 400-byte value whose full repr would not fit in memory
+    text = _BRIEF.repr(value) if isinstance(value, (list, tuple, dict, set)) else repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__}"
 
 
 def path_too_long(path: object) -> str:
@@ -259,7 +264,7 @@ def build(cls: type, data: Any, where: str = "") -> Any:
         raise DistillError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be ints beside strings
     if unknown:
         raise DistillError(f"unknown key '{_join(where, unknown[0])}'; valid keys: {', '.join(fields)}")
     kwargs = {k: _coerce(hints[k], v, _join(where, k), fields[k].metadata.get("rule")) for k, v in data.items()}

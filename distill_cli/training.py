@@ -365,6 +365,10 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
                 if log:
                     final = end_epoch(state, log, val_loader, train_loader, epoch, means) or final
                 dist.barrier()  # the other ranks wait for rank 0's validation and saves
+            if dist.any_rank(stop.flag, device):  # a signal during the last validation, after the last step's check
+                if log:
+                    raise KeyboardInterrupt  # as one during the report: RunGuard says the weights are complete
+                raise DistillError("interrupted; see rank 0", EXIT_INTERRUPTED)
         except (Interrupted, RuntimeError) as e:
             # SIGTERM sent to the process group (timeout, systemd, schedulers) also kills the loader's workers, and
             # torch raises their death wherever the step is: after our signal, that is the interruption

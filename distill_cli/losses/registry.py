@@ -181,7 +181,7 @@ def checked_params(method: str, params: dict, where: str) -> dict:
     """``params`` of method ``method``, each checked against the type of its default and its rule; an unknown
     parameter is an error that lists the valid ones."""
     valid = loss_params(LOSSES[method])
-    unknown = sorted(set(params) - set(valid))
+    unknown = sorted(set(params) - set(valid), key=str)  # YAML keys may be ints beside strings
     if unknown:
         listed = ", ".join(["weight", "schedule", "layers", "type", *valid]) or "none"
         raise DistillError(f"loss '{method}' has no parameter '{unknown[0]}'; valid: {listed}")

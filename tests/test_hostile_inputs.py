@@ -1,0 +1,196 @@
+"""Inputs that a hostile review (session 31) found crashing, hanging or writing where bad input must give one line
+and exit 2: YAML with mixed-type keys, nesting past the recursion limit or alias bombs; an empty train split; a
+training size too small for BatchNorm; corrupt images in compare's samples; a resume that does not fit the run or
+would write over it; a stop during the last validation; report figures that fail; recipe objects of the wrong type
+in the Python API; exports that cannot run or would replace a link."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distill_cli import plots, probe_channels
+from distill_cli.cli import app
+from distill_cli.comparison import box_row, sample_images
+from distill_cli.config import LossSpec, Recipe, RunConfig, load_recipe, parse_overrides, recipe_from_dict
+from distill_cli.data import load_data
+from distill_cli.errors import EXIT_INTERRUPTED, DistillError
+from distill_cli.rules import shown
+from distill_cli.training import train
+
+from .conftest import train_args
+from .test_inputs import data_yaml, one_error_line
+from .test_resume import interrupt_after_epoch
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"losses": {}, 1: "a", "foo": "b"},
+        {"losses": {}, "balance": {1: 2, "x": 3}},
+        {"losses": {"cls_kd": {5: 1, "x": 2}}},
+    ],
+)
+def test_keys_of_mixed_types_are_unknown_keys(data: dict) -> None:
+    with pytest.raises(DistillError, match="unknown key|has no parameter"):
+        recipe_from_dict(data)
+
+
+def test_yaml_nested_past_the_recursion_limit_is_not_valid_yaml(tmp_path: Path) -> None:
+    deep = "[" * 5000 + "]" * 5000
+    (tmp_path / "deep.yaml").write_text(f"losses: {{}}\ndescription: {deep}\n")
+    with pytest.raises(DistillError, match="not valid YAML: nested deeper than"):
+        load_recipe(str(tmp_path / "deep.yaml"))
+    with pytest.raises(DistillError, match="--set epochs: the value is not valid YAML"):
+        parse_overrides([f"epochs={deep}"])
+
+
+def test_a_value_is_shown_without_expanding_it() -> None:
+    """An alias bomb (each level ten references to the one below) would have its whole repr built: bounded now."""
+    calls = []
+
+    class Leaf:
+        def __repr__(self) -> str:
+            calls.append(1)
+            return "leaf"
+
+    bomb: object = Leaf()
+    for _ in range(4):
+        bomb = [bomb] * 10
+    assert shown(bomb) == "a list"
+    assert not calls  # no leaf was reached: past three levels reprlib writes '...'
+    nested: list = []
+    for _ in range(100_000):
+        nested = [nested]
+    assert shown(nested) == "[[[[...]]]]"  # the full repr raised RecursionError
+
+
+def test_an_alias_bomb_in_a_recipe_is_one_line(tmp_path: Path) -> None:
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(5)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\nlosses: {}\ndescription: *f\n")
+    with pytest.raises(DistillError, match=r"^recipe .*bomb.yaml.*: unknown key 'a'") as caught:
+        load_recipe(str(tmp_path / "bomb.yaml"))
+    assert len(str(caught.value)) < 300
+
+
+def test_an_empty_train_split_is_bad_input(synthetic_data: Path, tmp_path: Path) -> None:
+    yaml = tmp_path / "empty.yaml"
+    yaml.write_text(
+        f"path: {synthetic_data.parent}\ntrain:\nval: images/val\nnames: ['circle', 'square', 'triangle']\n"
+    )
+    with pytest.raises(DistillError, match="'train' is empty; an ultralytics data yaml needs train, val, names"):
+        load_data(yaml)
+
+
+def test_training_below_64_px_is_refused_before_any_work(run_kwargs: dict) -> None:
+    """At 32 px a batch of one image leaves BatchNorm one value per channel in the stride-32 maps."""
+    line = one_error_line(runner.invoke(app, train_args(run_kwargs, imgsz=32)))
+    assert "'imgsz' must be in [64, 16384], got 32" in line
+    assert not Path(run_kwargs["project"]).exists()
+
+
+def test_compare_samples_skip_unreadable_images_and_non_finite_labels(synthetic_data: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data.parent, root)
+    (root / "images" / "val" / "A_corrupt.png").write_bytes(os.urandom(256))  # sorts first
+    picked = sample_images(str(root / "images" / "val"), 2)
+    assert [p.name for p in picked] == ["0000.png", "0001.png"]
+    assert box_row("0 nan 0.5 0.1 0.1") is None and box_row("0 0.5 0.5 inf 0.1") is None
+    assert box_row("1 0.5 0.5 0.1 0.1") == (1.0, 0.5, 0.5, 0.1, 0.1)
+
+
+def interrupted_run(run_kwargs: dict, name: str) -> Path:
+    kwargs = {**run_kwargs, "epochs": 2, "name": name, "report": False}
+    with pytest.raises(DistillError):
+        train(recipe="none", callback=interrupt_after_epoch(1), **kwargs)
+    return Path(kwargs["project"]) / name
+
+
+def test_resume_after_the_classes_changed_is_one_line(run_kwargs: dict, synthetic_data: Path, tmp_path: Path) -> None:
+    run = interrupted_run(run_kwargs, "cut")
+    more = data_yaml(tmp_path, synthetic_data, ["circle", "square", "triangle", "star"])
+    ckpt = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    ckpt["distill"]["config"]["data"] = str(more)
+    torch.save(ckpt, run / "weights" / "last.pt")
+    line = one_error_line(runner.invoke(app, ["train", "--resume", str(run)]))
+    assert "its saved state does not fit the run as built now" in line and "size mismatch" in line
+
+
+def test_resume_of_a_copy_of_last_pt_does_not_write_over_its_run(run_kwargs: dict, tmp_path: Path) -> None:
+    run = interrupted_run(run_kwargs, "cut")
+    copy = tmp_path / "backup.pt"
+    shutil.copy(run / "weights" / "last.pt", copy)
+    before = {p.name: p.read_bytes() for p in (run / "weights").iterdir()}
+    with pytest.raises(DistillError, match="holds its own last.pt; resume"):
+        train(resume=copy)
+    assert {p.name: p.read_bytes() for p in (run / "weights").iterdir()} == before
+    ckpt = torch.load(copy, map_location="cpu", weights_only=False)
+    for epoch in (50, -5):  # a hand-edited epoch outside the run
+        ckpt["resume"]["epoch"] = epoch
+        torch.save(ckpt, run / "weights" / "last.pt")
+        with pytest.raises(DistillError, match="its resume state is incomplete"):
+            train(resume=run)
+    ckpt["resume"]["epoch"] = 0
+    del ckpt["resume"]["grads"]
+    torch.save(ckpt, run / "weights" / "last.pt")
+    with pytest.raises(DistillError, match="its saved state does not fit"):
+        train(resume=run)
+
+
+def test_a_stop_during_the_last_validation_is_an_interruption(run_kwargs: dict) -> None:
+    kwargs = {**run_kwargs, "name": "late"}
+    with pytest.raises(DistillError, match="interrupted after the last epoch; the weights in .* are complete") as e:
+        train(recipe="none", callback=interrupt_after_epoch(1), **kwargs)
+    assert e.value.exit_code == EXIT_INTERRUPTED
+    run = Path(kwargs["project"]) / "late"
+    assert (run / "weights" / "best.pt").is_file() and not (run / "report.md").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_names_with_dollar_signs_are_drawn_as_text(tmp_path: Path) -> None:
+    curves = {"$\\undefinedcmd$": ([0.0, 1.0], [1.0, 0.0]), "$x^$": ([0.0, 1.0], [1.0, 0.5])}
+    assert plots.pr_curves(curves, tmp_path / "pr.png").is_file()
+
+
+def test_a_report_that_fails_to_draw_leaves_no_figures(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    def stopped(*args: object, **kwargs: object) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "schedules", stopped)
+    with pytest.raises(DistillError, match="interrupted after the last epoch; the weights in .* are complete"):
+        train(recipe="default", **{**run_kwargs, "name": "drawn"})
+    run = Path(run_kwargs["project"]) / "drawn"
+    assert (run / "weights" / "best.pt").is_file()
+    assert not (run / "report").exists() and not (run / ".report-partial").exists() and not (run / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: train(RunConfig(recipe="cwd")),  # type: ignore[arg-type]
+        lambda: train(recipe=Recipe(losses={"cwd": 5})),  # type: ignore[dict-item]
+        lambda: probe_channels("yolov8s.yaml", "yolov8n.yaml", 64, recipe=Recipe(losses={"cwd": LossSpec(params=[1])})),
+    ],
+    ids=["recipe-a-string", "term-a-number", "params-a-list"],
+)
+def test_recipe_objects_of_the_wrong_type_are_bad_input(call) -> None:
+    with pytest.raises(DistillError, match="must be a mapping"):
+        call()
+
+
+def test_export_refuses_engine_on_a_cpu_and_a_dangling_link(tiny_teacher: Path, tmp_path: Path) -> None:
+    line = one_error_line(runner.invoke(app, ["export", "--weights", str(tiny_teacher), "--format", "engine"]))
+    assert "exports on a GPU" in line
+    link = tmp_path / "link.onnx"
+    link.symlink_to(tmp_path / "nowhere.onnx")
+    line = one_error_line(runner.invoke(app, ["export", "--weights", str(tiny_teacher), "--output", str(link)]))
+    assert "already exists" in line and link.is_symlink()
