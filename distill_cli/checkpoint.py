@@ -17,7 +17,7 @@ from . import __version__
 from .config import RunConfig, blank_problem, config_from_dict
 from .data import loader_state, restore_loader
 from .engine import TrainState, trained_params
-from .errors import EXIT_INTERRUPTED, DistillError, sigterm_interrupts
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError, sigterm_interrupts
 from .models import read_checkpoint, save_student
 from .report import Baseline
 from .rules import is_dir, is_file, shown
@@ -144,7 +144,9 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, t
     (the data's classes changed, the file was edited) is bad input."""
     try:
         return load_state(state, ckpt, log, train_loader)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (LookupError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "state_dict" not in str(e):  # out of memory, a device error: no bad input
+            raise
         lines = str(e).splitlines() or [type(e).__name__]
         detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])[:160]
         raise DistillError(
@@ -217,7 +219,10 @@ class RunGuard:
         can_resume = resumable(last)
         if issubclass(exc_type, KeyboardInterrupt):
             return self._interrupted(self.run_dir if can_resume else None, finished=not can_resume)
-        if can_resume and not (isinstance(exc, DistillError) and exc.exit_code == EXIT_INTERRUPTED):
+        told = isinstance(exc, DistillError) and (
+            exc.exit_code == EXIT_INTERRUPTED or (exc.exit_code == EXIT_USAGE and not self.created)
+        )  # it said how to resume, or a resume was refused: "resume" would contradict it
+        if can_resume and not told:
             warnings.warn(f"{last} is kept; resume: yolodistill train --resume {self.run_dir}", stacklevel=2)
         return False
 

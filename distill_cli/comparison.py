@@ -97,13 +97,14 @@ def draw_ground_truth(path: Path) -> np.ndarray:
 
 
 def box_row(line: str) -> tuple[float, ...] | None:
-    """``class x y w h`` of a label line, or None for a line the validator skips too (wrong count, not finite
-    numbers)."""
+    """``class x y w h`` of a label line, or None for a line the validator skips too (wrong count, not numbers,
+    negative, coordinates outside 0-1)."""
     try:
         values = tuple(float(v) for v in line.split())
     except ValueError:
         return None
-    return values if len(values) == 5 and all(map(np.isfinite, values)) else None
+    valid = len(values) == 5 and all(0 <= v <= 1 for v in values[1:]) and values[0] >= 0  # False for NaN too
+    return values if valid and np.isfinite(values[0]) else None
 
 
 def draw_predictions(path: Path, weights: str, imgsz: int) -> np.ndarray:

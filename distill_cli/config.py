@@ -37,9 +37,6 @@ ADAPTER_INITS = ("fit", "random")
 MAX_TEACHER_SCALE = 2.0  # the view mapping pairs each student level with two teacher levels (teacher_scale.py)
 TEACHER_SCALE_TEXT = f"auto, a number in [1, {MAX_TEACHER_SCALE:g}], or such numbers joined by + (views averaged)"
 MAX_IMGSZ = 16384
-# a training batch of one image at 32 px leaves BatchNorm one value per channel in the stride-32 maps (torch refuses
-# it); from 64 px they are 2x2
-TRAIN_MIN_IMGSZ = 64
 # optimizers step in float32 (at most 3.4e38): a larger LR or weight decay (scaled by batch / nbs, and by warm-up) is an
 # overflow error, not a run that fails
 MAX_STEP_SIZE = 1e30
@@ -50,9 +47,8 @@ def ranged(default: Any, **kwargs: Any) -> Any:
     return field(default=default, metadata=rule(**kwargs))
 
 
-def imgsz_field(default: int, least: int = 32) -> Any:
-    """An image size; training takes ``least=TRAIN_MIN_IMGSZ``."""
-    return ranged(default, ge=least, le=MAX_IMGSZ)
+def imgsz_field(default: int) -> Any:
+    return ranged(default, ge=32, le=MAX_IMGSZ)
 
 
 def _optimizers() -> tuple[str, ...]:
@@ -141,7 +137,7 @@ class RunConfig:
     recipe_name: str = DEFAULT_RECIPE
     epochs: int = ranged(100, ge=1)
     batch: int = ranged(16, ge=1)
-    imgsz: int = imgsz_field(640, least=TRAIN_MIN_IMGSZ)
+    imgsz: int = imgsz_field(640)
     device: str = ranged("", check=device_problem, text="cpu, cuda, 0, cuda:1 or 0,1")  # "" = cuda:0 if any, else cpu
     workers: int = ranged(8, ge=0)
     amp: bool = True
@@ -206,7 +202,8 @@ def _loss_entry(name: str, value: Any) -> dict[str, Any]:
             f"recipe loss '{name}': {', '.join(map(str, twice))} given in 'params' and beside it; give it once"
         )
     entry["params"] = {**params, **beside}
-    entry.setdefault("type", name)
+    if not entry.get("type"):  # LossSpec() in Python has type "": the term's name, as when a file omits it
+        entry["type"] = name
     return entry
 
 
@@ -345,6 +342,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Apply dotted overrides to a copy of ``cfg``; recipe fields may omit the ``recipe.`` prefix
     (``losses.cwd.weight=2``, ``losses.mgd.alpha=2e-5``, ``losses.cwd.schedule.kind=cosine``)."""
+    if cfg.recipe is not None and not isinstance(cfg.recipe, Recipe):
+        raise DistillError(f"a RunConfig's recipe is a Recipe (load_recipe gives one) or None, got {shown(cfg.recipe)}")
     run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"recipe"}
     if cfg.recipe is None and any(key.split(".")[0] not in run_fields for key in overrides):
         cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))  # a recipe field changes: the named recipe's

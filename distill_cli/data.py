@@ -41,7 +41,7 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise DistillError(f"data yaml '{path}' must be a mapping with train, val and names")
     for key in ("train", "val", "names"):
-        if key not in raw or (key != "names" and raw[key] in (None, "", [])):  # 'train:' left empty is no split
+        if key not in raw or (key == "train" and raw[key] in (None, [])):  # 'train:' with nothing after it: no split
             state = "empty" if key in raw else "missing"
             raise DistillError(
                 f"data yaml '{path}': '{key}' is {state}; an ultralytics data yaml needs train, val, names"

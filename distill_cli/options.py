@@ -9,18 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import (
-    LAYERS,
-    TRAIN_MIN_IMGSZ,
-    Balance,
-    LossSpec,
-    Recipe,
-    RunConfig,
-    Schedule,
-    blank_problem,
-    imgsz_field,
-    ranged,
-)
+from .config import LAYERS, Balance, LossSpec, Recipe, RunConfig, Schedule, blank_problem, imgsz_field, ranged
 from .rules import Rule, device_problem, is_file, rule
 
 
@@ -118,7 +107,7 @@ class DemoOptions:
     epochs: int = ranged(20, ge=1)
     n_train: int = ranged(256, ge=1)
     n_val: int = ranged(64, ge=1)
-    imgsz: int = imgsz_field(64, least=TRAIN_MIN_IMGSZ)
+    imgsz: int = imgsz_field(64)
     seed: int = ranged(0, ge=0, le=2**31 - 1)
 
 

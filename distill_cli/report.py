@@ -105,17 +105,19 @@ def write_report(
 ) -> Path:
     """report.md and its PNGs (``report/``) in the run dir, both or neither: the PNGs are drawn into a hidden folder
     that becomes ``report/`` once all are drawn (a failed or interrupted drawing leaves nothing). Returns the path."""
-    partial = run_dir / ".report-partial"
+    partial, figures, path = run_dir / ".report-partial", run_dir / "report", run_dir / "report.md"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
         text = report_text(run_dir, state, log, baseline, final, agreement_after, partial)
-        shutil.rmtree(run_dir / "report", ignore_errors=True)
-        partial.rename(run_dir / "report")
+        shutil.rmtree(figures, ignore_errors=True)
+        partial.rename(figures)
+        atomic_write_text(path, text)
+    except BaseException:  # a stop or a full disk between the two: no figures without their report.md
+        shutil.rmtree(figures, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    path = run_dir / "report.md"
-    atomic_write_text(path, text)
     return path
 
 

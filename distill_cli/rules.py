@@ -16,7 +16,6 @@ import numbers
 import operator
 import os
 import re
-import reprlib
 import stat
 import types
 import typing
@@ -160,19 +159,28 @@ def check_function(value: Any, where: str, shape: str) -> None:
         raise DistillError(f"'{where}' must be a function {shape} or None, got {shown(value)}")
 
 
-_BRIEF = reprlib.Repr()  # a nested value's repr, at most 3 levels deep (Python 3.11's Repr takes no arguments)
-_BRIEF.maxlevel = 3
-
-
 def shown(value: Any) -> str:
     """A value for a one-line message: its repr where short; a long text cut, with its length; any other long
     value by its type (a whole Recipe would fill the screen)."""
+    if not fits_a_line(value):  # YAML aliases make 400-byte values whose repr would not fit in memory: not built
+        return f"a {type(value).__name__}"
+    text = repr(value)
+    if len(text) <= 80:
+        return text
     if isinstance(value, str):
-        text = repr(value)
-        return text if len(text) <= 80 else f"{text[:60]}... ({len(value)} characters)"
-    # bounded: YAML aliases can make a 400-byte value whose full repr would not fit in memory
-    text = _BRIEF.repr(value) if isinstance(value, (list, tuple, dict, set)) else repr(value)
-    return text if len(text) <= 80 else f"a {type(value).__name__}"
+        return f"{text[:60]}... ({len(value)} characters)"
+    return f"a {type(value).__name__}"
+
+
+def fits_a_line(value: Any, depth: int = 0, budget: list[int] | None = None) -> bool:
+    """False where ``value``'s repr surely exceeds 80 characters: over 40 levels deep or over 80 items in all
+    (each takes a bracket or a comma); found without building it, stopping at the first excess."""
+    budget = [80] if budget is None else budget
+    if not isinstance(value, (list, tuple, set, frozenset, dict)):
+        return True
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    budget[0] -= len(items)
+    return depth < 40 and budget[0] >= 0 and all(fits_a_line(item, depth + 1, budget) for item in items)
 
 
 def path_too_long(path: object) -> str:

@@ -184,8 +184,7 @@ class RunLog:
         self.steps: list[tuple[int, dict[str, float]]] = []  # (global step, running means) at each log point
         self.steps_per_epoch = 1
         self.baseline: Any = None  # report.Baseline, measured before the first step when the report is on
-        self.tensorboard = tensorboard_writer(run_dir) if cfg.tensorboard else None
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+        self.tensorboard: Any = None  # opened by start()
 
     def start(
         self,
@@ -198,7 +197,10 @@ class RunLog:
         student_init: str,
     ) -> None:
         """``state`` (the live TrainState) is passed for API users and tests that inspect the models; ``precision``
-        and ``student_init`` are a line each for the console."""
+        and ``student_init`` are a line each for the console. Called once the run's state is built (a resumed run's
+        restored): a resume refused before this leaves its folder as it was."""
+        self.tensorboard = tensorboard_writer(self.run_dir) if self.cfg.tensorboard else None
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
         self.steps_per_epoch = state.steps_per_epoch
         info = {
             "run_dir": str(self.run_dir),

@@ -243,6 +243,12 @@ def prepare(
     torch.backends.mkldnn.enabled = not (cfg.deterministic and device.type == "cpu")
     data = load_data(cfg.data, cfg.val_split)
     teacher_model, student = load_models(cfg, data, resuming=checkpoint is not None)
+    coarsest = int(student.stride.max())
+    if cfg.imgsz <= coarsest:  # its maps there would be 1x1: BatchNorm cannot train on a batch of one image
+        raise DistillError(
+            f"--imgsz {cfg.imgsz}: the student's coarsest maps (stride {coarsest}) would be 1x1, where BatchNorm "
+            f"cannot train on a batch of one image; use {2 * coarsest} or more"
+        )
     cfg = seed_student(cfg, student, teacher_model) if checkpoint is None else cfg
     teacher_model = teacher_model if cfg.recipe.losses else None
     optimizer_nbs = cfg.nbs or ULTRALYTICS_NBS  # optimizer: auto counts iterations as ultralytics does

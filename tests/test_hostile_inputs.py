@@ -6,9 +6,9 @@ in the Python API; exports that cannot run or would replace a link."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,18 +66,19 @@ def test_a_value_is_shown_without_expanding_it() -> None:
     for _ in range(4):
         bomb = [bomb] * 10
     assert shown(bomb) == "a list"
-    assert not calls  # no leaf was reached: past three levels reprlib writes '...'
+    assert not calls  # no leaf was reached: 10 000 of them cannot fit a line
     nested: list = []
     for _ in range(100_000):
         nested = [nested]
-    assert shown(nested) == "[[[[...]]]]"  # the full repr raised RecursionError
+    assert shown(nested) == "a list"  # the full repr raised RecursionError
 
 
 def test_an_alias_bomb_in_a_recipe_is_one_line(tmp_path: Path) -> None:
-    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
-    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(5)]
-    (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\nlosses: {}\ndescription: *f\n")
-    with pytest.raises(DistillError, match=r"^recipe .*bomb.yaml.*: unknown key 'a'") as caught:
+    """Each level ten aliases of the one below, as the recipe's description (a million leaves)."""
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 6)]
+    (tmp_path / "bomb.yaml").write_text(f"losses: {{}}\ndescription: [{', '.join(levels)}]\n")
+    with pytest.raises(DistillError, match=r"'description' .*got a list$") as caught:
         load_recipe(str(tmp_path / "bomb.yaml"))
     assert len(str(caught.value)) < 300
 
@@ -91,20 +92,21 @@ def test_an_empty_train_split_is_bad_input(synthetic_data: Path, tmp_path: Path)
         load_data(yaml)
 
 
-def test_training_below_64_px_is_refused_before_any_work(run_kwargs: dict) -> None:
+def test_training_at_the_students_stride_is_refused_before_any_work(run_kwargs: dict) -> None:
     """At 32 px a batch of one image leaves BatchNorm one value per channel in the stride-32 maps."""
     line = one_error_line(runner.invoke(app, train_args(run_kwargs, imgsz=32)))
-    assert "'imgsz' must be in [64, 16384], got 32" in line
+    assert "--imgsz 32: the student's coarsest maps (stride 32) would be 1x1" in line and "use 64 or more" in line
     assert not Path(run_kwargs["project"]).exists()
 
 
 def test_compare_samples_skip_unreadable_images_and_non_finite_labels(synthetic_data: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(synthetic_data.parent, root)
-    (root / "images" / "val" / "A_corrupt.png").write_bytes(os.urandom(256))  # sorts first
+    (root / "images" / "val" / "!corrupt.png").write_bytes(b"not an image" * 20)  # sorts first
     picked = sample_images(str(root / "images" / "val"), 2)
     assert [p.name for p in picked] == ["0000.png", "0001.png"]
     assert box_row("0 nan 0.5 0.1 0.1") is None and box_row("0 0.5 0.5 inf 0.1") is None
+    assert box_row("0 1e20 0.5 0.1 0.1") is None and box_row("-1 0.5 0.5 0.1 0.1") is None  # the validator's range
     assert box_row("1 0.5 0.5 0.1 0.1") == (1.0, 0.5, 0.5, 0.1, 0.1)
 
 
@@ -117,12 +119,20 @@ def interrupted_run(run_kwargs: dict, name: str) -> Path:
 
 def test_resume_after_the_classes_changed_is_one_line(run_kwargs: dict, synthetic_data: Path, tmp_path: Path) -> None:
     run = interrupted_run(run_kwargs, "cut")
-    more = data_yaml(tmp_path, synthetic_data, ["circle", "square", "triangle", "star"])
+    data = tmp_path / "data.yaml"  # the run's data yaml, given one class more after the interruption
+    data.write_text(Path(run_kwargs["data"]).read_text())
     ckpt = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)
-    ckpt["distill"]["config"]["data"] = str(more)
+    ckpt["distill"]["config"]["data"] = str(data)
     torch.save(ckpt, run / "weights" / "last.pt")
-    line = one_error_line(runner.invoke(app, ["train", "--resume", str(run)]))
+    more = data_yaml(tmp_path, synthetic_data, ["circle", "square", "triangle", "star"])
+    data.write_text(more.read_text())
+    config = (run / "config.yaml").read_bytes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = one_error_line(runner.invoke(app, ["train", "--resume", str(run)]))
     assert "its saved state does not fit the run as built now" in line and "size mismatch" in line
+    assert not [w for w in caught if "resume" in str(w.message)]  # no "last.pt is kept; resume" beside it
+    assert (run / "config.yaml").read_bytes() == config
 
 
 def test_resume_of_a_copy_of_last_pt_does_not_write_over_its_run(run_kwargs: dict, tmp_path: Path) -> None:
@@ -177,14 +187,22 @@ def test_a_report_that_fails_to_draw_leaves_no_figures(run_kwargs: dict, monkeyp
     "call",
     [
         lambda: train(RunConfig(recipe="cwd")),  # type: ignore[arg-type]
+        lambda: train(RunConfig(recipe="cwd"), **{"losses.cwd.weight": 2}),  # type: ignore[arg-type]
         lambda: train(recipe=Recipe(losses={"cwd": 5})),  # type: ignore[dict-item]
         lambda: probe_channels("yolov8s.yaml", "yolov8n.yaml", 64, recipe=Recipe(losses={"cwd": LossSpec(params=[1])})),
     ],
-    ids=["recipe-a-string", "term-a-number", "params-a-list"],
+    ids=["recipe-a-string", "recipe-a-string-with-overrides", "term-a-number", "params-a-list"],
 )
 def test_recipe_objects_of_the_wrong_type_are_bad_input(call) -> None:
-    with pytest.raises(DistillError, match="must be a mapping"):
+    with pytest.raises(DistillError, match="must be a mapping|a RunConfig's recipe is a Recipe"):
         call()
+
+
+def test_a_loss_spec_without_a_type_is_its_terms_method() -> None:
+    """As in a recipe file, where a term's type defaults to its name (it was the unknown loss '')."""
+    recipe = Recipe(losses={"cls_kd": LossSpec(weight=2)})
+    chosen = probe_channels("yolov8s.yaml", "yolov8n.yaml", 64, recipe=recipe)
+    assert chosen["output_terms"]["cls_kd"] == "applies"
 
 
 def test_export_refuses_engine_on_a_cpu_and_a_dangling_link(tiny_teacher: Path, tmp_path: Path) -> None:
