@@ -21,7 +21,7 @@ from .errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError, sigterm_interrup
 from .models import read_checkpoint, save_student
 from .report import Baseline
 from .rules import is_dir, is_file, shown
-from .runlog import RunLog, check_creatable, new_run_dir, undo
+from .runlog import RunLog, check_creatable, claim, new_run_dir, release, undo
 
 # resume loads safely only, so there is no --trust-checkpoint to offer
 UNSAFE_RESUME = (
@@ -191,25 +191,31 @@ class RunGuard:
     before its first checkpoint: nothing half-made is left. During start-up SIGTERM interrupts as SIGINT does; an
     interruption before the first checkpoint says that nothing was saved. A resumed run's directory stays."""
 
-    def __init__(self, cfg: RunConfig, checkpoint: dict[str, Any] | None) -> None:
+    def __init__(self, cfg: RunConfig, checkpoint: dict[str, Any] | None, is_main: bool = True) -> None:
         self.project = None if checkpoint else cfg.project
         self.run_dir: Path | None = Path(checkpoint["run_dir"]) if checkpoint else None
-        self.created, self.made = False, None
+        self.created, self.made, self.is_main = False, None, is_main
+        self.mark: Path | None = None  # rank 0's claim on the run folder (runlog.claim)
         self.signals = contextlib.ExitStack()
 
     def create(self, project: str, name: str) -> Path:
         self.run_dir, self.made = new_run_dir(project, name)  # made: the project folder too, if this run creates it
         self.created = True
+        self.mark = claim(self.run_dir)
         return self.run_dir
 
     def __enter__(self) -> RunGuard:
         if self.project is not None:
             check_creatable(self.project)
+        if self.run_dir is not None and self.is_main:  # a resume: refused while another process trains the run
+            self.mark = claim(self.run_dir)
         self.signals.enter_context(sigterm_interrupts())
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         self.signals.close()
+        if self.mark:
+            release(self.mark)
         if exc_type is None or self.run_dir is None:
             return self._interrupted(None) if exc_type and issubclass(exc_type, KeyboardInterrupt) else False
         last = self.run_dir / "weights" / "last.pt"

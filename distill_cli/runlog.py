@@ -8,6 +8,7 @@ import io
 import math
 import os
 import shutil
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -136,6 +137,59 @@ def first_missing(folder: Path) -> Path | None:
     while found(folder) is None and folder.parent != folder:
         missing, folder = folder, folder.parent
     return missing
+
+
+RUNNING = ".running"  # in a run folder while a process trains it: "pid host"
+
+
+def claim(run_dir: Path) -> Path:
+    """Mark ``run_dir`` as trained by this process, so that a second one (two resumes of one run, a resume of a run
+    that is still going on) is refused instead of writing the same files. A mark left by a process of this machine
+    that is gone (killed, crashed) is taken over; one of another machine is left to the user."""
+    mark = run_dir / RUNNING
+    for _ in range(2):
+        try:
+            fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = holder_of(mark)
+            if holder:
+                raise DistillError(
+                    f"'{run_dir}' is being trained by {holder}; wait for it or stop it (if nothing trains it, remove "
+                    f"'{mark}')"
+                ) from None
+            mark.unlink(missing_ok=True)  # its process is gone
+            continue
+        except OSError as e:
+            raise DistillError(f"cannot write in '{run_dir}' ({e.strerror})") from e
+        with os.fdopen(fd, "w") as file:
+            file.write(f"{os.getpid()} {socket.gethostname()}")
+        return mark
+    raise DistillError(f"'{run_dir}': another process claimed it at the same moment; try again")
+
+
+def holder_of(mark: Path) -> str | None:
+    """The live process a run's mark names, or None where it is gone (or the mark is unreadable)."""
+    try:
+        pid_text, host = mark.read_text().split(maxsplit=1)
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return f"process {pid} on {host}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's live process
+        pass
+    return f"process {pid}"
+
+
+def release(mark: Path) -> None:
+    """Remove this process's mark (not one that another process took over meanwhile)."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(mark.read_text().split()[0]) == os.getpid():
+            mark.unlink()
 
 
 def optimizer_note(cfg: RunConfig, max_norm: float) -> str:

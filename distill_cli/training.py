@@ -226,7 +226,8 @@ def train(
             raise DistillError(f"--device {cfg.device}: several devices need torchrun (see README, multi-GPU)")
         device = dist.init(info, cfg.device) if info.enabled else select_device(cfg.device)
         try:
-            with RunGuard(cfg, checkpoint) as guard:  # no run folder is left by a run that fails before its checkpoint
+            # no run folder is left by a run that fails before its checkpoint; one process trains a run at a time
+            with RunGuard(cfg, checkpoint, info.is_main) as guard:
                 state, log, loaders, hyp, start_epoch = prepare(cfg, checkpoint, callback, info, device, guard)
                 return fit(state, log, *loaders, hyp, start_epoch)
         finally:

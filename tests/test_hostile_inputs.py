@@ -1,13 +1,17 @@
 """Inputs that a hostile review (session 31) found crashing, hanging or writing where bad input must give one line
 and exit 2: YAML with mixed-type keys, nesting past the recursion limit or alias bombs; an empty train split; a
-training size too small for BatchNorm; corrupt images in compare's samples; a resume that does not fit the run or
-would write over it; a stop during the last validation; report figures that fail; recipe objects of the wrong type
-in the Python API; exports that cannot run or would replace a link."""
+training size too small for BatchNorm; corrupt images in compare's samples; a resume that does not fit the run, would
+write over it, or would train a run that another process trains; a stop during the last validation; report figures
+that fail; recipe objects of the wrong type in the Python API; exports that cannot run or would replace a link."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from distill_cli.config import LossSpec, Recipe, RunConfig, load_recipe, parse_o
 from distill_cli.data import load_data
 from distill_cli.errors import EXIT_INTERRUPTED, DistillError
 from distill_cli.rules import shown
+from distill_cli.runlog import RUNNING, claim, release
 from distill_cli.training import train
 
 from .conftest import train_args
@@ -212,3 +217,31 @@ def test_export_refuses_engine_on_a_cpu_and_a_dangling_link(tiny_teacher: Path, 
     link.symlink_to(tmp_path / "nowhere.onnx")
     line = one_error_line(runner.invoke(app, ["export", "--weights", str(tiny_teacher), "--output", str(link)]))
     assert "already exists" in line and link.is_symlink()
+
+
+def test_a_run_folder_is_trained_by_one_process_at_a_time(run_kwargs: dict, tmp_path: Path) -> None:
+    """Two resumes of one run (or a resume of a run still going on) would write the same files."""
+    run = interrupted_run(run_kwargs, "cut")
+    assert not (run / RUNNING).exists()  # released when the run stopped
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        (run / RUNNING).write_text(f"{other.pid} {socket.gethostname()}")
+        before = {p.name: p.read_bytes() for p in (run / "weights").iterdir()}
+        with pytest.raises(DistillError, match=rf"is being trained by process {other.pid}; wait for it or stop it"):
+            train(resume=run)
+        assert {p.name: p.read_bytes() for p in (run / "weights").iterdir()} == before
+        other.kill()
+    (run / RUNNING).write_text(f"{other.pid} {socket.gethostname()}")  # its process is gone: taken over
+    assert train(resume=run).epochs_done == 2 and not (run / RUNNING).exists()
+
+
+def test_a_mark_of_another_machine_is_left_to_the_user(tmp_path: Path) -> None:
+    (tmp_path / RUNNING).write_text("12 elsewhere")
+    with pytest.raises(DistillError, match=r"by process 12 on elsewhere; .* remove '.*\.running'"):
+        claim(tmp_path)
+    (tmp_path / RUNNING).write_text("garbled")
+    mark = claim(tmp_path)
+    assert mark.read_text() == f"{os.getpid()} {socket.gethostname()}"
+    with pytest.raises(DistillError, match=f"by process {os.getpid()};"):
+        claim(tmp_path)
+    release(mark)
+    assert not mark.exists()
