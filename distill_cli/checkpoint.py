@@ -8,7 +8,7 @@ import random
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -195,7 +195,7 @@ class RunGuard:
         self.project = None if checkpoint else cfg.project
         self.run_dir: Path | None = Path(checkpoint["run_dir"]) if checkpoint else None
         self.created, self.made, self.is_main = False, None, is_main
-        self.mark: Path | None = None  # rank 0's claim on the run folder (runlog.claim)
+        self.mark: IO[str] | None = None  # rank 0's lock on the run folder (runlog.claim)
         self.signals = contextlib.ExitStack()
 
     def create(self, project: str, name: str) -> Path:
@@ -214,8 +214,7 @@ class RunGuard:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         self.signals.close()
-        if self.mark:
-            release(self.mark)
+        release(self.mark)
         if exc_type is None or self.run_dir is None:
             return self._interrupted(None) if exc_type and issubclass(exc_type, KeyboardInterrupt) else False
         last = self.run_dir / "weights" / "last.pt"

@@ -14,9 +14,14 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None  # type: ignore[assignment]
 
 from .config import RunConfig, config_to_dict
 from .errors import DistillError
@@ -139,57 +144,50 @@ def first_missing(folder: Path) -> Path | None:
     return missing
 
 
-RUNNING = ".running"  # in a run folder while a process trains it: "pid host"
+RUNNING = ".running"  # in a run folder while a process trains it, locked by that process
 
 
-def claim(run_dir: Path) -> Path:
-    """Mark ``run_dir`` as trained by this process, so that a second one (two resumes of one run, a resume of a run
-    that is still going on) is refused instead of writing the same files. A mark left by a process of this machine
-    that is gone (killed, crashed) is taken over; one of another machine is left to the user."""
+def claim(run_dir: Path) -> IO[str] | None:
+    """Lock ``run_dir`` for this process until :func:`release`, so that a second one (two resumes of one run, a resume
+    of a run still going on) is refused instead of writing the same files. The lock is the kernel's (``flock`` on
+    ``.running``): a process that is killed holds none, and a later resume takes it. None where the OS has no flock."""
+    if fcntl is None:
+        return None
     mark = run_dir / RUNNING
-    for _ in range(2):
+    for _ in range(3):
         try:
-            fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = holder_of(mark)
-            if holder:
-                raise DistillError(
-                    f"'{run_dir}' is being trained by {holder}; wait for it or stop it (if nothing trains it, remove "
-                    f"'{mark}')"
-                ) from None
-            mark.unlink(missing_ok=True)  # its process is gone
-            continue
+            file = open(mark, "a+")  # held open until release: the lock is on this open file
         except OSError as e:
             raise DistillError(f"cannot write in '{run_dir}' ({e.strerror})") from e
-        with os.fdopen(fd, "w") as file:
-            file.write(f"{os.getpid()} {socket.gethostname()}")
-        return mark
-    raise DistillError(f"'{run_dir}': another process claimed it at the same moment; try again")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise DistillError(f"'{run_dir}' is being trained by {holder}; wait for it or stop it") from None
+        if same_file(mark, file):  # not removed by a process that released it while this one waited
+            file.truncate(0)
+            file.write(f"process {os.getpid()} on {socket.gethostname()}")
+            file.flush()
+            return file
+        file.close()
+    raise DistillError(f"'{run_dir}': other processes claimed it at the same moment; try again")
 
 
-def holder_of(mark: Path) -> str | None:
-    """The live process a run's mark names, or None where it is gone (or the mark is unreadable)."""
+def same_file(path: Path, file: IO[str]) -> bool:
     try:
-        pid_text, host = mark.read_text().split(maxsplit=1)
-        pid = int(pid_text)
-    except (OSError, ValueError):
-        return None
-    if host != socket.gethostname():
-        return f"process {pid} on {host}"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # another user's live process
-        pass
-    return f"process {pid}"
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
-def release(mark: Path) -> None:
-    """Remove this process's mark (not one that another process took over meanwhile)."""
-    with contextlib.suppress(OSError, ValueError):
-        if int(mark.read_text().split()[0]) == os.getpid():
-            mark.unlink()
+def release(file: IO[str] | None) -> None:
+    """Remove the run's mark, then free the lock (in that order: a waiting process sees the file gone)."""
+    if file is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(file.name)
+        file.close()
 
 
 def optimizer_note(cfg: RunConfig, max_norm: float) -> str:
