@@ -8,7 +8,7 @@ import random
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from .errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError, sigterm_interrup
 from .models import read_checkpoint, save_student
 from .report import Baseline
 from .rules import is_dir, is_file, shown
-from .runlog import RunLog, check_creatable, claim, new_run_dir, release, undo
+from .runlog import RunLock, RunLog, check_creatable, claim, new_run_dir, release, undo
 
 # resume loads safely only, so there is no --trust-checkpoint to offer
 UNSAFE_RESUME = (
@@ -125,7 +125,17 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
             f"--resume {path}: its run folder '{run_dir}' holds its own last.pt; resume '{run_dir}', or copy that "
             f"folder with this file as its weights/last.pt and resume the copy"
         )
-    return cfg, {**resume, "run_dir": str(run_dir)}
+    read = last.stat()  # RunGuard checks, once it holds the run's lock, that the run did not move on since
+    return cfg, {**resume, "run_dir": str(run_dir), "read": (str(last), read.st_ino, read.st_mtime_ns)}
+
+
+def moved_on(last: str, inode: int, mtime_ns: int) -> bool:
+    """Whether ``last`` is no longer the file read (checkpoints are replaced by a rename: a new inode)."""
+    try:
+        now = os.stat(last)
+    except OSError:
+        return True
+    return (now.st_ino, now.st_mtime_ns) != (inode, mtime_ns)
 
 
 def resumed_run_dir(last: Path, saved: str | None) -> Path | None:
@@ -195,7 +205,8 @@ class RunGuard:
         self.project = None if checkpoint else cfg.project
         self.run_dir: Path | None = Path(checkpoint["run_dir"]) if checkpoint else None
         self.created, self.made, self.is_main = False, None, is_main
-        self.mark: IO[str] | None = None  # rank 0's lock on the run folder (runlog.claim)
+        self.mark: RunLock | None = None  # rank 0's lock on the run folder (runlog.claim)
+        self.read = checkpoint.get("read") if checkpoint else None  # the last.pt resumed, as it was read
         self.signals = contextlib.ExitStack()
 
     def create(self, project: str, name: str) -> Path:
@@ -209,6 +220,9 @@ class RunGuard:
             check_creatable(self.project)
         if self.run_dir is not None and self.is_main:  # a resume: refused while another process trains the run
             self.mark = claim(self.run_dir)
+            if self.read and moved_on(*self.read):  # it finished or saved an epoch while this one started
+                release(self.mark)
+                raise DistillError(f"'{self.run_dir}' saved another epoch while this resume started; resume it again")
         self.signals.enter_context(sigterm_interrupts())
         return self
 

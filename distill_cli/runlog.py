@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import math
 import os
@@ -14,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import yaml
 
@@ -147,47 +148,81 @@ def first_missing(folder: Path) -> Path | None:
 RUNNING = ".running"  # in a run folder while a process trains it, locked by that process
 
 
-def claim(run_dir: Path) -> IO[str] | None:
+@dataclass(frozen=True)
+class RunLock:
+    """An open ``.running`` whose lock this process holds (see :func:`claim`)."""
+
+    path: Path
+    fd: int
+
+
+def claim(run_dir: Path) -> RunLock | None:
     """Lock ``run_dir`` for this process until :func:`release`, so that a second one (two resumes of one run, a resume
-    of a run still going on) is refused instead of writing the same files. The lock is the kernel's (``flock`` on
-    ``.running``): a process that is killed holds none, and a later resume takes it. None where the OS has no flock."""
+    of a run still going on) is refused instead of writing the same files. The lock is a POSIX record lock on
+    ``.running``: the kernel frees it when the process dies (out of memory, SIGKILL), forked loader workers do not
+    inherit it, and a later resume takes it. None, with a warning, where the filesystem takes no locks (or no fcntl)."""
     if fcntl is None:
         return None
     mark = run_dir / RUNNING
     for _ in range(3):
         try:
-            file = open(mark, "a+")  # held open until release: the lock is on this open file
+            fd = os.open(mark, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            raise DistillError(f"cannot write in '{run_dir}' ({e.strerror})") from e
+            raise DistillError(f"cannot open '{mark}' ({e.strerror})") from e
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            file.close()
-            raise DistillError(f"'{run_dir}' is being trained by {holder}; wait for it or stop it") from None
-        if same_file(mark, file):  # not removed by a process that released it while this one waited
-            file.truncate(0)
-            file.write(f"process {os.getpid()} on {socket.gethostname()}")
-            file.flush()
-            return file
-        file.close()
+            if not lock_or_refuse(mark, fd):
+                return None
+            if same_file(mark, fd):  # not removed by a process that released it meanwhile
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+                return RunLock(mark, fd)
+        except BaseException:
+            with contextlib.suppress(OSError):  # lock_or_refuse may have closed it
+                os.close(fd)
+            raise
+        os.close(fd)
     raise DistillError(f"'{run_dir}': other processes claimed it at the same moment; try again")
 
 
-def same_file(path: Path, file: IO[str]) -> bool:
+def lock_or_refuse(mark: Path, fd: int) -> bool:
+    """Whether this process now holds the lock on ``fd`` (False: the filesystem takes none); refused where another
+    process holds it."""
     try:
-        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise DistillError(
+                f"'{mark.parent}' is being trained by {holder or 'another process'}; wait for it or stop it (if "
+                f"nothing trains it, remove '{mark}')"
+            ) from None
+        os.close(fd)
+        if not holder:  # made by this call
+            mark.unlink(missing_ok=True)
+        warnings.warn(f"'{mark.parent}' is not locked: its filesystem takes no locks ({e.strerror})", stacklevel=3)
+        return False
+
+
+def same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
 
 
-def release(file: IO[str] | None) -> None:
-    """Remove the run's mark, then free the lock (in that order: a waiting process sees the file gone)."""
-    if file is not None:
+def release(lock: RunLock | None) -> None:
+    """Remove the run's mark (not a file put there by hand after ours was removed), then free the lock."""
+    if lock is None:
+        return
+    try:
+        if same_file(lock.path, lock.fd):
+            lock.path.unlink()
+    except OSError:
+        pass
+    finally:
         with contextlib.suppress(OSError):
-            os.unlink(file.name)
-        file.close()
+            os.close(lock.fd)
 
 
 def optimizer_note(cfg: RunConfig, max_norm: float) -> str:

@@ -245,11 +245,38 @@ def test_a_run_folder_is_trained_by_one_process_at_a_time(run_kwargs: dict) -> N
     assert train(resume=run).epochs_done == 2 and not (run / RUNNING).exists()
 
 
-def test_a_claim_is_refused_until_released(tmp_path: Path) -> None:
-    mark = claim(tmp_path)
-    assert (tmp_path / RUNNING).read_text() == f"process {os.getpid()} on {socket.gethostname()}"
-    with pytest.raises(DistillError, match=f"by process {os.getpid()} on "):
-        claim(tmp_path)  # another open file of the same process: flock refuses it too
-    release(mark)
+def test_a_claim_is_released_and_a_killed_runs_mark_taken_over(tmp_path: Path) -> None:
+    lock = claim(tmp_path)
+    assert lock is not None
+    assert os.pread(lock.fd, 200, 0).decode() == f"process {os.getpid()} on {socket.gethostname()}"
+    release(lock)
     assert not (tmp_path / RUNNING).exists()
+    (tmp_path / RUNNING).write_text("process 1 on elsewhere")  # the mark of a killed run: no lock on it
     release(claim(tmp_path))
+    assert not (tmp_path / RUNNING).exists()
+
+
+def test_a_filesystem_without_locks_trains_unlocked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from distill_cli import runlog
+
+    def no_locks(fd: int, how: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlog.fcntl, "lockf", no_locks)
+    with pytest.warns(UserWarning, match="is not locked: its filesystem takes no locks"):
+        assert claim(tmp_path) is None
+    assert not (tmp_path / RUNNING).exists()
+
+
+def test_a_resume_that_read_last_pt_before_the_run_saved_again_is_refused(tmp_path: Path) -> None:
+    from distill_cli.checkpoint import moved_on
+
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"epoch 1")
+    read = last.stat()
+    assert not moved_on(str(last), read.st_ino, read.st_mtime_ns)
+    (tmp_path / "next").write_bytes(b"epoch 2")
+    (tmp_path / "next").replace(last)  # as every checkpoint is written
+    assert moved_on(str(last), read.st_ino, read.st_mtime_ns)
