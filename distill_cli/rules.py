@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import itertools
 import math
 import numbers
 import operator
@@ -178,9 +179,12 @@ def fits_a_line(value: Any, depth: int = 0, budget: list[int] | None = None) -> 
     budget = [80] if budget is None else budget
     if not isinstance(value, (list, tuple, set, frozenset, dict)):
         return True
-    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
-    budget[0] -= len(items)
-    return depth < 40 and budget[0] >= 0 and all(fits_a_line(item, depth + 1, budget) for item in items)
+    is_dict = isinstance(value, dict)
+    budget[0] -= len(value) * (2 if is_dict else 1)  # counted before anything is copied or visited
+    if depth >= 40 or budget[0] < 0:
+        return False
+    items = itertools.chain(value.keys(), value.values()) if is_dict else value
+    return all(fits_a_line(item, depth + 1, budget) for item in items)
 
 
 def path_too_long(path: object) -> str:
