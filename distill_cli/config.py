@@ -36,6 +36,8 @@ STUDENT_INITS = ("random", "teacher")
 ADAPTER_INITS = ("fit", "random")
 MAX_TEACHER_SCALE = 2.0  # the view mapping pairs each student level with two teacher levels (teacher_scale.py)
 TEACHER_SCALE_TEXT = f"auto, a number in [1, {MAX_TEACHER_SCALE:g}], or such numbers joined by + (views averaged)"
+MAX_KEEP_START = 100.0  # the teacher's share of the answers is 1 / (1 + keep_start): at most this, it is still 1%
+KEEP_START_TEXT = f"auto or a number in [0, {MAX_KEEP_START:g}]"
 MAX_IMGSZ = 16384
 # optimizers step in float32 (at most 3.4e38): a larger LR or weight decay (scaled by batch / nbs, and by warm-up) is an
 # overflow error, not a run that fails
@@ -61,12 +63,20 @@ def blank_problem(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")  # a plain decimal: no sign, exponent, nan or inf
+
+
 def teacher_scale_problem(value: str) -> str | None:
     views = value.split("+")
-    numbers = all(re.fullmatch(r"[0-9]+(\.[0-9]+)?", v) and 1 <= float(v) <= MAX_TEACHER_SCALE for v in views)
+    numbers = all(NUMBER.fullmatch(v) and 1 <= float(v) <= MAX_TEACHER_SCALE for v in views)
     if value == "auto" or (numbers and len({float(v) for v in views}) == len(views)):
         return None
     return f"must be {TEACHER_SCALE_TEXT}, each view once"
+
+
+def keep_start_problem(value: str) -> str | None:
+    number = NUMBER.fullmatch(value) and float(value) <= MAX_KEEP_START
+    return None if value == "auto" or number else f"must be {KEEP_START_TEXT}"
 
 
 LAYERS = rule(check=layers_problem, text="a layer group or a list of layer indices")
@@ -123,6 +133,15 @@ class Recipe:
     # several views joined by + whose answers are averaged; auto picks 2 where the teacher was trained at 1.6x the
     # student's size or more, 1+2 from 1.3x, else 1 (teacher_scale.py)
     teacher_scale: str = ranged("1", check=teacher_scale_problem, text=TEACHER_SCALE_TEXT)
+    # in a fine-tune of a .pt student with the data's classes, the output terms also distil the student as given, at
+    # this multiple of the teacher's weight (Learning without Forgetting); 0: the teacher alone; auto: 1 where the
+    # student was trained at under 1.3x the run's size, else 0 (keep_start.py)
+    keep_start: str = ranged("0", check=keep_start_problem, text=KEEP_START_TEXT)
+
+    @property
+    def keeps_start(self) -> bool:
+        """Whether the output terms distil the student as given beside the teacher (auto: where it applies)."""
+        return self.keep_start == "auto" or float(self.keep_start) > 0
 
 
 @dataclass
@@ -396,6 +415,8 @@ def describe_recipes() -> list[dict[str, str]]:
     for name in list_recipes():
         recipe = load_recipe(name)
         parts = [f"{k} {v.weight:g}" for k, v in recipe.losses.items()]
-        terms = ", ".join(parts + (["init from the teacher"] if recipe.init == "teacher" else [])) or "-"
+        parts += ["init from the teacher"] if recipe.init == "teacher" else []
+        parts += [f"keep start {recipe.keep_start}"] if recipe.keeps_start else []
+        terms = ", ".join(parts) or "-"
         rows.append({"name": name, "terms": terms, "description": recipe.description})
     return rows

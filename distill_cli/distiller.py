@@ -15,6 +15,7 @@ from ultralytics.utils.tal import make_anchors
 from .config import Recipe
 from .errors import DistillError
 from .features import FeatureHooks, Pair, pair_layers, probe_layers
+from .keep_start import with_start
 from .losses import LOSSES, CrossLoss, DistillContext, OutputLoss, build_loss
 from .losses.output import distances
 from .models import class_names
@@ -27,6 +28,7 @@ Head = dict[str, dict[str, torch.Tensor]]  # branch ("one2many", and "one2one" f
 class TeacherOutput:
     feats: dict[int, torch.Tensor]  # teacher layer index -> feature map
     head: Head  # Detect outputs per branch: boxes, scores, feats
+    start: Head | None = None  # the student as given, on the same batch (recipe keep_start), else None
 
 
 @dataclass
@@ -65,13 +67,20 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return runner
 
 
+def frozen_copy(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A fused, channels-last copy of ``model`` in ``dtype``, in eval mode without gradients (inference_copy)."""
+    runner = inference_copy(model).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    return runner.eval().requires_grad_(False)
+
+
 class Teacher:
     """Frozen teacher: eval mode always, no grad, never saved, never optimised.
 
     ``model`` is the teacher as loaded (fp32, used to validate it); ``runner`` is a private Conv+BN-fused copy in
     ``dtype`` (bf16/fp16 under AMP) and channels_last, which runs every training step. With a scale above 1 its head
     outputs are those of the batch seen at that multiple of its size, mapped onto the student's anchors; with several
-    ``scales``, one pass per view and their answers averaged (teacher_scale.py).
+    ``scales``, one pass per view and their answers averaged (teacher_scale.py). With a ``start`` (the student as
+    given, for ``keep_start``), a fused copy of it answers the same batch beside the teacher (keep_start.py).
     """
 
     def __init__(
@@ -81,12 +90,13 @@ class Teacher:
         device: torch.device,
         dtype: torch.dtype,
         scales: tuple[float, ...] = (1.0,),
+        start: nn.Module | None = None,
     ) -> None:
         if tuple(scales) != (1.0,) and layers:
             raise ValueError("a teacher at a scale above 1 hooks no layer: its maps would not match the student's")
         self.model = model.to(device).eval().requires_grad_(False)
-        self.runner = inference_copy(self.model).to(device=device, dtype=dtype, memory_format=torch.channels_last)
-        self.runner.eval().requires_grad_(False)
+        self.runner = frozen_copy(self.model, device, dtype)
+        self.start = None if start is None else frozen_copy(start, device, dtype)
         self.dtype, self.scales = dtype, tuple(scales)
         self.strides = [int(stride) for stride in self.head.stride]  # the head's level strides, read once
         self.hooks = FeatureHooks(self.runner, layers)
@@ -95,15 +105,18 @@ class Teacher:
     def head(self) -> nn.Module:
         return self.runner.model[-1]
 
-    def run(self, images: torch.Tensor) -> dict | tuple:
-        return self.runner(images.to(self.dtype).contiguous(memory_format=torch.channels_last))
+    def run(self, images: torch.Tensor, runner: nn.Module | None = None) -> dict | tuple:
+        return (self.runner if runner is None else runner)(
+            images.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        )
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> TeacherOutput:
         heads = [self.view(images, scale) for scale in self.scales]
         if len(heads) > 1:
             heads = [{b: averaged([h[b] for h in heads], self.head.reg_max) for b in heads[0]}]
-        return TeacherOutput(self.hooks.pop(), heads[0])  # popped after the passes, which fill the hooks
+        start = None if self.start is None else head_branches(self.run(images, self.start))
+        return TeacherOutput(self.hooks.pop(), heads[0], start)  # popped after the passes, which fill the hooks
 
     def view(self, images: torch.Tensor, scale: float) -> Head:
         """The head's answers to the batch seen at ``scale`` times its size, on the student's anchors."""
@@ -121,12 +134,16 @@ class Distiller(nn.Module):
 
     ``forward(batch, teacher_out, active)`` runs the student once and returns the detection loss, and the named,
     unweighted distillation terms in ``active``. The training loop weights and sums them. Output terms of an
-    end-to-end head are computed on both branches and combined with the detection loss's own branch gains.
+    end-to-end head are computed on both branches and combined with the detection loss's own branch gains; with
+    ``keep_start`` and the start's answers in the teacher output, they read both models' answers mixed and count
+    ``1 + keep_start`` times (keep_start.py).
     """
 
-    def __init__(self, student: nn.Module, terms: dict[str, nn.Module], pairs: dict[str, list[Pair]]) -> None:
+    def __init__(
+        self, student: nn.Module, terms: dict[str, nn.Module], pairs: dict[str, list[Pair]], keep_start: float = 0.0
+    ) -> None:
         super().__init__()
-        self.student = student
+        self.student, self.keep_start = student, keep_start
         self.terms = nn.ModuleDict(terms)
         self.pairs = pairs
         self.hooks = FeatureHooks(student, sorted({p.student for ps in pairs.values() for p in ps}))
@@ -148,12 +165,18 @@ class Distiller(nn.Module):
             return det, {}
         head, gains = head_branches(preds), shared_gains(det.gains, teacher.head)
         contexts = {b: make_context(head[b], teacher.head[b], det.positives[b], batch) for b in gains}
-        answers = in_encoding(teacher.head, self.student.model[-1].reg_max)  # cross-head terms read the teacher's own
+        reg_max = self.student.model[-1].reg_max
+        answers = in_encoding(teacher.head, reg_max)  # cross-head terms read the teacher's own
+        outputs, count, output_contexts = answers, 1.0, contexts  # what output terms learn from, how many times
+        if teacher.start is not None and self.keep_start > 0:
+            outputs, count = with_start(answers, teacher.start, self.keep_start, reg_max), 1.0 + self.keep_start
+            output_contexts = {b: make_context(head[b], outputs[b], det.positives[b], batch) for b in gains}
         terms = {}
         for name in active:
             module = self.terms[name]
             if isinstance(module, OutputLoss):
-                terms[name] = sum(g * module(head[b], answers[b], contexts[b]) for b, g in gains.items())
+                parts = (g * module(head[b], outputs[b], output_contexts[b]) for b, g in gains.items())
+                terms[name] = count * sum(parts)
             elif isinstance(module, CrossLoss):
                 inputs = [feats[p.student] for p in self.pairs[name]]
                 terms[name] = module(inputs, self.teacher_head, teacher.head, contexts)

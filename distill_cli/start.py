@@ -26,8 +26,9 @@ def fine_tunes(cfg: RunConfig) -> bool:
     return str(cfg.student).endswith(".pt")
 
 
-def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module | None, nn.Module]:
-    """(teacher, or None when the recipe neither distils nor seeds the student; student with the data's classes)."""
+def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module | None, nn.Module, bool]:
+    """(teacher, or None when the recipe neither distils nor seeds the student; student with the data's classes;
+    whether it is a trained student that came with those classes: a start the recipe's keep_start can keep)."""
     names = data["names"]
     wanted = needs_teacher(cfg) and not (resuming and not cfg.recipe.losses)  # a resumed run was seeded already
     if wanted and str(cfg.teacher).endswith((".yaml", ".yml")):
@@ -46,12 +47,13 @@ def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module |
     teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if wanted else None
     student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
     names = dict(enumerate(names.values() if isinstance(names, dict) else names))
-    if fine_tunes(cfg) and class_names(student) != list(names.values()):
+    has_start = fine_tunes(cfg) and class_names(student) == list(names.values())
+    if fine_tunes(cfg) and not has_start:
         student = with_classes(student, names)
     student.names = names
     for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
         param.requires_grad_(".dfl" not in name)
-    return teacher, student
+    return teacher, student, has_start
 
 
 def freeze_layers(student: nn.Module, count: int, pairs: dict[str, list[Pair]]) -> None:
@@ -115,28 +117,37 @@ def init_note(cfg: RunConfig, adapters: bool) -> str:
     else:
         start = "weight selection from the teacher" if seeds_from_teacher(cfg) else "random"
     frozen = f"; layers 0-{cfg.freeze - 1} frozen" if cfg.freeze else ""
-    return f"student init: {start}{frozen}" + (f"; adapters: {cfg.recipe.adapters}" if adapters else "")
+    kept = f"; distilled beside the teacher (keep_start {cfg.recipe.keep_start})" if cfg.recipe.keeps_start else ""
+    return f"student init: {start}{kept}{frozen}" + (f"; adapters: {cfg.recipe.adapters}" if adapters else "")
 
 
 # fine-tunes where auto keeps the teacher at 1 (BCCD, 416-640 px; benchmarks/RESULTS.md, session 26): of six settings
-# of 39-90 optimizer steps, five ended below plain fine-tuning in 1 to 7 of 10 cells; of 32 cells of 130-156 steps, 3
+# of 39-90 optimizer steps, the default without keep_start ended below plain fine-tuning in 1 to 7 of 10 cells in five;
+# of 32 cells of 130-156 steps, in 3. With keep_start (session 32) the short runs measured missed in few cells
 SHORT_FINE_TUNE_STEPS = 100
 
 
 def warn_if_short(cfg: RunConfig, teacher: nn.Module | None, optimizer_steps: int) -> None:
-    """Say, before a fine-tune starts, that it is in the regime where the default recipe was measured to lose: a class
-    term, the teacher at 1 and trained at under 1.3x the student's size (where auto keeps 1), and few optimizer
-    steps."""
+    """Say, before a fine-tune starts, that it is in the regime where the default recipe without ``keep_start`` was
+    measured to lose: a class term, the teacher at 1 and trained at under 1.3x the student's size (where auto keeps
+    1), few optimizer steps, and the student as given not kept."""
     trained = trained_imgsz(teacher)
     trained_near = trained is not None and trained / cfg.imgsz < LEAST_VIEWS_SCALE  # where auto keeps 1
     class_term = any(spec.type == "cls_kd" for spec in cfg.recipe.losses.values())
     at_1 = trained_near and not upsamples(cfg.recipe)
-    if fine_tunes(cfg) and class_term and at_1 and optimizer_steps < SHORT_FINE_TUNE_STEPS:
+    if (
+        fine_tunes(cfg)
+        and class_term
+        and at_1
+        and not cfg.recipe.keeps_start
+        and optimizer_steps < SHORT_FINE_TUNE_STEPS
+    ):
         warnings.warn(
             f"{optimizer_steps} optimizer steps, with the teacher at 1 and trained at under {LEAST_VIEWS_SCALE:g}x "
-            f"this size: of six such BCCD fine-tunes under {SHORT_FINE_TUNE_STEPS} steps, the default recipe ended "
-            f"below plain fine-tuning in 1 to 7 of 10 cells in five; with 130 steps or more, in 3 of 32 cells "
-            f"(README, 'What is not solved'). More epochs give distillation room",
+            f"this size, and keep_start 0: of six such BCCD fine-tunes under {SHORT_FINE_TUNE_STEPS} steps, the "
+            f"default recipe without keep_start ended below plain fine-tuning in 1 to 7 of 10 cells in five; with "
+            f"130 steps or more, in 3 of 32 cells (README, 'What is not solved'). More epochs give distillation "
+            f"room, and keep_start (auto in the default recipe) keeps the student you gave",
             stacklevel=2,
         )
 

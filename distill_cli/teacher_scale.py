@@ -214,14 +214,19 @@ def against_anchors(level: Level, cx: torch.Tensor, cy: torch.Tensor, stride: in
     return logits, ltrb, conf + fits
 
 
-def averaged(heads: list[dict], reg_max: int) -> dict:
-    """One branch's answers from several views, all on the student's anchors, as one teacher's: per anchor and class
-    the mean probability (as a logit), and the box as the mean of the views' ltrb distances weighted by each view's
-    largest class probability there (a view that sees nothing at an anchor moves its box little), as a two-hot."""
+def averaged(heads: list[dict], reg_max: int, shares: list[float] | None = None) -> dict:
+    """One branch's answers from several views (or models), all on the student's anchors and in its encoding, as
+    one teacher's: per anchor and class the probability averaged with ``shares`` (equal when None; they sum to 1,
+    as a logit), and the box as the mean of their ltrb distances weighted by each share times that head's largest
+    class probability there (a head that sees nothing at an anchor moves its box little), as a two-hot."""
     probs = torch.stack([head["scores"].float().sigmoid() for head in heads])  # (V, B, nc, A)
     weights = probs.amax(2, keepdim=True)  # (V, B, 1, A)
+    prob = probs.mean(0)
+    if shares is not None:
+        share = probs.new_tensor(shares).view(-1, 1, 1, 1)
+        weights, prob = share * weights, (share * probs).sum(0)
     ltrb = torch.stack([distances(head["boxes"], reg_max).transpose(1, 2) for head in heads])  # (V, B, 4, A)
     ltrb = (weights * ltrb).sum(0) / weights.sum(0).clamp(min=1e-6)  # the floor: only where all views see ~nothing
     grids = [f.new_empty(f.shape[0], 0, *f.shape[2:]) for f in heads[0]["feats"]]
-    prob = probs.mean(0).clamp(1e-6, 1 - 1e-6)
+    prob = prob.clamp(1e-6, 1 - 1e-6)
     return {"scores": prob.log() - (1 - prob).log(), "boxes": two_hot(ltrb, reg_max), "feats": grids}

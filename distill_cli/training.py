@@ -33,6 +33,7 @@ from .distiller import Distiller, Teacher, build_terms, uses_recipe_layers
 from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
+from .keep_start import resolved_keep
 from .models import class_names, count_params, stride_multiple
 from .optimizer import ADAM_FAMILY, build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
@@ -243,7 +244,7 @@ def prepare(
     # deterministic runs use PyTorch's own kernels, so that a resumed run equals an uninterrupted one bit for bit.
     torch.backends.mkldnn.enabled = not (cfg.deterministic and device.type == "cpu")
     data = load_data(cfg.data, cfg.val_split)
-    teacher_model, student = load_models(cfg, data, resuming=checkpoint is not None)
+    teacher_model, student, has_start = load_models(cfg, data, resuming=checkpoint is not None)
     coarsest = int(student.stride.max())
     if cfg.imgsz <= coarsest:  # its maps there would be 1x1: BatchNorm cannot train on a batch of one image
         raise DistillError(
@@ -257,6 +258,7 @@ def prepare(
     stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
     cfg = replace(cfg, imgsz=stride_multiple(cfg.imgsz, stride))
     cfg = replace(cfg, recipe=resolved(cfg.recipe, cfg.imgsz, teacher_model))
+    cfg = replace(cfg, recipe=resolved_keep(cfg.recipe, has_start, student, cfg.imgsz))
     batch = dist.per_rank_batch(cfg.batch, info.world_size)
     hyp = hyperparameters(
         imgsz=cfg.imgsz,
@@ -283,15 +285,15 @@ def prepare(
     if seeds_from_teacher(cfg) and checkpoint is None:
         calibrate_selected(student, data, hyp, batch, stride, device)
     cfg = resolve_ema(cfg, len(train_loader))
-    # the EMA copies the student before the Distiller hooks it
+    # the EMA and the kept start copy the student before the Distiller hooks it (a resumed run's weights come later)
     ema = ModelEMA(student, cfg.ema_decay, cfg.ema_tau) if cfg.ema and info.is_main else None
-    student.criterion = student.init_criterion()  # on the device: the loss keeps the device it was built on
-    distiller = Distiller(student, terms, pairs).to(device)
-    has_adapters = bool(adapter_targets(distiller))
     amp_dtype, teacher_dtype = amp_dtypes(cfg, device)
-    teacher_layers = sorted({p.teacher for ps in pairs.values() for p in ps})
-    scales = view_scales(cfg.recipe.teacher_scale)
-    teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype, scales) if teacher_model else None
+    keep, teacher_layers = float(cfg.recipe.keep_start), sorted({p.teacher for ps in pairs.values() for p in ps})
+    scales, start = view_scales(cfg.recipe.teacher_scale), student if keep else None
+    teacher = Teacher(teacher_model, teacher_layers, device, teacher_dtype, scales, start) if teacher_model else None
+    student.criterion = student.init_criterion()  # on the device: the loss keeps the device it was built on
+    distiller = Distiller(student, terms, pairs, keep).to(device)
+    has_adapters = bool(adapter_targets(distiller))
     if teacher is not None:
         distiller.bind_teacher(teacher)
         # before DDP, which then broadcasts rank 0's fit; a resumed run's adapters come from its checkpoint

@@ -122,7 +122,7 @@ def test_a_yaml_teacher_is_refused_unless_allowed(run_kwargs: dict) -> None:
     cfg = RunConfig(teacher="yolov8s.yaml", student="yolov8n.yaml", recipe=load_recipe("cwd"))
     with pytest.warns(UserWarning, match="untrained"):
         untrained = RunConfig(**{**vars(cfg), "allow_untrained_teacher": True})
-        teacher, _ = load_models(untrained, {"names": {0: "a"}}, resuming=False)
+        teacher, _, _ = load_models(untrained, {"names": {0: "a"}}, resuming=False)
     assert teacher is not None
 
 

@@ -185,7 +185,7 @@ class Trained(torch.nn.Module):
 @pytest.mark.parametrize(
     ("student", "recipe", "view", "imgsz", "trained", "steps", "warned"),
     [
-        ("s.pt", "default", "1", 448, 512, 99, True),
+        ("s.pt", "default", "1", 448, 512, 99, True),  # the default with keep_start 0 (below, each case's)
         ("s.pt", "default", "1.0", 448, 512, 99, True),  # the same view written as a float
         ("s.pt", "logits", "1", 640, 512, 39, True),  # any recipe with the class term
         ("s.pt", "default", "1", 448, 512, 100, False),  # 100 steps or more
@@ -195,12 +195,15 @@ class Trained(torch.nn.Module):
         ("s.pt", "mgd", "1", 448, 512, 39, False),  # no class term
         ("s.pt", "none", "1", 448, 512, 39, False),  # nothing distilled
         ("s.yaml", "default", "1", 448, 512, 39, False),  # from scratch: not a fine-tune
+        ("s.pt", "default+keep", "1", 448, 512, 39, False),  # the student as given kept beside the teacher
     ],
 )
 def test_a_short_fine_tune_where_auto_keeps_the_teacher_at_1_is_warned(
     student: str, recipe: str, view: str, imgsz: int, trained: int | None, steps: int, warned: bool
 ) -> None:
-    recipe_given = replace(load_recipe(recipe), teacher_scale=view)
+    keep = "1" if recipe.endswith("+keep") else "0"
+    recipe = recipe.removesuffix("+keep")
+    recipe_given = replace(load_recipe(recipe), teacher_scale=view, keep_start=keep)
     cfg = RunConfig(student=student, recipe=recipe_given, recipe_name=recipe, imgsz=imgsz)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

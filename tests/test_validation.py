@@ -74,6 +74,7 @@ BAD_FOR_CHECK: dict[Callable, list[Any]] = {
         "1+",
         "+2",
     ],
+    config.keep_start_problem: ["-1", "101", "nan", "inf", "", " 1", "1.", "1e-5", "AUTO", "\u0662", "1+1"],
 }
 
 

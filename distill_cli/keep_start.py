@@ -1,0 +1,93 @@
+"""The student as given distilled beside the teacher in a fine-tune (recipe ``keep_start``).
+
+Why: a trained student fine-tuned near the size it was trained at is already a good detector there, and a few epochs
+move it little; at 448 px, where ``auto`` keeps the teacher at 1, the teacher's class lesson cost the first epoch of
+every run and short runs ended below plain fine-tuning (benchmarks/RESULTS.md, sessions 19-31). Keeping the outputs
+the student started with, while the teacher teaches, is Learning without Forgetting (Li and Hoiem, ECCV 2016,
+arXiv:1606.09282): there a network learning a new task distils its own original outputs so as not to lose the old one.
+
+What: each output term also distils a frozen copy of the student as given, at ``keep_start`` (r) times the teacher's
+weight: ``w [D(s; t) + r D(s; s0)]``. For ``cls_kd`` as the default has it (binary KL at temperature 1, every anchor or
+the positives: BCE with a soft target, less that target's entropy, and BCE is linear in its target) this is one term on
+the mixed target, with the same gradient: ``D(s; t) + r D(s; s0) = (1 + r) D(s; m) + const``,
+``m = (p_t + r p_s0) / (1 + r)``. So the output terms read the two models' answers mixed with shares ``1 / (1 + r)`` and
+``r / (1 + r)`` (``teacher_scale.averaged``: probabilities mixed, boxes weighted by share times confidence) and count
+``1 + r`` times. For every other term and form (``box_kd``, ``bckd``, a temperature, ``qfl``, ``kl``, a confidence
+weighting) the mixing is the same form, not that identity: ``box_kd`` teaches where the mixed confidence passes its
+threshold (with the BCCD pair at 448 px on 8 val images, about 60% of the anchors where the teacher's alone does), and
+that is what was measured. ``dfl_kd`` would read a two-hot of the mixed distances in place of the teacher's DFL
+distributions, so it refuses a number above 0 and ``auto`` leaves it 0. Feature and cross-head terms read the teacher
+alone. The copy answers each training batch in one more forward pass, fused and in the teacher's precision.
+
+Where: a fine-tune of a trained ``.pt`` student whose classes are the data's; a student from a yaml, or one whose
+class layers start afresh for other classes, has nothing to keep, and its run records ``keep_start: 0`` (a number
+given in the recipe says so in a warning). ``auto`` keeps the start (at 1, the two models' answers averaged) only
+where the student was trained at under ``KEEP_START_RATIO`` times the run's size: far below that size the student as
+given is a weak detector of the batch (the 512-px BCCD student scores 0.457 at 256 px, where plain fine-tuning
+reaches 0.525), and keeping it held the default recipe's students 0.02 below the teacher alone (benchmarks/RESULTS.md,
+session 32). Measured only on a student fine-tuned on the data it was trained on; ``auto`` does not check the data.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+from torch import nn
+
+from .config import Recipe
+from .errors import DistillError
+from .losses import LOSSES
+from .teacher_scale import REMAPPED_TERMS, averaged, trained_imgsz
+
+# auto keeps the start where the student's training size is under this many times the run's: with the 512-px BCCD
+# student at 448 and 512 px (x1.14, x1) keeping it lifted the default above plain fine-tuning in 16 of 18 cells
+# against 11 of 18; at 256 and 320 px (x2, x1.6) it cost the default 0.01-0.02 (session 32). Between, at 352 and
+# 384 px, unmeasured: the same bound as the teacher's views (teacher_scale.LEAST_VIEWS_SCALE) leaves them off
+KEEP_START_RATIO = 1.3
+
+
+def nothing_to_keep(recipe: Recipe, has_start: bool) -> str | None:
+    """Why this run has no start to keep or nothing that would read it, or None."""
+    if not has_start:
+        return "the student has no start to keep (a yaml student, or its class layers start afresh for the data)"
+    if not any(LOSSES[spec.type].level == "output" for spec in recipe.losses.values()):
+        return "no output term would read the student's answers"
+    return None
+
+
+def mixing_problem(recipe: Recipe) -> str | None:
+    """Why an output term of the recipe would learn something else from mixed answers, or None."""
+    output = {name: spec.type for name, spec in recipe.losses.items() if LOSSES[spec.type].level == "output"}
+    other = sorted(name for name, kind in output.items() if kind not in REMAPPED_TERMS)
+    return (
+        f"term(s) {', '.join(other)} read the teacher's DFL distributions, which mixed answers do not carry"
+        if other
+        else None
+    )
+
+
+def resolved_keep(recipe: Recipe, has_start: bool, student: nn.Module, imgsz: int) -> Recipe:
+    """The recipe with ``keep_start`` a number: ``auto`` made 1 where the start can be kept and mixed and the student
+    was trained at under ``KEEP_START_RATIO`` times ``imgsz``, else 0; a number made 0, with a warning, where there is
+    nothing to keep, and refused where a term would learn something else from mixed answers."""
+    if recipe.keep_start == "0":
+        return recipe
+    unkept, mixing = nothing_to_keep(recipe, has_start), mixing_problem(recipe)
+    if recipe.keep_start == "auto":
+        trained = trained_imgsz(student)
+        near = not unkept and not mixing and trained is not None and trained / imgsz < KEEP_START_RATIO
+        return replace(recipe, keep_start="1" if near else "0")
+    if unkept:
+        warnings.warn(f"keep_start {recipe.keep_start} is not applied: {unkept}", stacklevel=3)
+        return replace(recipe, keep_start="0")
+    if mixing:
+        raise DistillError(f"keep_start {recipe.keep_start}: {mixing}; use keep_start 0 with this recipe")
+    return recipe
+
+
+def with_start(answers: dict, start: dict, keep: float, reg_max: int) -> dict:
+    """The teacher's ``answers`` (per branch, in the student's encoding) mixed with the ``start``'s at shares
+    ``1 : keep``; a branch the start lacks keeps the teacher's."""
+    shares = [1.0 / (1.0 + keep), keep / (1.0 + keep)]
+    return {b: averaged([a, start[b]], reg_max, shares) if b in start else a for b, a in answers.items()}
