@@ -71,8 +71,8 @@ def resolved_keep(recipe: Recipe, has_start: bool, student: nn.Module, imgsz: in
     """The recipe with ``keep_start`` a number: ``auto`` made 1 where the start can be kept and mixed and the student
     was trained at under ``KEEP_START_RATIO`` times ``imgsz``, else 0; a number made 0, with a warning, where there is
     nothing to keep, and refused where a term would learn something else from mixed answers."""
-    if recipe.keep_start == "0":
-        return recipe
+    if not recipe.keeps_start:
+        return replace(recipe, keep_start="0")
     unkept, mixing = nothing_to_keep(recipe, has_start), mixing_problem(recipe)
     if recipe.keep_start == "auto":
         trained = trained_imgsz(student)

@@ -11,8 +11,9 @@ import torch
 import yaml
 from ultralytics.nn.tasks import DetectionModel
 
-from distill_cli.config import Recipe, load_recipe
-from distill_cli.distiller import Teacher
+from distill_cli.config import Recipe, load_recipe, recipe_from_dict
+from distill_cli.data import hyperparameters
+from distill_cli.distiller import Distiller, Teacher, TeacherOutput, build_terms
 from distill_cli.errors import DistillError
 from distill_cli.keep_start import resolved_keep, with_start
 from distill_cli.losses import DistillContext, build_loss
@@ -81,6 +82,41 @@ def test_the_class_term_on_the_mixed_answers_has_the_gradient_of_a_teacher_term_
     assert not torch.allclose(gradient(lambda s: term(s, {"scores": t}, ctx)), both, atol=1e-3)
 
 
+def test_the_distillers_output_terms_read_the_mixed_answers_and_count_1_plus_keep_start_times() -> None:
+    """The output terms with keep_start 0.5 and the start's answers equal 1.5 times the terms on the answers mixed at
+    1 : 0.5 (the confidence that picks box_kd's anchors read from them too), and differ from the teacher's alone."""
+    torch.manual_seed(0)
+    teacher_model = DetectionModel("yolov8s.yaml", nc=2, verbose=False)
+    student = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
+    student.args = hyperparameters()
+    student.criterion = student.init_criterion()
+    recipe = recipe_from_dict({"losses": {"cls_kd": {}, "box_kd": {"conf_thresh": 0.1}}})
+    terms, pairs = build_terms(student, teacher_model, recipe, 64)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    batch = {
+        "img": images,
+        "cls": torch.tensor([[0.0], [1.0]]),
+        "bboxes": torch.tensor([[0.3, 0.3, 0.3, 0.3], [0.6, 0.5, 0.4, 0.4]]),
+        "batch_idx": torch.tensor([0.0, 1.0]),
+    }
+    class_biases = [branch[-1].bias for branch in student.model[-1].cv3]
+    with torch.no_grad():
+        for bias in class_biases:  # the student as given sure of some class everywhere, unlike the teacher
+            bias.fill_(2.0)
+        teacher = Teacher(teacher_model, [], torch.device("cpu"), torch.float32, start=student)
+        for bias in class_biases:  # and moved on since
+            bias.fill_(-4.0)
+    out = teacher(images)
+    mixed = TeacherOutput(out.feats, with_start(out.head, out.start, 0.5, 16))
+    active = ("cls_kd", "box_kd")
+    kept = Distiller(student, terms, pairs, keep_start=0.5).train()(batch, out, active)[1]
+    on_mixed = Distiller(student, terms, pairs).train()(batch, mixed, active)[1]
+    alone = Distiller(student, terms, pairs, keep_start=0.5).train()(batch, replace(out, start=None), active)[1]
+    for name in active:
+        assert torch.allclose(kept[name], 1.5 * on_mixed[name], rtol=1e-5), name
+        assert not torch.allclose(kept[name], 1.5 * alone[name], rtol=1e-2), name
+
+
 def test_the_start_answers_beside_the_teacher_as_a_frozen_copy_of_the_student_as_given() -> None:
     torch.manual_seed(0)
     teacher_model = DetectionModel("yolov8s.yaml", nc=2, verbose=False)
@@ -101,6 +137,7 @@ def test_the_start_answers_beside_the_teacher_as_a_frozen_copy_of_the_student_as
     ("keep", "has_start", "recipe", "trained", "imgsz", "expected"),
     [
         ("1", True, "default", 512, 256, "1"),  # a number is kept as given wherever there is a start
+        ("0.0", False, "default", 512, 256, "0"),  # 0 however written: nothing to warn about
         ("0.50", True, "default", 512, 256, "0.50"),  # as written
         ("1", False, "default", 512, 512, "0"),  # a yaml student, or one whose class layers start afresh
         ("1", True, "cwd", 512, 512, "0"),  # no output term to read the start's answers
@@ -124,7 +161,8 @@ def test_keep_start_is_a_number_once_resolved_and_auto_keeps_a_start_near_its_ow
         warnings.simplefilter("always")
         assert resolved_keep(recipe_kept, has_start, student, imgsz).keep_start == expected
         assert resolved_keep(Recipe(keep_start=keep), has_start, student, imgsz).keep_start == "0"  # no terms
-    assert len(caught) == (keep != "auto") + (keep != "auto" and expected == "0")
+    number = keep != "auto" and float(keep) > 0
+    assert len(caught) == number + (number and expected == "0")
 
 
 def student_pt(path: Path, names: list[str] | None = None) -> Path:
@@ -172,5 +210,6 @@ def test_a_resumed_fine_tune_keeps_the_student_it_was_given_not_the_weights_it_r
     with pytest.raises(DistillError):
         train(recipe="default", callback=interrupt_after_epoch(1), **{**kwargs, "name": "cut"})
     resumed = train(resume=Path(kwargs["project"]) / "cut")
+    assert recorded_keep(resumed.run_dir) == "1"  # the start was kept, before and after the cut
     a, b = weights(straight.last), weights(resumed.last)
     assert all(torch.equal(a[k], b[k]) for k in a)
