@@ -2,7 +2,10 @@
 
 Each setting names the runs that are today's code there: both recipes seed for seed, with 0.3.14 or later, which
 trains on both CPU threads (other float sums, the same method), marked with that version; where a later version changed
-nothing in a setting, it keeps the runs of the version that last did (benchmarks/RESULTS.md says which). ``none`` is
+nothing in a setting, it keeps the runs of the version that last did (benchmarks/RESULTS.md says which). Rows marked
+Intel ran on the Intel Xeon of sessions 31-32, the others on the AMD EPYC; where ``keep_start: auto`` keeps the
+student as given (0.3.22) the rows are the Intel runs with it, but for finetune10, not run with it, which says so in
+its view column. ``none`` is
 seed-matched; ``gap closed`` is how far the default went from the student as given to the teacher scored at the
 student's size. Each setting's schedule is read from its runs' record. No training here: it only reads JSON.
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -23,10 +26,21 @@ Source = list[tuple[str, str]]  # (results file, run label)
 
 @dataclass
 class Setting:
-    view: str  # what teacher_scale auto picks there for the 512-px teacher, in the runs named
+    view: str  # what teacher_scale auto picks there for the 512-px teacher (and keep_start), in the runs named
     default: Source
     none: Source
-    threads: str  # the version (0.3.14 or later) with which every seed of both recipes ran on both CPU threads
+    threads: str  # the version (0.3.14 or later) of the default's runs; none's ran with it or, unchanged since, before
+    machine: str = ""  # "Intel" for the Intel Xeon of sessions 31-32; the AMD EPYC otherwise
+
+
+KEPT = "default, losses.cls_kd.weight=3, losses.box_kd.weight=6"  # the keep_start 1 prototype (RESULTS.md, session 32)
+UNKEPT = "1; 0.3.21, start not kept"
+
+
+def kept_on_intel(screen: Source, none_file: str) -> Setting:
+    """A setting where keep_start auto keeps the start: the default's runs with it (0.3.22, or its prototype, which
+    trains the same numbers) beside session 31's none runs of the same seeds on the same Intel Xeon."""
+    return Setting("1 + start", screen, [(none_file, "none")], "0.3.22", "Intel")
 
 
 def together(view: str, *names: str, threads: str) -> Setting:
@@ -50,11 +64,11 @@ SETTINGS = {
     "finetune2": together("1+2", "gain-v34-recheck-finetune2.json", threads="0.3.18"),
     "finetune12": together("1+2", "gain-v30-finetune12.json", threads="0.3.16"),
     "finetune6": together("1+2", "gain-v34-recheck-finetune6.json", threads="0.3.18"),
-    "batch32": together("1", "gain-v26-batch32-threads.json", threads="0.3.14"),
-    "finetune8": together("1", "gain-v26-finetune8-threads.json", threads="0.3.14"),
-    "finetune14": together("1", "gain-v32-short.json", threads="0.3.18"),
-    "finetune10": together("1", "gain-v27-finetune10.json", "gain-v27-finetune10-seeds34.json", threads="0.3.14"),
-    "native": together("1", "gain-v26-native-threads.json", threads="0.3.14"),
+    "batch32": replace(together("1 + start", "gain-v38-keep-batch32.json", threads="0.3.22"), machine="Intel"),
+    "finetune8": kept_on_intel([("gain-v38-keep-screen.json", KEPT)], "gain-v37-intel-high.json"),
+    "finetune14": kept_on_intel([("gain-v38-keep-screen.json", KEPT)], "gain-v37-intel-finetune14.json"),
+    "finetune10": together(UNKEPT, "gain-v27-finetune10.json", "gain-v27-finetune10-seeds34.json", threads="0.3.14"),
+    "native": kept_on_intel([("gain-v38-keep-screen.json", KEPT)], "gain-v37-intel-high.json"),
     "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", threads="0.3.14"),
     "imgsz640": together("1", "gain-v33-recheck-imgsz640.json", threads="0.3.18"),
     "cross11native": together("1", "gain-v31-cross11native.json", threads="0.3.17"),
@@ -118,7 +132,8 @@ def row(setting: str) -> tuple[str, list[int]]:
     cells = 2 * len(seeds)
     start = "" if given else f"{Path(schedule['student']).name}, "
     what = f"{setting}: {start}{schedule['epochs']} epochs, batch {schedule['batch']}"
-    cols = [what, f"{schedule['imgsz']} ({entry.view})", ",".join(seeds) + f" ({entry.threads})"]
+    version = ", ".join(filter(None, [entry.threads, entry.machine]))
+    cols = [what, f"{schedule['imgsz']} ({entry.view})", ",".join(seeds) + f" ({version})"]
     cols += [" / ".join(parts[key]) or "-" for key in ("given", "none")]
     cols += [f"**{' / '.join(parts['default'])}**", " / ".join(parts["teacher"]), " / ".join(parts["gap"]) or "-"]
     cols.append(f"{above_none}/{cells} / " + (f"{above_given}/{cells}" if given else "-"))
