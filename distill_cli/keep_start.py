@@ -50,29 +50,29 @@ from .teacher_scale import REMAPPED_TERMS, averaged, trained_imgsz
 KEEP_START_RATIO = 1.3
 
 
+def output_terms(recipe: Recipe) -> list[str]:
+    """The recipe's terms that read the head's answers, which the start's are mixed into."""
+    return sorted(name for name, spec in recipe.losses.items() if LOSSES[spec.type].level == "output")
+
+
 def nothing_to_keep(recipe: Recipe, has_start: bool) -> str | None:
     """Why this run has no start to keep or nothing that would read it, or None."""
     if not has_start:
         return "the student has no start to keep (a yaml student, or its class layers start afresh for the data)"
-    if not any(LOSSES[spec.type].level == "output" for spec in recipe.losses.values()):
-        return "no output term would read the student's answers"
-    return None
+    return None if output_terms(recipe) else "no output term would read the student's answers"
 
 
 def mixing_problem(recipe: Recipe) -> str | None:
     """Why an output term of the recipe would learn something else from mixed answers, or None."""
-    output = {name: spec.type for name, spec in recipe.losses.items() if LOSSES[spec.type].level == "output"}
-    other = sorted(name for name, kind in output.items() if kind not in REMAPPED_TERMS)
-    return (
-        f"term(s) {', '.join(other)} read the teacher's DFL distributions, which mixed answers do not carry"
-        if other
-        else None
-    )
+    other = [name for name in output_terms(recipe) if recipe.losses[name].type not in REMAPPED_TERMS]
+    if not other:
+        return None
+    return f"term(s) {', '.join(other)} read the teacher's DFL distributions, which mixed answers do not carry"
 
 
 def resolved_keep(recipe: Recipe, has_start: bool, student: nn.Module, imgsz: int) -> Recipe:
     """The recipe with ``keep_start`` a number: ``auto`` made 1 where the start can be kept and mixed and the student
-    was trained at under ``KEEP_START_RATIO`` times ``imgsz``, else 0; a number made 0, with a warning, where there is
+    was trained at ``imgsz`` to ``KEEP_START_RATIO`` times it, else 0; a number made 0, with a warning, where there is
     nothing to keep, and refused where a term would learn something else from mixed answers."""
     if not recipe.keeps_start:
         return replace(recipe, keep_start="0")
