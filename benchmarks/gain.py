@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_ours(args: argparse.Namespace, recipe: str, seed: int, **extra: object) -> dict:
     """Our loop; ``args`` gives teacher, student, data, imgsz, epochs, batch, workers, device, project and ``set``;
     ``extra`` overrides any of them (and any config field)."""
-    from distill_cli.config import parse_overrides
+    from distill_cli.overrides import parse_overrides
 
     options = {
         "teacher": "" if recipe == "none" else args.teacher,  # no distillation: no teacher to name

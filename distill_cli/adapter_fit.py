@@ -56,7 +56,7 @@ def fit_adapters(distiller: Distiller, teacher: Teacher, images: Iterable[torch.
     try:
         for batch in images:
             student(batch)
-            student_maps, teacher_maps = distiller.hooks.pop(), teacher(batch).feats
+            student_maps, teacher_maps = distiller.hooks.pop(), teacher.features(batch)
             for acc, (_, s, t) in zip(sums, targets, strict=True):
                 for s_map, t_map in zip(student_maps[s], teacher_maps[t], strict=True):  # image by image: memory
                     accumulate(acc, as_rows(s_map[None]).double(), as_rows(t_map[None]).double())

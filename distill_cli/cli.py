@@ -193,9 +193,9 @@ def train(
     trust_checkpoint: bool = TRUST,
 ) -> None:
     """Distil a student from a teacher with our own training loop; writes student-only checkpoints."""
-    from .config import parse_overrides
     from .console import TrainProgress, print_json
     from .features import parse_layers
+    from .overrides import parse_overrides
     from .training import train as run_train
 
     options = {

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import os
 import re
 import stat
@@ -321,21 +320,6 @@ def same_terms(a: Recipe, b: Recipe) -> bool:
     return replace(a, description="") == replace(b, description="")
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["epochs=5", "losses.cwd.weight=2"]`` -> ``{"epochs": 5, "losses.cwd.weight": 2.0}`` (YAML-typed values)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise DistillError(f"--set expects key=value, got '{item}'")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond Python's 4300 digits
-            why = TOO_DEEP if isinstance(e, RecursionError) else str(e).splitlines()[0]
-            raise DistillError(f"--set {key.strip()}: the value is not valid YAML ({why})") from e
-    return out
-
-
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The run config as plain YAML data; loss entries are flat (method parameters beside weight and schedule)."""
     data = asdict(cfg)
@@ -356,57 +340,6 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     data = dict(data)
     recipe = data.pop("recipe", None)
     return build(RunConfig, {**data, "recipe": None if recipe is None else recipe_from_dict(recipe)}, "")
-
-
-def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Apply dotted overrides to a copy of ``cfg``; recipe fields may omit the ``recipe.`` prefix
-    (``losses.cwd.weight=2``, ``losses.mgd.alpha=2e-5``, ``losses.cwd.schedule.kind=cosine``)."""
-    if cfg.recipe is not None and not isinstance(cfg.recipe, Recipe):
-        raise DistillError(f"a RunConfig's recipe is a Recipe (load_recipe gives one) or None, got {shown(cfg.recipe)}")
-    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"recipe"}
-    if cfg.recipe is None and any(key.split(".")[0] not in run_fields for key in overrides):
-        cfg = replace(cfg, recipe=load_recipe(cfg.recipe_name))  # a recipe field changes: the named recipe's
-    data = config_to_dict(cfg)
-    for key, value in params_beside_weights(overrides):
-        if key in ("losses", "recipe.losses") and not value:  # not a silent "none" under the recipe's name
-            raise DistillError(f"--set {key}: give a mapping of terms; --recipe none trains without distillation")
-        parts = key.split(".")
-        if parts[0] not in data:
-            if parts[0] not in data["recipe"]:  # neither a run setting nor a recipe field
-                known = [k for k in data if k != "recipe"] + list(data["recipe"])
-                close = difflib.get_close_matches(parts[0], known, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
-                raise DistillError(f"unknown setting '{key}'; {hint}")
-            parts = ["recipe", *parts]
-        node, losses = data, (data["recipe"] or {}).get("losses")
-        for part in parts[:-1]:
-            if node is losses and part not in node:
-                node[part] = {"schedule": {}}  # --set adds a new term: losses.cwd.weight=1, and its schedule
-            node = node.get(part)
-            if not isinstance(node, dict):
-                raise DistillError(f"--set {key}: '{part}' is not a known section")
-        node[parts[-1]] = value
-    return config_from_dict(data)
-
-
-def params_beside_weights(overrides: dict[str, Any]) -> list[tuple[str, Any]]:
-    """A term's parameters sit beside its weight in the config's data: ``losses.cwd.params.tau=2`` and
-    ``losses.cwd.params={tau: 2}`` both become ``losses.cwd.tau=2``; other keys stay as given."""
-    items: list[tuple[str, Any]] = []
-    for key, value in overrides.items():
-        parts = key.split(".")
-        at = 1 if parts[:1] == ["recipe"] else 0  # where "losses" would be
-        if parts[at : at + 1] != ["losses"] or parts[at + 2 : at + 3] != ["params"]:
-            items.append((key, value))
-            continue
-        term = ".".join(parts[: at + 2])
-        if len(parts) > at + 3:
-            items.append((".".join([term, *parts[at + 3 :]]), value))
-        elif isinstance(value, dict) and value:
-            items += [(f"{term}.{k}", v) for k, v in value.items()]
-        else:  # null or {} would change nothing, silently
-            raise DistillError(f"--set {key}: give the parameters as a mapping ({key}={{tau: 2}}) or one by one")
-    return items
 
 
 def describe_recipes() -> list[dict[str, str]]:

@@ -118,6 +118,13 @@ class Teacher:
         start = None if self.start is None else head_branches(self.run(images, self.start))
         return TeacherOutput(self.hooks.pop(), heads[0], start)  # popped after the passes, which fill the hooks
 
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The hooked layers' maps alone, for what reads no answer (the adapter fit, the report's check): one pass
+        of the teacher at its own size, none of the kept start."""
+        self.run(images)
+        return self.hooks.pop()
+
     def view(self, images: torch.Tensor, scale: float) -> Head:
         """The head's answers to the batch seen at ``scale`` times its size, on the student's anchors."""
         size = (images.shape[2], images.shape[3])

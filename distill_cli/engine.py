@@ -36,7 +36,7 @@ class TrainState:
     amp_dtype: torch.dtype | None  # None: fp32
     steps_per_epoch: int
     accumulate: int
-    max_grad_norm: float  # the clip, resolved from grad_clip by training.max_grad_norm (inf: none)
+    max_grad_norm: float  # the clip, resolved from grad_clip by settings.max_grad_norm (inf: none)
     step: int = 0  # global step, across epochs
     last_opt_step: int = -1
     bad_steps: int = 0  # consecutive non-finite steps

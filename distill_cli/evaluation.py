@@ -143,7 +143,7 @@ def evaluate(
 
 def validator_device(spec: str) -> str:
     """The device as ultralytics' validator takes it ("cpu", "0"); a missing GPU is one clear error."""
-    from .training import select_device  # late: training imports this module
+    from .settings import select_device  # late: settings imports the engine, which imports this module
 
     if "," in spec:
         raise DistillError(f"--device {spec}: validation runs on one device; give one, e.g. --device 0")

@@ -7,12 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from .config import Recipe, RunConfig, apply_overrides, load_recipe
+from .config import Recipe, RunConfig, load_recipe
 from .distiller import output_problem, uses_recipe_layers
 from .features import pair_layers, probe_layers
 from .losses import LOSSES
 from .models import load_model, stride_multiple
 from .options import ProbeOptions
+from .overrides import apply_overrides
 from .rules import validated
 from .teacher_scale import resolved, scale_problem, trained_imgsz, upsamples
 from .weight_selection import selection_problem

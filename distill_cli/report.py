@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import plots
+from .config import RunConfig
 from .engine import TrainState, preprocess, validate
 from .evaluation import Validation
 from .features import as_rows
@@ -50,14 +51,14 @@ def feature_agreement(state: TrainState, loader) -> dict[str, float]:
     try:
         for batch in islice(loader, AGREEMENT_BATCHES):
             images = preprocess(batch, state.device)["img"]
-            teacher = state.teacher(images)
+            teacher_maps = state.teacher.features(images)
             student(images)
             feats = distiller.hooks.pop()
             for name, losses in feature_terms.items():
                 for loss, pair in zip(losses, distiller.pairs[name], strict=True):
                     s, t = (
                         as_rows(loss.adapter(feats[pair.student]).float()),
-                        as_rows(teacher.feats[pair.teacher].float()),
+                        as_rows(teacher_maps[pair.teacher].float()),
                     )
                     keep = torch.randperm(len(s), generator=generator)[:AGREEMENT_ROWS].to(s.device)
                     bucket = pairs.setdefault(f"{name} {pair.student}->{pair.teacher}", ([], []))
@@ -95,21 +96,28 @@ def measure_baseline(state: TrainState, teacher_model: torch.nn.Module | None, l
     return Baseline(teacher, before, feature_agreement(state, loader))
 
 
-def write_report(
-    run_dir: Path,
-    state: TrainState,
-    log: Any,
-    baseline: Baseline,
-    final: Validation | None,
-    agreement_after: dict[str, float],
-) -> Path:
+@dataclass
+class RunOutcome:
+    """What report.md reads, gathered when a run ends: its results and settings, no training state."""
+
+    run_dir: Path
+    cfg: RunConfig
+    log: Any  # the RunLog: history, step series, best epoch
+    baseline: Baseline
+    final: Validation | None  # the last epoch's validation
+    agreement_after: dict[str, float]  # feature_agreement after training
+    balance: dict[str, float]  # each term's automatic factor, as it ended
+    steps_per_epoch: int
+
+
+def write_report(run: RunOutcome) -> Path:
     """report.md and its PNGs (``report/``) in the run dir, both or neither: the PNGs are drawn into a hidden folder
     that becomes ``report/`` once all are drawn (a failed or interrupted drawing leaves nothing). Returns the path."""
-    partial, figures, path = run_dir / ".report-partial", run_dir / "report", run_dir / "report.md"
+    partial, figures, path = (run.run_dir / name for name in (".report-partial", "report", "report.md"))
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        text = report_text(run_dir, state, log, baseline, final, agreement_after, partial)
+        text = report_text(run, partial)
         shutil.rmtree(figures, ignore_errors=True)
         partial.rename(figures)
         atomic_write_text(path, text)
@@ -121,19 +129,11 @@ def write_report(
     return path
 
 
-def report_text(
-    run_dir: Path,
-    state: TrainState,
-    log: Any,
-    baseline: Baseline,
-    final: Validation | None,
-    agreement_after: dict[str, float],
-    figures: Path,
-) -> str:
+def report_text(run: RunOutcome, figures: Path) -> str:
     """report.md's text; its figures are drawn into ``figures`` (the markdown names them under report/)."""
-    cfg, history = state.cfg, log.history
+    cfg, log, baseline, final = run.cfg, run.log, run.baseline, run.final
     lines = [
-        f"# Distillation report: {run_dir.name}",
+        f"# Distillation report: {run.run_dir.name}",
         "",
         f"teacher `{cfg.teacher or '-'}` -> student `{cfg.student}`, recipe `{cfg.recipe_name}`, data `{cfg.data}`, "
         f"{cfg.epochs} epochs at imgsz {cfg.imgsz}, batch {cfg.batch}",
@@ -145,7 +145,7 @@ def report_text(
         plots.loss_curves(steps, series, figures / "losses.png")
         lines += ["## Loss terms", "", "![losses](report/losses.png)", ""]
     start = {"epoch": 0, **{f"val/{k}": v for k, v in baseline.before.metrics.items()}}  # the student as given
-    validated = [start, *(row for row in history if "val/mAP50-95" in row)]
+    validated = [start, *(row for row in log.history if "val/mAP50-95" in row)]
     if len(validated) > 1:
         teacher = baseline.teacher.metrics if baseline.teacher else {}
         plots.metric_curves(
@@ -156,10 +156,10 @@ def report_text(
         )
         lines += ["## Validation mAP", "", "![metrics](report/metrics.png)", ""]
     if cfg.recipe.losses:
-        plots.schedules(*schedule_series(state), state.steps_per_epoch, figures / "schedules.png")
+        plots.schedules(*schedule_series(run), run.steps_per_epoch, figures / "schedules.png")
         lines += ["## Distillation weights", "", "![schedules](report/schedules.png)", ""]
     lines += per_class_section(baseline, final, figures)
-    lines += agreement_section(baseline.agreement, agreement_after, figures)
+    lines += agreement_section(baseline.agreement, run.agreement_after, figures)
     return "\n".join(lines) + "\n"
 
 
@@ -173,15 +173,15 @@ def summary_table(baseline: Baseline, final: Validation | None, log: Any) -> lis
     return [*lines, ""]
 
 
-def schedule_series(state: TrainState) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    cfg = state.cfg
-    steps = np.arange(cfg.epochs * state.steps_per_epoch)
+def schedule_series(run: RunOutcome) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    cfg = run.cfg
+    steps = np.arange(cfg.epochs * run.steps_per_epoch)
     weights = {
         name: np.array(
             [
                 spec.weight
-                * state.balance.get(name, 1.0)
-                * weight_factor(spec.schedule, int(s), cfg.epochs, state.steps_per_epoch)
+                * run.balance.get(name, 1.0)
+                * weight_factor(spec.schedule, int(s), cfg.epochs, run.steps_per_epoch)
                 for s in steps
             ]
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from distill_cli.engine import student_train_mode
 from distill_cli.errors import DistillError
 from distill_cli.features import as_rows
 from distill_cli.models import load_model
+from distill_cli.report import feature_agreement
 from distill_cli.training import train
 
 from .test_resume import interrupt_after_epoch
@@ -145,3 +147,23 @@ def test_non_finite_maps_leave_the_adapters_as_they_were_with_a_warning(tiny_tea
     with pytest.warns(UserWarning, match="not finite, so it starts at random"):
         fit_adapters(distiller, teacher, [image], UPDATE)
     assert all(torch.equal(distiller.terms.state_dict()[k], v) for k, v in before.items())
+
+
+def test_the_adapter_fit_and_the_reports_feature_check_read_the_teacher_alone_not_the_kept_start(
+    tiny_teacher: Path,
+) -> None:
+    """Both read only the teacher's maps: the start (keep_start) answers nothing there, and the maps are those of a
+    training step's teacher pass (bf16 would not change which pass runs)."""
+    distiller, teacher = cwd_distiller(tiny_teacher)
+    layers = sorted({pair.teacher for pair in distiller.pairs["cwd"]})
+    with_start = Teacher(teacher.model, layers, torch.device("cpu"), torch.float32, start=distiller.student)
+    start_calls: list[int] = []
+    with_start.start.register_forward_hook(lambda *_: start_calls.append(1))
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert with_start.features(images).keys() == with_start(images).feats.keys() and len(start_calls) == 1
+    start_calls.clear()
+    fit_adapters(distiller, with_start, [images], UPDATE)
+    state = SimpleNamespace(distiller=distiller, teacher=with_start, device=torch.device("cpu"))
+    batch = {"img": (images * 255).to(torch.uint8), **{k: torch.zeros(0) for k in ("cls", "bboxes", "batch_idx")}}
+    assert feature_agreement(state, [batch]).keys() == {f"cwd {p.student}->{p.teacher}" for p in distiller.pairs["cwd"]}
+    assert start_calls == []

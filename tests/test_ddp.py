@@ -231,8 +231,8 @@ def test_optimizer_choice_does_not_depend_on_the_number_of_processes(run_kwargs:
 
 def balance_on_rank(rank: int, world: int, port: int, out: str) -> None:
     """Calibrate the automatic balance on rank ``rank`` from values that differ between the ranks."""
-    from distill_cli.config import apply_overrides
     from distill_cli.engine import TrainState, update_balance
+    from distill_cli.overrides import apply_overrides
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

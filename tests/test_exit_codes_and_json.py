@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 
 from distill_cli.checkpoint import load_resume
 from distill_cli.cli import app
-from distill_cli.config import PACKAGED_RECIPES_DIR, RECIPES_DIR, RunConfig, apply_overrides, recipe_path
+from distill_cli.config import PACKAGED_RECIPES_DIR, RECIPES_DIR, RunConfig, recipe_path
 from distill_cli.errors import EXIT_USAGE, DistillError
+from distill_cli.overrides import apply_overrides
 
 from .conftest import train_args
 from .test_inputs import one_error_line
@@ -92,7 +93,7 @@ def test_resume_of_a_checkpoint_no_run_of_ours_wrote_is_bad_input(tmp_path: Path
 
 def test_the_api_takes_a_loaded_recipe_and_refuses_other_types_in_one_line(run_kwargs: dict) -> None:
     from distill_cli import load_recipe, train
-    from distill_cli.training import resolve_config
+    from distill_cli.settings import resolve_config
 
     cfg = resolve_config(recipe=load_recipe("cwd"), epochs=2)
     assert cfg.recipe == load_recipe("cwd") and cfg.recipe_name == "custom" and cfg.epochs == 2

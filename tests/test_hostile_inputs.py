@@ -22,9 +22,10 @@ from typer.testing import CliRunner
 from distill_cli import plots, probe_channels
 from distill_cli.cli import app
 from distill_cli.comparison import box_row, sample_images
-from distill_cli.config import LossSpec, Recipe, RunConfig, load_recipe, parse_overrides, recipe_from_dict
+from distill_cli.config import LossSpec, Recipe, RunConfig, load_recipe, recipe_from_dict
 from distill_cli.data import load_data
 from distill_cli.errors import EXIT_INTERRUPTED, DistillError
+from distill_cli.overrides import parse_overrides
 from distill_cli.rules import shown
 from distill_cli.runlog import RUNNING, claim, release
 from distill_cli.training import train

@@ -12,19 +12,18 @@ from distill_cli.config import (
     Recipe,
     RunConfig,
     Schedule,
-    apply_overrides,
     config_from_dict,
     config_to_dict,
     describe_recipes,
     list_recipes,
     load_recipe,
-    parse_overrides,
     recipe_from_dict,
     recipe_path,
 )
 from distill_cli.errors import DistillError
+from distill_cli.overrides import apply_overrides, parse_overrides
 from distill_cli.schedule import lr_factor, weight_factor
-from distill_cli.training import resolve_config
+from distill_cli.settings import resolve_config
 
 EPOCHS, SPE = 10, 5  # 50 steps
 

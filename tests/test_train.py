@@ -16,8 +16,9 @@ from ultralytics import YOLO
 from distill_cli import engine
 from distill_cli.config import RunConfig, list_recipes, load_recipe
 from distill_cli.errors import DistillError
+from distill_cli.settings import max_grad_norm, resolve_auto
 from distill_cli.start import warn_if_short
-from distill_cli.training import max_grad_norm, resolve_auto, train
+from distill_cli.training import train
 
 
 class Recorder:
@@ -278,7 +279,7 @@ def test_a_short_fine_tune_averages_its_weights_and_a_long_one_gets_ultralytics_
     from ultralytics.utils.torch_utils import ModelEMA
 
     from distill_cli.config import RunConfig
-    from distill_cli.training import resolve_ema
+    from distill_cli.settings import resolve_ema
 
     def ema(batches: int, **fields: object) -> tuple[float, float]:  # one epoch of ``batches``
         cfg = resolve_ema(RunConfig(**{"student": "s.pt", "batch": 8, "nbs": 8, "epochs": 1, **fields}), batches)

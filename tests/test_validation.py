@@ -19,7 +19,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from distill_cli import config, options, rules
+from distill_cli import config, options, overrides, rules
 from distill_cli.cli import app
 from distill_cli.comparison import compare
 from distill_cli.config import LossSpec, Recipe, RunConfig, Schedule
@@ -236,14 +236,14 @@ def test_a_run_name_is_a_name_not_a_path(run_kwargs: dict, tmp_path: Path) -> No
 
 def test_optimizer_names_follow_ultralytics_in_any_case() -> None:
     for name in ("auto", "SGD", "adam", "ADAMW", "MuSGD", "nadam", "RAdam", "Adamax", "rmsprop"):
-        assert config.apply_overrides(RunConfig(), {"optimizer": name}).optimizer == name
+        assert overrides.apply_overrides(RunConfig(), {"optimizer": name}).optimizer == name
     with pytest.raises(DistillError, match="'optimizer' must be one of: auto, SGD"):
-        config.apply_overrides(RunConfig(), {"optimizer": "lion"})
+        overrides.apply_overrides(RunConfig(), {"optimizer": "lion"})
 
 
 def test_unknown_loss_names_are_refused() -> None:
     with pytest.raises(DistillError, match="unknown loss 'kd'"):
-        config.apply_overrides(RunConfig(), {"losses.kd.weight": 1})
+        overrides.apply_overrides(RunConfig(), {"losses.kd.weight": 1})
 
 
 @pytest.mark.parametrize(

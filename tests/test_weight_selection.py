@@ -292,7 +292,7 @@ def test_an_api_recipe_with_only_the_init_is_kept_not_replaced_by_the_named_one(
     """resolve_config reloads ``recipe_name`` only for the empty default Recipe; before, any recipe without loss
     terms was replaced, so ``RunConfig(recipe=Recipe(init="teacher"))`` silently became the default recipe."""
     from distill_cli.config import Recipe, RunConfig
-    from distill_cli.training import resolve_config
+    from distill_cli.settings import resolve_config
 
     assert resolve_config(RunConfig(recipe=Recipe(init="teacher"))).recipe == Recipe(init="teacher")
     assert resolve_config(RunConfig(recipe_name="none")).recipe.description.startswith("No distillation")
