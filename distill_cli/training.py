@@ -30,7 +30,7 @@ from .optimizer import build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
 from .report import RunOutcome, feature_agreement, measure_baseline, write_report
 from .rules import check_function
-from .runlog import RunLog, TrainResult
+from .runlog import RunLog, TrainResult, claim, release
 from .settings import max_grad_norm, resolve_auto, resolve_ema, run_config, select_device, terms_can_pause
 from .start import (
     calibrate_selected,
@@ -54,6 +54,8 @@ def check_inputs(recipe: str | None = None, resume: str | Path | None = None, **
     multi-GPU launcher calls it once, so that bad input is one error line, not one per process."""
     cfg, checkpoint = run_config(None, recipe, resume, overrides)
     load_models(cfg, load_data(cfg.data, cfg.val_split), resuming=checkpoint is not None)
+    if checkpoint is not None:  # a run another process trains: refused here, not by rank 0 inside torchrun
+        release(claim(Path(checkpoint["run_dir"])))
     return cfg
 
 
