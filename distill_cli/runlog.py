@@ -193,10 +193,7 @@ def lock_or_refuse(mark: Path, fd: int) -> bool:
     except OSError as e:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
         if e.errno in (errno.EACCES, errno.EAGAIN):
-            raise DistillError(
-                f"'{mark.parent}' is being trained by {holder or 'another process'}; wait for it or stop it (if "
-                f"nothing trains it, remove '{mark}')"
-            ) from None
+            raise DistillError(being_trained(mark, holder)) from None
         os.close(fd)
         if not holder:  # made by this call
             mark.unlink(missing_ok=True)
@@ -209,6 +206,33 @@ def same_file(path: Path, fd: int) -> bool:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
+
+
+def check_unclaimed(run_dir: Path) -> None:
+    """Refuse ``run_dir`` where another process holds its lock, as :func:`claim` would, without taking the lock or
+    writing, truncating or removing its mark (a killed run's mark stays)."""
+    mark = run_dir / RUNNING
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(mark, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # no mark (or none we may open): nothing holds the run; claim names any problem later
+        return
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise DistillError(being_trained(mark, holder)) from None
+    finally:
+        os.close(fd)  # closing frees a lock taken here
+
+
+def being_trained(mark: Path, holder: str) -> str:
+    return (
+        f"'{mark.parent}' is being trained by {holder or 'another process'}; wait for it or stop it (if nothing "
+        f"trains it, remove '{mark}')"
+    )
 
 
 def release(lock: RunLock | None) -> None:

@@ -30,7 +30,7 @@ from .optimizer import build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
 from .report import RunOutcome, feature_agreement, measure_baseline, write_report
 from .rules import check_function
-from .runlog import RunLog, TrainResult, claim, release
+from .runlog import RunLog, TrainResult, check_unclaimed
 from .settings import max_grad_norm, resolve_auto, resolve_ema, run_config, select_device, terms_can_pause
 from .start import (
     calibrate_selected,
@@ -50,12 +50,13 @@ Callback = Callable[[str, dict[str, Any]], None]
 
 
 def check_inputs(recipe: str | None = None, resume: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """What a run checks before it starts (config, resume state, data, both models), without starting it: the
-    multi-GPU launcher calls it once, so that bad input is one error line, not one per process."""
+    """What a run checks before it starts (config, resume state, data, both models, and that no other process trains
+    a resumed run), without starting it or writing anything: the multi-GPU launcher calls it once, so that bad input
+    is one error line, not one per process."""
     cfg, checkpoint = run_config(None, recipe, resume, overrides)
     load_models(cfg, load_data(cfg.data, cfg.val_split), resuming=checkpoint is not None)
     if checkpoint is not None:  # a run another process trains: refused here, not by rank 0 inside torchrun
-        release(claim(Path(checkpoint["run_dir"])))
+        check_unclaimed(Path(checkpoint["run_dir"]))
     return cfg
 
 
@@ -245,7 +246,16 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
     report = None
     if cfg.report and baseline is not None:
         agreement = feature_agreement(state, val_loader)
-        run = RunOutcome(log.run_dir, cfg, log, baseline, final, agreement, dict(state.balance), state.steps_per_epoch)
+        run = RunOutcome(
+            run_dir=log.run_dir,
+            cfg=cfg,
+            log=log,
+            baseline=baseline,
+            final=final,
+            agreement_after=agreement,
+            balance=dict(state.balance),
+            steps_per_epoch=state.steps_per_epoch,
+        )
         report = write_report(run)
     before = baseline.before.metrics if baseline else {}
     return log.finish(time.time() - start, state.skipped_steps, report, before)

@@ -235,6 +235,8 @@ def test_a_run_folder_is_trained_by_one_process_at_a_time(run_kwargs: dict) -> N
     kernel's: a process that is killed (out of memory, SIGKILL) leaves its mark but no lock, and the resume goes on."""
     run = interrupted_run(run_kwargs, "cut")
     assert not (run / RUNNING).exists()  # removed when the run stopped
+    check_inputs(resume=run)
+    assert not (run / RUNNING).exists()  # nor made by the launcher's check
     with subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True) as other:
         assert other.stdout.readline().strip() == "claimed"
         before = {p.name: p.read_bytes() for p in (run / "weights").iterdir()}
@@ -243,7 +245,8 @@ def test_a_run_folder_is_trained_by_one_process_at_a_time(run_kwargs: dict) -> N
                 attempt()
         assert {p.name: p.read_bytes() for p in (run / "weights").iterdir()} == before
         other.kill()
-    assert (run / RUNNING).exists()  # the killed process's mark, without its lock
+    check_inputs(resume=run)  # the launcher's check takes no lock and leaves the mark as it is
+    assert (run / RUNNING).read_text() == f"process {other.pid} on {socket.gethostname()}"  # killed: no lock on it
     assert train(resume=run).epochs_done == 2 and not (run / RUNNING).exists()
 
 
