@@ -102,7 +102,7 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
         raise DistillError(f"--resume {path}: no last.pt there; give a run dir or its weights/last.pt")
     ckpt = read_checkpoint(last, "checkpoint to resume", trust=False, advice=UNSAFE_RESUME)
     resume, ours = ckpt.get("resume"), ckpt.get("distill")
-    if not isinstance(ours, dict) or "config" not in ours:
+    if not isinstance(ours, dict) or not isinstance(ours.get("config"), dict):
         raise DistillError(f"--resume {path}: not a checkpoint of a yolodistill run; give a run dir or its last.pt")
     if not resume:
         raise DistillError(f"--resume {path}: that run finished (its last.pt holds no resume state)")
@@ -115,8 +115,10 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     cfg = config_from_dict(ours["config"])
     if cfg.recipe is None:  # every run saves the recipe it resolved
         raise DistillError(f"--resume {path}: its config holds no recipe; give the run dir of a yolodistill run")
-    run_dir = resumed_run_dir(last, resume.get("run_dir")) if isinstance(resume, dict) else None
-    epoch = resume.get("epoch") if isinstance(resume, dict) else None
+    state = resume if isinstance(resume, dict) else {}  # an edited file may hold anything
+    saved = state.get("run_dir")
+    run_dir = resumed_run_dir(last, saved) if state and isinstance(saved, (str, type(None))) else None
+    epoch = state.get("epoch")
     if run_dir is None or not isinstance(epoch, int) or not -1 <= epoch < cfg.epochs - 1:
         raise DistillError(f"--resume {path}: its resume state is incomplete; give the run dir of a yolodistill run")
     own = run_dir / "weights" / "last.pt"
@@ -154,7 +156,7 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, t
     (the data's classes changed, the file was edited) is bad input."""
     try:
         return load_state(state, ckpt, log, train_loader)
-    except (LookupError, TypeError, ValueError, RuntimeError) as e:
+    except (LookupError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "state_dict" not in str(e):  # out of memory, a device error: no bad input
             raise
         lines = str(e).splitlines() or [type(e).__name__]
@@ -181,6 +183,8 @@ def load_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, trai
     state.balance, state.balance_sums = dict(ckpt["balance"]), dict(ckpt["balance_sums"])
     state.skipped_steps = ckpt["skipped_steps"]
     if log is not None:  # rank 0 only
+        if not isinstance(ckpt["history"], list) or not all(isinstance(row, dict) for row in ckpt["history"]):
+            raise TypeError("its history is not a list of epoch rows")  # read later, far from here
         baseline = Baseline.from_dict(ckpt["baseline"]) if ckpt.get("baseline") else None
         log.restore(ckpt["history"], ckpt["best_fitness"], ckpt["best_epoch"], baseline)
     restore_loader(train_loader, ckpt.get("loader"), ckpt["epoch"] + 1)

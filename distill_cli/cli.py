@@ -131,7 +131,8 @@ def fail(message: str, exit_code: int) -> NoReturn:
 
     if STATE["verbose"]:
         err_console.print_exception()
-    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    line = message.replace("\r", "\\r").replace("\n", "\\n")  # a path with a line break in it stays on the line
+    err_console.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
     raise typer.Exit(exit_code) from None
 
 

@@ -236,7 +236,9 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     losses = {} if losses is None else losses  # a file's 'losses:' with every term commented out: no distillation
     if not isinstance(losses, dict):
         raise DistillError("recipe 'losses' must be a mapping of term name -> settings")
-    data["losses"] = {str(k): _loss_entry(str(k), v) for k, v in losses.items()}
+    if odd := [name for name in losses if not isinstance(name, str)]:  # null would become a term named "None"
+        raise DistillError(f"recipe loss names are text; got {shown(odd[0])}")
+    data["losses"] = {k: _loss_entry(k, v) for k, v in losses.items()}
     recipe = build(Recipe, data, "")
     for name, spec in recipe.losses.items():
         check_loss_spec(name, spec)
@@ -277,9 +279,30 @@ def list_recipes() -> list[str]:
 TOO_DEEP = "nested deeper than Python's recursion limit"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error: PyYAML keeps the last one silently
+    (``cls_kd`` twice would train the second and drop the first). Keys merged in with ``<<`` may be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            with contextlib.suppress(TypeError):  # an unhashable key: the base loader names it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506  a safe loader (SafeLoader's subclass)
+
+
 def read_yaml(path: Path, what: str) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise DistillError(f"cannot read {what} {shown(str(path))}: {e}") from e
     except yaml.YAMLError as e:

@@ -28,6 +28,9 @@ from .runlog import check_creatable, first_missing, remove, undo
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
 
 
+NOT_SPLITS = {"path", "names", "nc", "download", "yaml_file", "channels"}  # a data yaml's keys that name no images
+
+
 def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
     """Check an ultralytics data yaml without downloading anything; return ultralytics' resolved dict.
 
@@ -49,9 +52,14 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
     names = raw["names"]
     if not isinstance(names, (list, dict)) or not names:
         raise DistillError(f"data yaml '{path}': 'names' must be a non-empty list or mapping of class names")
+    ids = sorted(k for k in names if isinstance(k, int)) if isinstance(names, dict) else []
+    if ids and ids != list(range(len(names))):  # ultralytics would renumber them: class ids would change meaning
+        raise DistillError(
+            f"data yaml '{path}': 'names' ids must be 0 to {len(names) - 1}, got {', '.join(map(str, ids))}"
+        )
     if "nc" in raw and len(names) != raw["nc"]:
         raise DistillError(f"data yaml '{path}': nc={raw['nc']} but {len(names)} names; make them agree")
-    if not raw.get(split):
+    if not is_split(split, raw.get(split)):
         splits = ", ".join(k for k in ("train", "val", "test", "minival") if raw.get(k))
         raise DistillError(f"data yaml '{path}' has no '{split}' split; it has: {splits}")
     try:
@@ -73,6 +81,14 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
             if status is None or (stat.S_ISDIR(status.st_mode) and not any(target.iterdir())):
                 raise DistillError(f"data yaml '{path}': split '{key}' points at '{target}', which is missing or empty")
     return data
+
+
+def is_split(key: str, value: Any) -> bool:
+    """Whether a data yaml's ``key: value`` names images: a path or a list of paths, under a key that is none of the
+    yaml's other settings (``--split path`` would read the whole dataset root as one split)."""
+    if key in NOT_SPLITS or not value:
+        return False
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(entry, str) for entry in value))
 
 
 def hyperparameters(**overrides: Any) -> IterableSimpleNamespace:

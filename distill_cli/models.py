@@ -91,6 +91,9 @@ def read_checkpoint(path: Path, role: str, trust: bool, advice: str = TRUST_ADVI
     try:
         return torch_safe_load(str(path), safe_only=not trust)[0]
     except TypeError as e:
+        cause = e.__cause__  # the safe unpickler's refusal of a class, or its failure on damaged bytes
+        if isinstance(cause, pickle.UnpicklingError) and "Weights only load failed" not in str(cause):
+            raise DistillError(f"{role} '{path}' is not a loadable checkpoint (damaged: {cause})") from e
         if "outside the supported" in str(e):
             raise DistillError(
                 f"{role} '{path}' references code outside the ultralytics/torch model classes and was not loaded; "

@@ -42,6 +42,13 @@ def image_file_problem(value: str) -> str | None:
     return None if is_file(value) else "must be an image file that exists"
 
 
+def output_file_problem(value: str) -> str | None:
+    """An export's target: a file's path (a blank or a path ending in / would export under another name)."""
+    if not value.strip():
+        return "must not be empty (leave it out to write beside the weights)"
+    return "must name a file, not a folder (dir/model.onnx)" if value.endswith(("/", os.sep)) else None
+
+
 def out_name_problem(value: str) -> str | None:
     return Rule(name=True).problem(Path(value).name) if value.strip() else "must not be empty"
 
@@ -93,7 +100,7 @@ class ExportOptions:
     weights: str = field(metadata=rule(check=checkpoint_problem, text="a .pt checkpoint"))
     format: str = ranged("onnx", choices=_export_formats, text="an ultralytics export format")
     imgsz: int = imgsz_field(640)
-    output: str | None = None
+    output: str | None = field(default=None, metadata=rule(check=output_file_problem, text="a file path"))
     image: str | None = field(default=None, metadata=rule(check=image_file_problem, text="an image file"))
     trust_checkpoint: bool = False
     device: str = ranged("cpu", check=device_problem, text="cpu, cuda, 0, cuda:1")  # engine (TensorRT) needs a GPU

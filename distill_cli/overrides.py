@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .config import TOO_DEEP, Recipe, RunConfig, config_from_dict, config_to_dict, load_recipe
+from .config import TOO_DEEP, Recipe, RunConfig, config_from_dict, config_to_dict, load_recipe, load_yaml
 from .errors import DistillError
 from .rules import shown
 
@@ -23,7 +23,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise DistillError(f"--set expects key=value, got '{item}'")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            out[key.strip()] = load_yaml(raw) if raw.strip() else None
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond Python's 4300 digits
             why = TOO_DEEP if isinstance(e, RecursionError) else str(e).splitlines()[0]
             raise DistillError(f"--set {key.strip()}: the value is not valid YAML ({why})") from e
@@ -78,4 +78,7 @@ def params_beside_weights(overrides: dict[str, Any]) -> list[tuple[str, Any]]:
             items += [(f"{term}.{k}", v) for k, v in value.items()]
         else:  # null or {} would change nothing, silently
             raise DistillError(f"--set {key}: give the parameters as a mapping ({key}={{tau: 2}}) or one by one")
+    seen = [key.removeprefix("recipe.") for key, _ in items]
+    if twice := sorted({key for key in seen if seen.count(key) > 1}):  # which one won would depend on their order
+        raise DistillError(f"--set {twice[0]}: given twice (in a params mapping and on its own); give it once")
     return items

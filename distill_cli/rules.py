@@ -253,7 +253,8 @@ def layers_problem(value: Any) -> str | None:
     if isinstance(value, str):
         return None if value in LAYER_GROUPS else f"must be one of: {', '.join(LAYER_GROUPS)}, or a list of indices"
     if isinstance(value, list) and value and all(type(i) is int and i >= 0 for i in value):
-        return None
+        twice = sorted({i for i in value if value.count(i) > 1})
+        return f"lists layer {twice[0]} twice (its pair would be distilled twice)" if twice else None
     return "must be a layer group name or a non-empty list of layer indices (whole numbers >= 0)"
 
 

@@ -3,6 +3,7 @@ first weights (its own when trained, else random or a selection of the teacher's
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import replace
 
@@ -44,6 +45,11 @@ def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module |
             f"({cfg.teacher}) is not used",
             stacklevel=2,
         )
+    if wanted and not resuming and same_file(cfg.teacher, cfg.student):  # self-distillation: rarely what was meant
+        warnings.warn(
+            f"the teacher and the student are the same file ({cfg.teacher}): the student learns from itself",
+            stacklevel=2,
+        )
     teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if wanted else None
     student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
     names = dict(enumerate(names.values() if isinstance(names, dict) else names))
@@ -54,6 +60,14 @@ def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module |
     for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
         param.requires_grad_(".dfl" not in name)
     return teacher, student, has_start
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two model paths name one file (a link or another spelling of the path included)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # a yaml name, a missing file: load_model says what is wrong
+        return False
 
 
 def freeze_layers(student: nn.Module, count: int, pairs: dict[str, list[Pair]]) -> None:

@@ -6,6 +6,7 @@ that fail; recipe objects of the wrong type in the Python API; exports that cann
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -89,6 +90,18 @@ def test_an_alias_bomb_in_a_recipe_is_one_line(tmp_path: Path) -> None:
     assert len(str(caught.value)) < 300
 
 
+def test_a_split_is_a_key_that_names_images(synthetic_data: Path, tmp_path: Path) -> None:
+    """--split path would read the dataset root (every split together) as one split; names is no split either."""
+    assert load_data(synthetic_data, "val")["val"]
+    for key in ("path", "names", "nc"):
+        with pytest.raises(DistillError, match=rf"has no '{key}' split; it has: train, val"):
+            load_data(synthetic_data, key)
+    renumbered = tmp_path / "renumbered.yaml"
+    renumbered.write_text(synthetic_data.read_text().replace("  2: triangle", "  -1: triangle"))
+    with pytest.raises(DistillError, match="'names' ids must be 0 to 2, got -1, 0, 1"):
+        load_data(renumbered)
+
+
 def test_an_empty_train_split_is_bad_input(synthetic_data: Path, tmp_path: Path) -> None:
     yaml = tmp_path / "empty.yaml"
     yaml.write_text(
@@ -160,6 +173,37 @@ def test_resume_of_a_copy_of_last_pt_does_not_write_over_its_run(run_kwargs: dic
     torch.save(ckpt, run / "weights" / "last.pt")
     with pytest.raises(DistillError, match="its saved state does not fit"):
         train(resume=run)
+
+
+def test_a_last_pt_edited_into_other_types_is_refused_in_one_line(run_kwargs: dict, tmp_path: Path) -> None:
+    """A config that is no mapping, a saved run dir that is no text (a last.pt moved out of weights/), a history that
+    is no list: each one error line, exit 2, the run folder's files as they were."""
+    run = interrupted_run(run_kwargs, "cut")
+    original = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    moved = tmp_path / "moved.pt"  # out of weights/: the run dir comes from the saved one
+    edits = [
+        (run / "weights" / "last.pt", ("distill", "config"), "hello", "not a checkpoint of a yolodistill run"),
+        (run / "weights" / "last.pt", ("distill", "config"), None, "not a checkpoint of a yolodistill run"),
+        (moved, ("resume", "run_dir"), 5, "its resume state is incomplete"),
+        (run / "weights" / "last.pt", ("resume", "history"), "x", "its saved state does not fit"),
+    ]
+    for where, (section, key), value, message in edits:
+        ckpt = copy.deepcopy(original)
+        ckpt[section][key] = value
+        torch.save(ckpt, where)
+        files = {p.name: p.read_bytes() for p in (run / "weights").iterdir()}
+        result = runner.invoke(app, ["train", "--resume", str(where)])
+        assert result.exit_code == 2 and message in one_error_line(result), (key, value, result.output)
+        assert {p.name: p.read_bytes() for p in (run / "weights").iterdir()} == files
+    torch.save(original, run / "weights" / "last.pt")
+
+
+def test_a_path_with_a_line_break_is_named_on_the_error_line(tmp_path: Path) -> None:
+    zero = tmp_path / "ze\nro.pt"
+    zero.write_bytes(b"")
+    for args in (["eval", "--weights", "no\nexist.pt", "--data", "no\nexist.yaml"], ["export", "--weights", str(zero)]):
+        line = one_error_line(runner.invoke(app, args))
+        assert "\\n" in line, line  # the break shown as \n, as Python writes it
 
 
 def test_a_stop_during_the_last_validation_is_an_interruption(run_kwargs: dict) -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,14 @@ def test_the_multi_gpu_launcher_exits_130_when_stopped(stop: signal.Signals, tmp
     assert dist.supervised([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ)) == 3
     killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
     assert dist.supervised([sys.executable, "-c", killed], dict(os.environ)) == 128 + signal.SIGKILL
+
+
+def test_a_teacher_that_is_the_student_file_warns(run_kwargs: dict, tiny_teacher: Path, tmp_path: Path) -> None:
+    """Self-distillation is allowed, but one path given twice (here through a link) is more often a slip."""
+    link = tmp_path / "same.pt"
+    link.symlink_to(tiny_teacher)
+    with pytest.warns(UserWarning, match="the teacher and the student are the same file .*: the student learns from"):
+        check_inputs("default", **{**run_kwargs, "student": str(link)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        check_inputs("default", **run_kwargs)  # a yaml student: no such warning

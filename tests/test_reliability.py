@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,6 +134,19 @@ def test_crafted_checkpoint_cannot_run_code(tmp_path: Path) -> None:
     with pytest.raises(DistillError, match="--trust-checkpoint"):
         load_model(evil, "teacher")
     assert not marker.exists()
+
+
+def test_a_checkpoint_with_damaged_bytes_is_called_damaged_not_unsafe(tmp_path: Path) -> None:
+    """Its zip is whole but its pickle is not: no advice to unpickle it in full (--trust-checkpoint)."""
+    whole, damaged = tmp_path / "whole.pt", tmp_path / "damaged.pt"
+    torch.save({"model": None, "x": torch.zeros(3)}, whole)
+    with zipfile.ZipFile(whole) as source, zipfile.ZipFile(damaged, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            target.writestr(name, data[:2] + b"|" * 8 + data[10:] if name.endswith("data.pkl") else data)
+    with pytest.raises(DistillError, match=r"'.*damaged.pt' is not a loadable checkpoint \(damaged: ") as e:
+        load_model(damaged, "weights")
+    assert "--trust-checkpoint" not in str(e.value)
 
 
 def test_real_and_own_checkpoints_load_without_trust(tiny_teacher: Path) -> None:

@@ -48,16 +48,16 @@ FREE = {
     (ProbeOptions, "teacher"),
     (ProbeOptions, "student"),
     (ProbeOptions, "recipe"),
-    (ExportOptions, "output"),
 }
 BAD_FOR_CHECK: dict[Callable, list[Any]] = {
     rules.device_problem: ["tpu", "cuda:x"],
-    rules.layers_problem: ["bogus", [-1], []],
+    rules.layers_problem: ["bogus", [-1], [], [15, 18, 15]],
     config.blank_problem: ["  "],
     options.out_name_problem: ["runs/..", ""],
     options.checkpoint_problem: ["yolov8n.yaml"],
     options.checkpoints_problem: [[], ["yolov8n.yaml"], ["a.pt", "./a.pt"]],
     options.image_file_problem: ["missing.png", ""],
+    options.output_file_problem: ["", "  ", "newdir/"],
     config.teacher_scale_problem: [
         "3",
         "0.5",
@@ -256,6 +256,9 @@ def test_unknown_loss_names_are_refused() -> None:
         ("losses:\n  cwd: {schedule: {kind: sine}}\n", "'losses.cwd.schedule.kind' must be one of"),
         ("- a list\n", "has no 'losses'"),
         ("losses: [unclosed\n", "is not valid YAML"),
+        ("losses:\n  cls_kd: {weight: 1}\n  cls_kd: {weight: 2}\n", "is not valid YAML: key 'cls_kd' given twice"),
+        ("losses:\n  null: {weight: 1, type: cls_kd}\n", "recipe loss names are text; got None"),
+        ("losses:\n  3: {weight: 1, type: cls_kd}\n", "recipe loss names are text; got 3"),
     ],
 )
 def test_recipe_files_are_checked_with_one_clear_message(text: str, message: str, tmp_path: Path) -> None:
