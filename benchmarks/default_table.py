@@ -3,9 +3,8 @@
 Each setting names the runs that are today's code there: both recipes seed for seed, with 0.3.14 or later, which
 trains on both CPU threads (other float sums, the same method), marked with that version; where a later version changed
 nothing in a setting, it keeps the runs of the version that last did (benchmarks/RESULTS.md says which). Rows marked
-Intel ran on the Intel Xeon of sessions 31-32, the others on the AMD EPYC; where ``keep_start: auto`` keeps the
-student as given (0.3.22) the rows are the Intel runs with it, but for finetune10, not run with it, which says so in
-its view column. ``none`` is
+Intel ran on the Intel Xeon of sessions 31-33, the others on the AMD EPYC; where ``keep_start: auto`` keeps the
+student as given (0.3.22) the rows are the Intel runs with it (seeds 3-4 and finetune10 from session 33). ``none`` is
 seed-matched; ``gap closed`` is how far the default went from the student as given to the teacher scored at the
 student's size. Each setting's schedule is read from its runs' record. No training here: it only reads JSON.
 
@@ -30,17 +29,19 @@ class Setting:
     default: Source
     none: Source
     threads: str  # the version (0.3.14 or later) of the default's runs; none's ran with it or, unchanged since, before
-    machine: str = ""  # "Intel" for the Intel Xeon of sessions 31-32; the AMD EPYC otherwise
+    machine: str = ""  # "Intel" for the Intel Xeon of sessions 31-33; the AMD EPYC otherwise
 
 
 KEPT = "default, losses.cls_kd.weight=3, losses.box_kd.weight=6"  # the keep_start 1 prototype (RESULTS.md, session 32)
-UNKEPT = "1; 0.3.21, start not kept"
+SEEDS34 = "gain-v39-seeds34.json"  # seeds 3-4 of the settings where the start is kept, both recipes (session 33)
 
 
-def kept_on_intel(screen: Source, none_file: str) -> Setting:
-    """A setting where keep_start auto keeps the start: the default's runs with it (0.3.22, or its prototype, which
-    trains the same numbers) beside session 31's none runs of the same seeds on the same Intel Xeon."""
-    return Setting("1 + start", screen, [(none_file, "none")], "0.3.22", "Intel")
+def kept_on_intel(none_file: str) -> Setting:
+    """A setting where keep_start auto keeps the start: seeds 0-2 of the default with it (its prototype, which trains
+    the same numbers as 0.3.22) beside session 31's none runs of the same seeds, and seeds 3-4 of both recipes (0.3.22),
+    all on the same Intel Xeon."""
+    default = [("gain-v38-keep-screen.json", KEPT), (SEEDS34, "default")]
+    return Setting("1 + start", default, [(none_file, "none"), (SEEDS34, "none")], "0.3.22", "Intel")
 
 
 def together(view: str, *names: str, threads: str) -> Setting:
@@ -64,11 +65,11 @@ SETTINGS = {
     "finetune2": together("1+2", "gain-v34-recheck-finetune2.json", threads="0.3.18"),
     "finetune12": together("1+2", "gain-v30-finetune12.json", threads="0.3.16"),
     "finetune6": together("1+2", "gain-v34-recheck-finetune6.json", threads="0.3.18"),
-    "batch32": replace(together("1 + start", "gain-v38-keep-batch32.json", threads="0.3.22"), machine="Intel"),
-    "finetune8": kept_on_intel([("gain-v38-keep-screen.json", KEPT)], "gain-v37-intel-high.json"),
-    "finetune14": kept_on_intel([("gain-v38-keep-screen.json", KEPT)], "gain-v37-intel-finetune14.json"),
-    "finetune10": together(UNKEPT, "gain-v27-finetune10.json", "gain-v27-finetune10-seeds34.json", threads="0.3.14"),
-    "native": kept_on_intel([("gain-v38-keep-screen.json", KEPT)], "gain-v37-intel-high.json"),
+    "batch32": replace(together("1 + start", "gain-v38-keep-batch32.json", SEEDS34, threads="0.3.22"), machine="Intel"),
+    "finetune8": kept_on_intel("gain-v37-intel-high.json"),
+    "finetune14": kept_on_intel("gain-v37-intel-finetune14.json"),
+    "finetune10": replace(together("1 + start", "gain-v39-finetune10.json", threads="0.3.22"), machine="Intel"),
+    "native": kept_on_intel("gain-v37-intel-high.json"),
     "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", threads="0.3.14"),
     "imgsz640": together("1", "gain-v33-recheck-imgsz640.json", threads="0.3.18"),
     "cross11native": together("1", "gain-v31-cross11native.json", threads="0.3.17"),
