@@ -21,7 +21,8 @@ from .errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError, sigterm_interrup
 from .models import read_checkpoint, save_student
 from .report import Baseline
 from .rules import is_dir, is_file, shown
-from .runlog import RunLock, RunLog, check_creatable, claim, new_run_dir, release, undo
+from .runlock import RunLock, claim, release
+from .runlog import RunLog, check_creatable, new_run_dir, undo
 
 # resume loads safely only, so there is no --trust-checkpoint to offer
 UNSAFE_RESUME = (
@@ -209,7 +210,7 @@ class RunGuard:
         self.project = None if checkpoint else cfg.project
         self.run_dir: Path | None = Path(checkpoint["run_dir"]) if checkpoint else None
         self.created, self.made, self.is_main = False, None, is_main
-        self.mark: RunLock | None = None  # rank 0's lock on the run folder (runlog.claim)
+        self.mark: RunLock | None = None  # rank 0's lock on the run folder (runlock.claim)
         self.read = checkpoint.get("read") if checkpoint else None  # the last.pt resumed, as it was read
         self.signals = contextlib.ExitStack()
 

@@ -30,7 +30,8 @@ from .optimizer import build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
 from .report import RunOutcome, feature_agreement, measure_baseline, write_report
 from .rules import check_function
-from .runlog import RunLog, TrainResult, check_unclaimed
+from .runlock import check_unclaimed
+from .runlog import RunLog, TrainResult
 from .settings import max_grad_norm, resolve_auto, resolve_ema, run_config, select_device, terms_can_pause
 from .start import (
     calibrate_selected,

@@ -28,7 +28,7 @@ from distill_cli.data import load_data
 from distill_cli.errors import EXIT_INTERRUPTED, DistillError
 from distill_cli.overrides import parse_overrides
 from distill_cli.rules import shown
-from distill_cli.runlog import RUNNING, claim, release
+from distill_cli.runlock import RUNNING, claim, release
 from distill_cli.training import check_inputs, train
 
 from .conftest import train_args
@@ -267,7 +267,7 @@ def test_export_refuses_engine_on_a_cpu_and_a_dangling_link(tiny_teacher: Path, 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from distill_cli.runlog import claim
+from distill_cli.runlock import claim
 mark = claim(Path(sys.argv[1]))
 print("claimed", flush=True)
 time.sleep(60)
@@ -308,12 +308,12 @@ def test_a_claim_is_released_and_a_killed_runs_mark_taken_over(tmp_path: Path) -
 def test_a_filesystem_without_locks_trains_unlocked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from distill_cli import runlog
+    from distill_cli import runlock
 
     def no_locks(fd: int, how: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(runlog.fcntl, "lockf", no_locks)
+    monkeypatch.setattr(runlock.fcntl, "lockf", no_locks)
     with pytest.warns(UserWarning, match="is not locked: its filesystem takes no locks"):
         assert claim(tmp_path) is None
     assert not (tmp_path / RUNNING).exists()
