@@ -56,21 +56,39 @@ def claim(run_dir: Path) -> RunLock | None:
     raise DistillError(f"'{run_dir}': other processes claimed it at the same moment; try again")
 
 
+def try_lock(mark: Path, fd: int) -> OSError | None:
+    """Take the lock on ``fd`` without waiting: None once taken, the error where the filesystem takes no locks;
+    refused where another process holds it."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            return e
+        holder = holder_of(fd) or "another process"
+        raise DistillError(
+            f"'{mark.parent}' is being trained by {holder}; wait for it or stop it (if nothing trains it, remove "
+            f"'{mark}')"
+        ) from None
+
+
+def holder_of(fd: int) -> str:
+    """The process a mark names ("process PID on HOST"), or "" for a mark just made."""
+    return os.pread(fd, 200, 0).decode(errors="replace").strip()
+
+
 def lock_or_refuse(mark: Path, fd: int) -> bool:
     """Whether this process now holds the lock on ``fd`` (False: the filesystem takes none); refused where another
     process holds it."""
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    error = try_lock(mark, fd)
+    if error is None:
         return True
-    except OSError as e:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        if e.errno in (errno.EACCES, errno.EAGAIN):
-            raise DistillError(being_trained(mark, holder)) from None
-        os.close(fd)
-        if not holder:  # made by this call
-            mark.unlink(missing_ok=True)
-        warnings.warn(f"'{mark.parent}' is not locked: its filesystem takes no locks ({e.strerror})", stacklevel=3)
-        return False
+    made_here = not holder_of(fd)
+    os.close(fd)
+    if made_here:
+        mark.unlink(missing_ok=True)
+    warnings.warn(f"'{mark.parent}' is not locked: its filesystem takes no locks ({error.strerror})", stacklevel=3)
+    return False
 
 
 def same_file(path: Path, fd: int) -> bool:
@@ -91,20 +109,9 @@ def check_unclaimed(run_dir: Path) -> None:
     except OSError:  # no mark (or none we may open): nothing holds the run; claim names any problem later
         return
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EAGAIN):
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            raise DistillError(being_trained(mark, holder)) from None
+        try_lock(mark, fd)  # a filesystem without locks: claim warns later
     finally:
         os.close(fd)  # closing frees a lock taken here
-
-
-def being_trained(mark: Path, holder: str) -> str:
-    return (
-        f"'{mark.parent}' is being trained by {holder or 'another process'}; wait for it or stop it (if nothing "
-        f"trains it, remove '{mark}')"
-    )
 
 
 def release(lock: RunLock | None) -> None:

@@ -3,7 +3,6 @@ first weights (its own when trained, else random or a selection of the teacher's
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import replace
 
@@ -18,6 +17,7 @@ from .engine import preprocess
 from .errors import DistillError
 from .features import Pair
 from .models import class_names, load_model
+from .options import file_identity
 from .teacher_scale import LEAST_VIEWS_SCALE, trained_imgsz, upsamples
 from .weight_selection import CALIBRATION_IMAGES, calibrate_batchnorm, select_weights, selection_problem
 
@@ -45,13 +45,15 @@ def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module |
             f"({cfg.teacher}) is not used",
             stacklevel=2,
         )
-    if wanted and not resuming and same_file(cfg.teacher, cfg.student):  # self-distillation: rarely what was meant
+    teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if wanted else None
+    student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
+    # one file given as both (a link included; not a yaml name): self-distillation is allowed, but rarely meant
+    identity = file_identity(cfg.teacher) if teacher is not None and not resuming else None
+    if isinstance(identity, tuple) and identity == file_identity(cfg.student):
         warnings.warn(
             f"the teacher and the student are the same file ({cfg.teacher}): the student learns from itself",
             stacklevel=2,
         )
-    teacher = load_model(cfg.teacher, "teacher", trust=cfg.trust_checkpoint) if wanted else None
-    student = load_model(cfg.student, "student", nc=len(names), trust=cfg.trust_checkpoint)
     names = dict(enumerate(names.values() if isinstance(names, dict) else names))
     has_start = fine_tunes(cfg) and class_names(student) == list(names.values())
     if fine_tunes(cfg) and not has_start:
@@ -60,14 +62,6 @@ def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module |
     for name, param in student.named_parameters():  # saved checkpoints come frozen; the DFL decoder stays fixed
         param.requires_grad_(".dfl" not in name)
     return teacher, student, has_start
-
-
-def same_file(a: str, b: str) -> bool:
-    """Whether two model paths name one file (a link or another spelling of the path included)."""
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):  # a yaml name, a missing file: load_model says what is wrong
-        return False
 
 
 def freeze_layers(student: nn.Module, count: int, pairs: dict[str, list[Pair]]) -> None:
