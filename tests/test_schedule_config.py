@@ -22,7 +22,7 @@ from distill_cli.config import (
 )
 from distill_cli.errors import DistillError
 from distill_cli.overrides import apply_overrides, parse_overrides
-from distill_cli.schedule import lr_factor, weight_factor
+from distill_cli.schedule import lr_factor, warmup_steps, weight_factor
 from distill_cli.settings import resolve_config
 
 EPOCHS, SPE = 10, 5  # 50 steps
@@ -264,3 +264,10 @@ def test_layers_for_a_recipe_whose_terms_do_not_read_them_is_refused() -> None:
     assert resolve_config(recipe="default", layers="neck", **{"losses.mgd.weight": 1}).recipe.layers == "neck"
     own = {"losses.cwd.layers": [15], "layers": "neck"}
     assert resolve_config(recipe="cwd", **{**own, "losses.cwd.layers": None}).recipe.losses["cwd"].layers is None
+
+
+def test_a_one_epoch_run_still_warms_up_and_longer_runs_keep_their_last_epoch_free() -> None:
+    assert warmup_steps(RunConfig(epochs=1), 26) == 13  # half the epoch (it was 0: the full LR from the first step)
+    assert warmup_steps(RunConfig(epochs=2), 26) == 26  # warmup_epochs 3, capped to leave the last epoch
+    assert warmup_steps(RunConfig(epochs=8), 26) == 78
+    assert warmup_steps(RunConfig(epochs=1, warmup_epochs=0), 26) == 0
