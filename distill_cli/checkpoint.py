@@ -122,6 +122,9 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     epoch = state.get("epoch")
     if run_dir is None or not isinstance(epoch, int) or not -1 <= epoch < cfg.epochs - 1:
         raise DistillError(f"--resume {path}: its resume state is incomplete; give the run dir of a yolodistill run")
+    damage = counters_problem(state)
+    if damage:
+        raise DistillError(f"--resume {path}: its resume state is damaged ({damage}); start a new run")
     own = run_dir / "weights" / "last.pt"
     if own.exists() and not own.samefile(last):  # a copy of last.pt would write over the run that went on without it
         raise DistillError(
@@ -130,6 +133,26 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
         )
     read = last.stat()  # RunGuard checks, once it holds the run's lock, that the run did not move on since
     return cfg, {**resume, "run_dir": str(run_dir), "read": (str(last), read.st_ino, read.st_mtime_ns)}
+
+
+def counters_problem(state: dict[str, Any]) -> str | None:
+    """Why the saved step counters are none a run writes (an edited file), or None: a negative step or an
+    accumulation of 0 trained on, with the warm-up and the optimizer steps out of place."""
+    counters = {k: state.get(k) for k in ("step", "last_opt_step", "accumulate", "skipped_steps")}
+    for name, value in counters.items():
+        if type(value) is not int:
+            return f"{name} {shown(value)} is no whole number"
+    step, last, accumulate, skipped = counters.values()
+    bounds = {
+        "step": step >= 0,
+        "last_opt_step": -1 <= last < max(step, 0),
+        "accumulate": accumulate >= 1,
+        "skipped_steps": 0 <= skipped <= step,
+    }
+    bad = next((name for name, ok in bounds.items() if not ok), None)
+    if bad is None:
+        return None
+    return f"step {step}" if bad == "step" else f"{bad} {counters[bad]} at step {step}"
 
 
 def moved_on(last: str, inode: int, mtime_ns: int) -> bool:

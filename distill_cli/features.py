@@ -5,6 +5,7 @@ Layers are addressed by their index in ``model.model`` (the numbers ultralytics 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -177,9 +178,7 @@ def parse_layers(text: str | None) -> str | list[int] | None:
     text = text.strip()
     if text in LAYER_GROUPS:
         return text
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise DistillError(
-            f"--layers '{text}': give a group ({', '.join(LAYER_GROUPS)}) or indices like 15,18,21"
-        ) from None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(re.fullmatch("-?[0-9]+", part) for part in parts):  # int() also reads "1_5" and fullwidth digits
+        raise DistillError(f"--layers '{text}': give a group ({', '.join(LAYER_GROUPS)}) or indices like 15,18,21")
+    return [int(part) for part in parts]

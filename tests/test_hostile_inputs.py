@@ -177,7 +177,7 @@ def test_resume_of_a_copy_of_last_pt_does_not_write_over_its_run(run_kwargs: dic
 
 def test_a_last_pt_edited_into_other_types_is_refused_in_one_line(run_kwargs: dict, tmp_path: Path) -> None:
     """A config that is no mapping, a saved run dir that is no text (a last.pt moved out of weights/), a history that
-    is no list: each one error line, exit 2, the run folder's files as they were."""
+    is no list, step counters out of range: each one error line, exit 2, the run folder's files as they were."""
     run = interrupted_run(run_kwargs, "cut")
     original = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)
     moved = tmp_path / "moved.pt"  # out of weights/: the run dir comes from the saved one
@@ -186,6 +186,11 @@ def test_a_last_pt_edited_into_other_types_is_refused_in_one_line(run_kwargs: di
         (run / "weights" / "last.pt", ("distill", "config"), None, "not a checkpoint of a yolodistill run"),
         (moved, ("resume", "run_dir"), 5, "its resume state is incomplete"),
         (run / "weights" / "last.pt", ("resume", "history"), "x", "its saved state does not fit"),
+        # step counters no run writes: they trained on, the warm-up and optimizer steps out of place
+        (run / "weights" / "last.pt", ("resume", "step"), -5, "its resume state is damaged (step -5)"),
+        (run / "weights" / "last.pt", ("resume", "accumulate"), 0, "damaged (accumulate 0 at step"),
+        (run / "weights" / "last.pt", ("resume", "last_opt_step"), "x", "damaged (last_opt_step 'x' is no whole"),
+        (run / "weights" / "last.pt", ("resume", "skipped_steps"), True, "damaged (skipped_steps True is no whole"),
     ]
     for where, (section, key), value, message in edits:
         ckpt = copy.deepcopy(original)
@@ -196,6 +201,15 @@ def test_a_last_pt_edited_into_other_types_is_refused_in_one_line(run_kwargs: di
         assert result.exit_code == 2 and message in one_error_line(result), (key, value, result.output)
         assert {p.name: p.read_bytes() for p in (run / "weights").iterdir()} == files
     torch.save(original, run / "weights" / "last.pt")
+
+
+@pytest.mark.parametrize("layers", ["１５", "1_5", "15,,18", "15;18", "+15"])
+def test_layers_are_ascii_indices_or_a_group(layers: str) -> None:
+    """int() reads fullwidth digits, underscores and a plus sign; the indices of --layers are plain digits."""
+    line = one_error_line(
+        runner.invoke(app, ["probe-channels", "--teacher", "t.pt", "--student", "s.pt", "--layers", layers])
+    )
+    assert f"--layers '{layers}': give a group" in line
 
 
 def test_a_path_with_a_line_break_is_named_on_the_error_line(tmp_path: Path) -> None:
