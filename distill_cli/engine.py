@@ -17,7 +17,7 @@ from .config import RunConfig
 from .distiller import Distiller, Teacher
 from .errors import EXIT_RUNTIME, DistillError
 from .evaluation import Validation, run_validator
-from .schedule import interp, lr_factor, warmup_steps, weight_factor
+from .schedule import interp, lr_factor, target_accumulate, warmup_steps, weight_factor
 
 LOG_EVERY = 10  # steps between reads of loss values from the device (each read is a host-device sync)
 
@@ -150,16 +150,6 @@ def student_train_mode(student: nn.Module, cfg: RunConfig) -> None:
     for module in fixed.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
-
-
-def nominal_accumulate(cfg: RunConfig) -> int:
-    """Steps whose gradients add up before an optimizer step: the nominal batch ``nbs`` over the batch size."""
-    return max(round(cfg.nbs / cfg.batch), 1)
-
-
-def target_accumulate(cfg: RunConfig, steps_per_epoch: int) -> int:
-    """The nominal accumulation, capped at the run's length so that short runs still step."""
-    return min(nominal_accumulate(cfg), steps_per_epoch * cfg.epochs)
 
 
 def preprocess(batch: dict, device: torch.device) -> dict:

@@ -10,8 +10,8 @@ from ultralytics.optim import MuSGD
 
 from .config import RunConfig
 from .distiller import Distiller
-from .engine import nominal_accumulate
 from .errors import DistillError
+from .schedule import nominal_accumulate
 
 OPTIMIZERS = ("SGD", "MuSGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSprop")
 ADAM_FAMILY = ("Adam", "Adamax", "AdamW", "NAdam", "RAdam")

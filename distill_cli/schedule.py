@@ -55,9 +55,23 @@ def lr_factor(cfg: RunConfig, epoch: int) -> float:
 
 def warmup_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
     """Warm-up length in steps, leaving at least the final epoch for regular training; a one-epoch run warms up over
-    its first half (with none, AdamW's full step from the first batch wrecked a trained student: val 0.457 -> 0.006)."""
+    its first half (with none, AdamW's full step from the first batch wrecked a trained student: val 0.457 -> 0.006).
+    It ends at least one full accumulation before the run does: the accumulation ramps up with the warm-up, and a
+    warm-up that ran to the end left a short run's only optimizer step at its first batch, at LR 0 (ultralytics does
+    that too)."""
     epochs = min(cfg.warmup_epochs, max(cfg.epochs - 1, cfg.epochs / 2))
-    return round(epochs * steps_per_epoch) if epochs > 0 else 0
+    steps = round(epochs * steps_per_epoch) if epochs > 0 else 0
+    return max(0, min(steps, steps_per_epoch * cfg.epochs - target_accumulate(cfg, steps_per_epoch)))
+
+
+def nominal_accumulate(cfg: RunConfig) -> int:
+    """Steps whose gradients add up before an optimizer step: the nominal batch ``nbs`` over the batch size."""
+    return max(round(cfg.nbs / cfg.batch), 1)
+
+
+def target_accumulate(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """The nominal accumulation, capped at the run's length so that short runs still step."""
+    return min(nominal_accumulate(cfg), steps_per_epoch * cfg.epochs)
 
 
 def interp(x: float, x1: float, y0: float, y1: float) -> float:

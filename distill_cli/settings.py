@@ -21,11 +21,10 @@ from .config import (
     names_its_terms,
 )
 from .distiller import uses_recipe_layers
-from .engine import target_accumulate
 from .errors import DistillError
 from .optimizer import ADAM_FAMILY
 from .overrides import apply_overrides
-from .schedule import schedule_problem
+from .schedule import schedule_problem, target_accumulate
 from .start import fine_tunes, needs_teacher
 
 # the span of a fine-tune's EMA, as a share of its optimizer steps (benchmarks/RESULTS.md: an average over the last

@@ -21,7 +21,7 @@ from .checkpoint import RunGuard, restore_state, save_checkpoints
 from .config import ULTRALYTICS_NBS, RunConfig
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
-from .engine import TrainState, sync_balance_sums, target_accumulate, train_one_epoch, validate
+from .engine import TrainState, sync_balance_sums, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
 from .keep_start import resolved_keep
@@ -32,6 +32,7 @@ from .report import RunOutcome, feature_agreement, measure_baseline, write_repor
 from .rules import check_function
 from .runlock import check_unclaimed
 from .runlog import RunLog, TrainResult
+from .schedule import target_accumulate
 from .settings import max_grad_norm, resolve_auto, resolve_ema, run_config, select_device, terms_can_pause
 from .start import (
     calibrate_selected,

@@ -271,3 +271,13 @@ def test_a_one_epoch_run_still_warms_up_and_longer_runs_keep_their_last_epoch_fr
     assert warmup_steps(RunConfig(epochs=2), 26) == 26  # warmup_epochs 3, capped to leave the last epoch
     assert warmup_steps(RunConfig(epochs=8), 26) == 78
     assert warmup_steps(RunConfig(epochs=1, warmup_epochs=0), 26) == 0
+
+
+def test_the_warm_up_ends_a_full_accumulation_before_the_run_does() -> None:
+    """The accumulation ramps up with the warm-up; one that ran to the run's end left a short run (a yaml student,
+    nbs 64) with a single optimizer step, at its first batch and LR 0 (tests/test_train.py's one-epoch runs)."""
+    assert warmup_steps(RunConfig(epochs=1, batch=4, nbs=64), 2) == 0  # 2 steps, accumulating 2: no room
+    assert warmup_steps(RunConfig(epochs=1, batch=4, nbs=64), 20) == 4  # 20 steps, accumulating 16
+    assert warmup_steps(RunConfig(epochs=1, batch=16, nbs=64), 13) == 6  # accumulating 4: half the epoch fits
+    assert warmup_steps(RunConfig(epochs=2, batch=4, nbs=64), 2) == 0  # as ultralytics would: 2, and LR 0 only
+    assert warmup_steps(RunConfig(epochs=2, batch=16, nbs=16), 13) == 13  # a fine-tune accumulates 1: unchanged
