@@ -9,8 +9,9 @@ that size, from the same source, could show.
 
 ``--a`` and ``--b`` pair by position (seed with seed). Printed per split: each pair's difference on the whole split,
 their mean, and the 2.5th-97.5th percentiles of that mean over the draws (``--draws``; seed 0 draws them), with the
-share of draws where it is above 0; and a single run's spread over the draws (the half-width of its 95% interval).
-The seeds' spread is another noise (training); this one is the split's.
+share of draws where it is above 0; and a single run's spread over the draws (the half-width of its own 95% interval,
+averaged over the runs: one score's uncertainty, wider than a paired difference's, whose shared images cancel).
+The seeds' spread is another noise (training); this one is the split's. Runs are scored on the CPU at batch 16.
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def per_image_matches(weights: str, data: str, imgsz: int, split: str) -> tuple[float, dict[str, dict]]:
-    """The run's mAP50-95 on the split, as gain.py scores it, and each image's matches (by file name)."""
-    images: dict[str, dict] = {}
+def per_image_matches(weights: str, data: str, imgsz: int, split: str) -> tuple[float, list[tuple[str, dict]]]:
+    """The run's mAP50-95 on the split, as gain.py scores it (on the CPU), and each image's file name and matches in
+    the validator's order (a name may repeat: two folders of one split)."""
+    images: list[tuple[str, dict]] = []
     update = DetMetrics.update_stats
 
     def record(self: DetMetrics, stat: dict) -> None:
-        images[stat["im_name"]] = {k: stat[k] for k in KEPT}
+        images.append((stat["im_name"], {k: stat[k] for k in KEPT}))
         update(self, stat)
 
     DetMetrics.update_stats = record
@@ -73,14 +75,15 @@ def map5095(images: list[dict]) -> float:
     return float(ap.mean()) if len(ap) else 0.0
 
 
-def bootstrap(runs: list[dict[str, dict]], draws: int) -> np.ndarray:
-    """mAP50-95 of every run (columns) on each draw of the images with replacement (rows), the same draw per row."""
-    names = sorted(runs[0])
+def bootstrap(runs: list[list[dict]], draws: int) -> np.ndarray:
+    """mAP50-95 of every run (columns) on each draw of the images with replacement (rows), the same draw per row;
+    each run's images in one order."""
+    count = len(runs[0])
     rng = np.random.default_rng(0)
     out = np.empty((draws, len(runs)))
     for d in range(draws):
-        drawn = [names[i] for i in rng.integers(0, len(names), len(names))]
-        out[d] = [map5095([run[n] for n in drawn]) for run in runs]
+        drawn = rng.integers(0, count, count)
+        out[d] = [map5095([run[i] for i in drawn]) for run in runs]
     return out
 
 
@@ -88,17 +91,21 @@ def compare(args: argparse.Namespace, split: str) -> dict:
     """One split: the whole-split differences and their mean's spread over the draws."""
     scored = [per_image_matches(w, args.data, args.imgsz, split) for w in args.a + args.b]
     whole = np.array([score for score, _ in scored])
-    for score, images in scored:  # the recomputation must give gain.py's number before its draws mean anything
-        assert abs(map5095(list(images.values())) - score) < 1e-6, "recomputed mAP differs from the validator's"
-    drawn = bootstrap([images for _, images in scored], args.draws)
+    names = [name for name, _ in scored[0][1]]
+    for weights, (score, images) in zip(args.a + args.b, scored, strict=True):
+        if [name for name, _ in images] != names:  # the validator's order is the split's: the same for every run
+            raise SystemExit(f"{weights}: its images came in another order than {args.a[0]}'s")
+        if abs(map5095([m for _, m in images]) - score) > 1e-6:  # else the draws would not be gain.py's number
+            raise SystemExit(f"{weights}: mAP recomputed from its images differs from the validator's {score:.4f}")
+    drawn = bootstrap([[m for _, m in images] for _, images in scored], args.draws)
     n = len(args.a)
     diff, drawn_diff = whole[:n] - whole[n:], (drawn[:, :n] - drawn[:, n:]).mean(1)
     low, high = np.percentile(drawn_diff, [2.5, 97.5])
-    run_low, run_high = np.percentile(drawn - drawn.mean(0), [2.5, 97.5], axis=0)
+    run_low, run_high = np.percentile(drawn, [2.5, 97.5], axis=0)
     return {
         "setting": args.name,
         "split": split,
-        "images": len(scored[0][1]),
+        "images": len(names),
         "a": whole[:n].tolist(),
         "b": whole[n:].tolist(),
         "diffs": diff.tolist(),
