@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import warnings
@@ -20,9 +21,10 @@ from .engine import TrainState, trained_params
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError, sigterm_interrupts
 from .models import read_checkpoint, save_student
 from .report import Baseline
-from .rules import is_dir, is_file, shown
+from .rules import is_dir, is_file, is_number, shown
 from .runlock import RunLock, claim, release
 from .runlog import RunLog, check_creatable, new_run_dir, undo
+from .schedule import target_accumulate
 
 # resume loads safely only, so there is no --trust-checkpoint to offer
 UNSAFE_RESUME = (
@@ -191,7 +193,47 @@ def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, t
         ) from e
 
 
+def progress_problem(ckpt: dict[str, Any], cfg: RunConfig, steps_per_epoch: int) -> str | None:
+    """Why the saved progress is none this run writes at its saved epoch (an edited file, or a train split that
+    changed size since), or None: each trained on with the schedules, the EMA's decay or best.pt out of place."""
+    epoch, step, accumulate = ckpt["epoch"], ckpt["step"], ckpt["accumulate"]
+    if step != (epoch + 1) * steps_per_epoch:  # last.pt is written at the run's start and at each epoch's end
+        where = f"epoch {epoch + 1} ends at {steps_per_epoch} steps an epoch"
+        return f"step {step} is not where {where}: did the train split or the number of processes change?"
+    if accumulate > target_accumulate(cfg, steps_per_epoch):
+        return f"accumulate {accumulate} is above the run's {target_accumulate(cfg, steps_per_epoch)}"
+    updates, fitness, best = ckpt["ema_updates"], ckpt["best_fitness"], ckpt["best_epoch"]
+    if type(updates) is not int or not 0 <= updates <= step:  # one EMA update per optimizer step
+        return f"ema_updates {shown(updates)} at step {step}"
+    if not is_number(fitness) or not (fitness == -1 or 0 <= fitness <= 1) or type(best) is not int:
+        return f"best_fitness {shown(fitness)} or best_epoch {shown(best)} is no fitness or epoch"
+    if not -1 <= best <= epoch:
+        return f"best_epoch {best} at epoch {epoch}"
+    return balance_problem(ckpt["balance"], ckpt["balance_sums"], set(cfg.recipe.losses))
+
+
+def balance_problem(balance: Any, sums: Any, terms: set[str]) -> str | None:
+    """Why the saved automatic balance is none a run writes, or None: factors (term -> a positive number) and the
+    calibration's sums (term or det_loss -> [sum, count > 0])."""
+    if not isinstance(balance, dict) or not isinstance(sums, dict):
+        return "balance or balance_sums is no mapping"
+    for name, factor in balance.items():
+        if name not in terms or not is_number(factor) or not 0 < factor < math.inf:
+            return f"balance of {shown(name)}: {shown(factor)}"
+    for name, pair in sums.items():
+        numbers = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(is_number(v) for v in pair)
+        if name not in terms | {"det_loss"} or not numbers or not math.isfinite(sum(pair)) or pair[1] <= 0:
+            return f"balance_sums of {shown(name)}: {shown(pair)}"
+    return None
+
+
 def load_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, train_loader) -> int:
+    problem = progress_problem(ckpt, state.cfg, state.steps_per_epoch)
+    if problem:
+        raise DistillError(
+            f"--resume {ckpt['run_dir']}: its saved progress does not fit the run as built now ({problem}); start a "
+            f"new run"
+        )
     distiller = state.distiller
     distiller.student.load_state_dict(ckpt["student"])
     distiller.terms.load_state_dict(ckpt["terms"])

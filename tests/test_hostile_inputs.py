@@ -191,6 +191,13 @@ def test_a_last_pt_edited_into_other_types_is_refused_in_one_line(run_kwargs: di
         (run / "weights" / "last.pt", ("resume", "accumulate"), 0, "damaged (accumulate 0 at step"),
         (run / "weights" / "last.pt", ("resume", "last_opt_step"), "x", "damaged (last_opt_step 'x' is no whole"),
         (run / "weights" / "last.pt", ("resume", "skipped_steps"), True, "damaged (skipped_steps True is no whole"),
+        # progress no run writes at its saved epoch, found once the loader says how long an epoch is
+        (run / "weights" / "last.pt", ("resume", "step"), 3, "progress does not fit the run as built now (step 3 is"),
+        (run / "weights" / "last.pt", ("resume", "accumulate"), 10**9, "(accumulate 1000000000 is above the run's 4)"),
+        (run / "weights" / "last.pt", ("resume", "ema_updates"), -4, "(ema_updates -4 at step 2)"),
+        (run / "weights" / "last.pt", ("resume", "best_fitness"), 5.0, "(best_fitness 5.0 or best_epoch 0 is no"),
+        (run / "weights" / "last.pt", ("resume", "balance"), {"cwd": -1.0}, "(balance of 'cwd': -1.0)"),
+        (run / "weights" / "last.pt", ("resume", "balance_sums"), {"det_loss": [1.0, 0]}, "balance_sums of 'det_loss'"),
     ]
     for where, (section, key), value, message in edits:
         ckpt = copy.deepcopy(original)
