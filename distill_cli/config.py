@@ -134,7 +134,7 @@ class Recipe:
     teacher_scale: str = ranged("1", check=teacher_scale_problem, text=TEACHER_SCALE_TEXT)
     # in a fine-tune of a .pt student with the data's classes, the output terms also distil the student as given, at
     # this multiple of the teacher's weight (Learning without Forgetting); 0: the teacher alone; auto: 1 where the
-    # student was trained at 1 to 1.3x the run's size, else 0 (keep_start.py)
+    # student was trained at 1 to 1.3x the run's size and the run has under 100 optimizer steps, else 0 (keep_start.py)
     keep_start: str = ranged("0", check=keep_start_problem, text=KEEP_START_TEXT)
 
     @property

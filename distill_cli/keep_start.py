@@ -25,8 +25,9 @@ recipe says so in a warning). ``auto`` keeps the start (at 1, the two models' an
 was trained at the run's size or up to ``KEEP_START_RATIO`` times it: far below that size the student as given is a weak
 detector of the batch (the 512-px BCCD student scores 0.457 at 256 px, where plain fine-tuning reaches 0.525), and
 keeping it held the default recipe's students 0.02 below the teacher alone; above it (640 px) it cost the test split
-(benchmarks/RESULTS.md, session 32). Measured only on a student fine-tuned on the data it was trained on; ``auto`` does
-not check the data.
+(benchmarks/RESULTS.md, session 32). And only in a run of under ``SHORT_RUN_STEPS`` optimizer steps: a longer one
+recovers from the first epoch's cost and did as well without the start (session 34). Measured only on a student
+fine-tuned on the data it was trained on; ``auto`` does not check the data.
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 
-from torch import nn
-
 from .config import Recipe
 from .errors import DistillError
 from .losses import LOSSES
-from .teacher_scale import REMAPPED_TERMS, averaged, trained_imgsz
+from .teacher_scale import REMAPPED_TERMS, averaged
+
+# auto keeps the start in runs of under this many optimizer steps, where the teacher's class lesson cost the first
+# epoch at 448 px and the run was too short to recover: without the start, five of six BCCD fine-tunes of 39-90 steps
+# (416-640 px, the teacher at 1) ended below plain fine-tuning in 1 to 7 of 10 cells, and 32 cells of 130-156 steps in 3
+# (session 26, before the start existed; start.warn_if_short warns from the same bound). Longer runs did as well
+# without it: finetune10 (156 steps, five seeds) +0.003 val / -0.004 test with it, native over 10 epochs (130 steps,
+# three seeds) -0.002 / +0.001, each within the seeds' spread, at 1.2x the time (benchmarks/RESULTS.md, session 34)
+SHORT_RUN_STEPS = 100
 
 # auto keeps the start where the student's training size is at least the run's and under this many times it: with the
 # 512-px BCCD student at 448 and 512 px (x1.14, x1) keeping it lifted the default above plain fine-tuning in 16 of 18
@@ -70,17 +77,17 @@ def mixing_problem(recipe: Recipe) -> str | None:
     return f"term(s) {', '.join(other)} read the teacher's DFL distributions, which mixed answers do not carry"
 
 
-def resolved_keep(recipe: Recipe, has_start: bool, student: nn.Module, imgsz: int) -> Recipe:
-    """The recipe with ``keep_start`` a number: ``auto`` made 1 where the start can be kept and mixed and the student
-    was trained at ``imgsz`` to ``KEEP_START_RATIO`` times it, else 0; a number made 0, with a warning, where there is
-    nothing to keep, and refused where a term would learn something else from mixed answers."""
+def resolved_keep(recipe: Recipe, has_start: bool, trained: int | None, imgsz: int, optimizer_steps: int) -> Recipe:
+    """The recipe with ``keep_start`` a number: ``auto`` made 1 where the start can be kept and mixed, the student
+    was ``trained`` at ``imgsz`` to ``KEEP_START_RATIO`` times it (``teacher_scale.trained_imgsz`` of the student as
+    loaded) and the run has under ``SHORT_RUN_STEPS`` optimizer steps, else 0; a number made 0, with a warning, where
+    there is nothing to keep, and refused where a term would learn something else from mixed answers."""
     if not recipe.keeps_start:
         return replace(recipe, keep_start="0")
     unkept, mixing = nothing_to_keep(recipe, has_start), mixing_problem(recipe)
     if recipe.keep_start == "auto":
-        trained = trained_imgsz(student)
         near = not unkept and not mixing and trained is not None and 1 <= trained / imgsz < KEEP_START_RATIO
-        return replace(recipe, keep_start="1" if near else "0")
+        return replace(recipe, keep_start="1" if near and optimizer_steps < SHORT_RUN_STEPS else "0")
     if unkept:
         warnings.warn(f"keep_start {recipe.keep_start} is not applied: {unkept}", stacklevel=3)
         return replace(recipe, keep_start="0")

@@ -74,6 +74,11 @@ def target_accumulate(cfg: RunConfig, steps_per_epoch: int) -> int:
     return min(nominal_accumulate(cfg), steps_per_epoch * cfg.epochs)
 
 
+def optimizer_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """The run's optimizer steps, counted at the nominal accumulation (a warm-up that accumulates less adds a few)."""
+    return steps_per_epoch * cfg.epochs // target_accumulate(cfg, steps_per_epoch)
+
+
 def interp(x: float, x1: float, y0: float, y1: float) -> float:
     """Linear from (0, y0) to (x1, y1)."""
     return y0 + (y1 - y0) * min(1.0, x / x1) if x1 > 0 else y1

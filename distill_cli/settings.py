@@ -24,7 +24,7 @@ from .distiller import uses_recipe_layers
 from .errors import DistillError
 from .optimizer import ADAM_FAMILY
 from .overrides import apply_overrides
-from .schedule import schedule_problem, target_accumulate
+from .schedule import optimizer_steps, schedule_problem
 from .start import fine_tunes, needs_teacher
 
 # the span of a fine-tune's EMA, as a share of its optimizer steps (benchmarks/RESULTS.md: an average over the last
@@ -160,7 +160,6 @@ def resolve_ema(cfg: RunConfig, steps_per_epoch: int) -> RunConfig:
     has the measurements)."""
     decay, tau = 0.9999, 2000.0
     if fine_tunes(cfg):
-        steps = steps_per_epoch * cfg.epochs // target_accumulate(cfg, steps_per_epoch)
-        span = max(steps * FINETUNE_EMA_SHARE, 1.0)
+        span = max(optimizer_steps(cfg, steps_per_epoch) * FINETUNE_EMA_SHARE, 1.0)
         decay, tau = min(1 - 1 / span, decay), min(0.75 * span, tau)
     return replace(cfg, ema_decay=cfg.ema_decay or decay, ema_tau=cfg.ema_tau or tau)

@@ -16,6 +16,7 @@ from .config import RunConfig
 from .engine import preprocess
 from .errors import DistillError
 from .features import Pair
+from .keep_start import SHORT_RUN_STEPS
 from .models import class_names, load_model
 from .options import file_identity
 from .teacher_scale import LEAST_VIEWS_SCALE, trained_imgsz, upsamples
@@ -129,12 +130,6 @@ def init_note(cfg: RunConfig, adapters: bool) -> str:
     return f"student init: {start}{kept}{frozen}" + (f"; adapters: {cfg.recipe.adapters}" if adapters else "")
 
 
-# fine-tunes where auto keeps the teacher at 1 (BCCD, 416-640 px; benchmarks/RESULTS.md, session 26): of six settings
-# of 39-90 optimizer steps, the default without keep_start ended below plain fine-tuning in 1 to 7 of 10 cells in five;
-# of 32 cells of 130-156 steps, in 3. With keep_start (session 32) the short runs measured missed in few cells
-SHORT_FINE_TUNE_STEPS = 100
-
-
 def warn_if_short(cfg: RunConfig, teacher: nn.Module | None, optimizer_steps: int) -> None:
     """Say, before a fine-tune starts, that it is in the regime where the default recipe without ``keep_start`` was
     measured to lose: a class term, the teacher at 1 and trained at under 1.3x the student's size (where auto keeps
@@ -143,16 +138,10 @@ def warn_if_short(cfg: RunConfig, teacher: nn.Module | None, optimizer_steps: in
     trained_near = trained is not None and trained / cfg.imgsz < LEAST_VIEWS_SCALE  # where auto keeps 1
     class_term = any(spec.type == "cls_kd" for spec in cfg.recipe.losses.values())
     at_1 = trained_near and not upsamples(cfg.recipe)
-    if (
-        fine_tunes(cfg)
-        and class_term
-        and at_1
-        and not cfg.recipe.keeps_start
-        and optimizer_steps < SHORT_FINE_TUNE_STEPS
-    ):
+    if fine_tunes(cfg) and class_term and at_1 and not cfg.recipe.keeps_start and optimizer_steps < SHORT_RUN_STEPS:
         warnings.warn(
             f"{optimizer_steps} optimizer steps, with the teacher at 1 and trained at under {LEAST_VIEWS_SCALE:g}x "
-            f"this size, and keep_start 0: of six such BCCD fine-tunes under {SHORT_FINE_TUNE_STEPS} steps, the "
+            f"this size, and keep_start 0: of six such BCCD fine-tunes under {SHORT_RUN_STEPS} steps, the "
             f"default recipe without keep_start ended below plain fine-tuning in 1 to 7 of 10 cells in five; with "
             f"130 steps or more, in 3 of 32 cells (README, 'What is not solved'). More epochs give distillation "
             f"room, and keep_start (auto in the default recipe) keeps the student you gave",

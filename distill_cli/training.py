@@ -32,7 +32,7 @@ from .report import RunOutcome, feature_agreement, measure_baseline, write_repor
 from .rules import check_function
 from .runlock import check_unclaimed
 from .runlog import RunLog, TrainResult
-from .schedule import target_accumulate
+from .schedule import optimizer_steps, target_accumulate
 from .settings import max_grad_norm, resolve_auto, resolve_ema, run_config, select_device, terms_can_pause
 from .start import (
     calibrate_selected,
@@ -46,7 +46,7 @@ from .start import (
     warn_if_short,
 )
 from .stopping import Interrupted, StopOnSignal
-from .teacher_scale import resolved, view_scales
+from .teacher_scale import resolved, trained_imgsz, view_scales
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -103,6 +103,7 @@ def prepare(
     torch.backends.mkldnn.enabled = not (cfg.deterministic and device.type == "cpu")
     data = load_data(cfg.data, cfg.val_split)
     teacher_model, student, has_start = load_models(cfg, data, resuming=checkpoint is not None)
+    student_imgsz = trained_imgsz(student)  # as loaded: the run's own hyperparameters replace the student's below
     coarsest = int(student.stride.max())
     if cfg.imgsz <= coarsest:  # its maps there would be 1x1: BatchNorm cannot train on a batch of one image
         raise DistillError(
@@ -116,7 +117,6 @@ def prepare(
     stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
     cfg = replace(cfg, imgsz=stride_multiple(cfg.imgsz, stride))
     cfg = replace(cfg, recipe=resolved(cfg.recipe, cfg.imgsz, teacher_model))
-    cfg = replace(cfg, recipe=resolved_keep(cfg.recipe, has_start, student, cfg.imgsz))
     batch = dist.per_rank_batch(cfg.batch, info.world_size)
     hyp = hyperparameters(
         imgsz=cfg.imgsz,
@@ -136,6 +136,8 @@ def prepare(
     rank = info.rank if info.enabled else -1
     with dist.main_first(info):
         train_loader = build_loader(data, "train", hyp, batch, cfg.workers, stride, train=True, rank=rank)
+    steps = optimizer_steps(cfg, len(train_loader))
+    cfg = replace(cfg, recipe=resolved_keep(cfg.recipe, has_start, student_imgsz, cfg.imgsz, steps))
     val_loader = None
     if info.is_main:
         val_loader = build_loader(data, cfg.val_split, hyp, batch * 2, cfg.workers, stride, train=False)
@@ -194,8 +196,7 @@ def prepare(
         update_criterion(student)
     if log:
         if checkpoint is None:  # a resumed run cannot change its length
-            optimizer_steps = cfg.epochs * state.steps_per_epoch // target_accumulate(cfg, state.steps_per_epoch)
-            warn_if_short(cfg, teacher_model, optimizer_steps)
+            warn_if_short(cfg, teacher_model, steps)
         note = precision_note(amp_dtype, teacher_dtype if teacher else amp_dtype or torch.float32, device)
         log.start(
             pairs,

@@ -155,15 +155,26 @@ def test_the_start_answers_beside_the_teacher_as_a_frozen_copy_of_the_student_as
 def test_keep_start_is_a_number_once_resolved_and_auto_keeps_a_start_near_its_own_size(
     keep: str, has_start: bool, recipe: str, trained: int | None, imgsz: int, expected: str
 ) -> None:
-    student = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
-    student.args = {"imgsz": trained} if trained else {}
     recipe_kept = replace(load_recipe(recipe), keep_start=keep)
     with warnings.catch_warnings(record=True) as caught:  # a number that cannot apply says so
         warnings.simplefilter("always")
-        assert resolved_keep(recipe_kept, has_start, student, imgsz).keep_start == expected
-        assert resolved_keep(Recipe(keep_start=keep), has_start, student, imgsz).keep_start == "0"  # no terms
+        assert resolved_keep(recipe_kept, has_start, trained, imgsz, 52).keep_start == expected
+        assert resolved_keep(Recipe(keep_start=keep), has_start, trained, imgsz, 52).keep_start == "0"  # no terms
     number = keep != "auto" and float(keep) > 0
     assert len(caught) == number + (number and expected == "0")
+
+
+def test_auto_keeps_the_start_only_in_a_short_run_and_a_number_in_any() -> None:
+    """Under 100 optimizer steps the teacher's lesson cost the first epoch and the run could not recover; longer runs
+    recovered without the start (benchmarks/RESULTS.md, session 34)."""
+    auto, one = load_recipe("default"), replace(load_recipe("default"), keep_start="1")
+    assert [resolved_keep(auto, True, 512, 448, steps).keep_start for steps in (39, 99, 100, 156)] == [
+        "1",
+        "1",
+        "0",
+        "0",
+    ]
+    assert resolved_keep(one, True, 512, 448, 156).keep_start == "1"
 
 
 def student_pt(path: Path, names: list[str] | None = None) -> Path:
