@@ -3,7 +3,7 @@
 Each setting names the runs that are today's code there: both recipes seed for seed, with 0.3.14 or later, which
 trains on both CPU threads (other float sums, the same method), marked with that version; where a later version changed
 nothing in a setting, it keeps the runs of the version that last did (benchmarks/RESULTS.md says which). Rows marked
-Intel ran on the Intel Xeon of sessions 31-33, the others on the AMD EPYC; where ``keep_start: auto`` keeps the
+Intel ran on the Intel Xeon of sessions 31-34, the others on the AMD EPYC; where ``keep_start: auto`` keeps the
 student as given (0.3.22; from 0.3.25 only in runs of under 100 optimizer steps) the rows are the Intel runs with it
 (seeds 3-4 from session 33), and finetune10's the Intel runs without it (seeds 3-4 from session 34). ``none`` is
 seed-matched; ``gap closed`` is how far the default went from the student as given to the teacher scored at the
@@ -30,7 +30,7 @@ class Setting:
     default: Source
     none: Source
     threads: str  # the version (0.3.14 or later) of the default's runs; none's ran with it or, unchanged since, before
-    machine: str = ""  # "Intel" for the Intel Xeon of sessions 31-33; the AMD EPYC otherwise
+    machine: str = ""  # "Intel" for the Intel Xeon of sessions 31-34; the AMD EPYC otherwise
 
 
 KEPT = "default, losses.cls_kd.weight=3, losses.box_kd.weight=6"  # the keep_start 1 prototype (RESULTS.md, session 32)

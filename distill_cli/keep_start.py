@@ -45,7 +45,7 @@ from .teacher_scale import REMAPPED_TERMS, averaged
 # (416-640 px, the teacher at 1) ended below plain fine-tuning in 1 to 7 of 10 cells, and 32 cells of 130-156 steps in 3
 # (session 26, before the start existed; start.warn_if_short warns from the same bound). Longer runs did as well
 # without it: finetune10 (156 steps, five seeds) +0.003 val / -0.004 test with it, native over 10 epochs (130 steps,
-# three seeds) -0.002 / +0.001, each within the seeds' spread, at 1.2x the time (benchmarks/RESULTS.md, session 34)
+# three seeds) -0.002 / +0.001, each within the seeds' spread, for 4-10% more time (benchmarks/RESULTS.md, session 34)
 SHORT_RUN_STEPS = 100
 
 # auto keeps the start where the student's training size is at least the run's and under this many times it: with the
@@ -77,23 +77,32 @@ def mixing_problem(recipe: Recipe) -> str | None:
     return f"term(s) {', '.join(other)} read the teacher's DFL distributions, which mixed answers do not carry"
 
 
-def resolved_keep(recipe: Recipe, has_start: bool, trained: int | None, imgsz: int, optimizer_steps: int) -> Recipe:
-    """The recipe with ``keep_start`` a number: ``auto`` made 1 where the start can be kept and mixed, the student
-    was ``trained`` at ``imgsz`` to ``KEEP_START_RATIO`` times it (``teacher_scale.trained_imgsz`` of the student as
-    loaded) and the run has under ``SHORT_RUN_STEPS`` optimizer steps, else 0; a number made 0, with a warning, where
-    there is nothing to keep, and refused where a term would learn something else from mixed answers."""
-    if not recipe.keeps_start:
-        return replace(recipe, keep_start="0")
-    unkept, mixing = nothing_to_keep(recipe, has_start), mixing_problem(recipe)
-    if recipe.keep_start == "auto":
-        near = not unkept and not mixing and trained is not None and 1 <= trained / imgsz < KEEP_START_RATIO
-        return replace(recipe, keep_start="1" if near and optimizer_steps < SHORT_RUN_STEPS else "0")
+def checked_keep(recipe: Recipe, has_start: bool) -> Recipe:
+    """The recipe with a number given for ``keep_start`` checked before any work: made 0, with a warning, where there
+    is nothing to keep, refused where a term would learn something else from mixed answers; 0 and ``auto`` as they are
+    (``auto`` waits for the run's length: ``resolved_keep``)."""
+    if recipe.keep_start == "auto" or not recipe.keeps_start:
+        return recipe
+    unkept = nothing_to_keep(recipe, has_start)
     if unkept:
         warnings.warn(f"keep_start {recipe.keep_start} is not applied: {unkept}", stacklevel=3)
         return replace(recipe, keep_start="0")
+    mixing = mixing_problem(recipe)
     if mixing:
         raise DistillError(f"keep_start {recipe.keep_start}: {mixing}; use keep_start 0 with this recipe")
     return recipe
+
+
+def resolved_keep(recipe: Recipe, has_start: bool, trained: float | None, imgsz: int, optimizer_steps: int) -> Recipe:
+    """The recipe (``checked_keep``'s) with ``keep_start`` a number: ``auto`` made 1 where the start can be kept and
+    mixed, the student was ``trained`` at ``imgsz`` to ``KEEP_START_RATIO`` times it (``teacher_scale.trained_imgsz``
+    of the student as loaded) and the run has under ``SHORT_RUN_STEPS`` optimizer steps, else 0; a number as given,
+    written "0" where it keeps nothing."""
+    if recipe.keep_start != "auto":
+        return recipe if recipe.keeps_start else replace(recipe, keep_start="0")
+    keepable = nothing_to_keep(recipe, has_start) is None and mixing_problem(recipe) is None
+    near = keepable and trained is not None and 1 <= trained / imgsz < KEEP_START_RATIO
+    return replace(recipe, keep_start="1" if near and optimizer_steps < SHORT_RUN_STEPS else "0")
 
 
 def with_start(answers: dict, start: dict, keep: float, reg_max: int) -> dict:

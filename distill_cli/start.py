@@ -144,7 +144,7 @@ def warn_if_short(cfg: RunConfig, teacher: nn.Module | None, optimizer_steps: in
             f"this size, and keep_start 0: of six such BCCD fine-tunes under {SHORT_RUN_STEPS} steps, the "
             f"default recipe without keep_start ended below plain fine-tuning in 1 to 7 of 10 cells in five; with "
             f"130 steps or more, in 3 of 32 cells (README, 'What is not solved'). More epochs give distillation "
-            f"room, and keep_start (auto in the default recipe) keeps the student you gave",
+            f"room, and keep_start 1 in the recipe keeps the student you gave beside the teacher",
             stacklevel=2,
         )
 

@@ -24,7 +24,7 @@ from .distiller import Distiller, Teacher, build_terms
 from .engine import TrainState, sync_balance_sums, train_one_epoch, validate
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import Validation
-from .keep_start import resolved_keep
+from .keep_start import checked_keep, resolved_keep
 from .models import class_names, count_params, stride_multiple
 from .optimizer import build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
@@ -116,7 +116,7 @@ def prepare(
     cfg = resolve_precision(resolve_auto(cfg), device)
     stride = int(max(m.stride.max() for m in (student, teacher_model) if m is not None))
     cfg = replace(cfg, imgsz=stride_multiple(cfg.imgsz, stride))
-    cfg = replace(cfg, recipe=resolved(cfg.recipe, cfg.imgsz, teacher_model))
+    cfg = replace(cfg, recipe=checked_keep(resolved(cfg.recipe, cfg.imgsz, teacher_model), has_start))
     batch = dist.per_rank_batch(cfg.batch, info.world_size)
     hyp = hyperparameters(
         imgsz=cfg.imgsz,

@@ -11,11 +11,12 @@ import torch
 import yaml
 from ultralytics.nn.tasks import DetectionModel
 
+from distill_cli import keep_start
 from distill_cli.config import Recipe, load_recipe, recipe_from_dict
 from distill_cli.data import hyperparameters
 from distill_cli.distiller import Distiller, Teacher, TeacherOutput, build_terms
 from distill_cli.errors import DistillError
-from distill_cli.keep_start import resolved_keep, with_start
+from distill_cli.keep_start import checked_keep, resolved_keep, with_start
 from distill_cli.losses import DistillContext, build_loss
 from distill_cli.losses.output import distances
 from distill_cli.teacher_scale import two_hot
@@ -158,8 +159,8 @@ def test_keep_start_is_a_number_once_resolved_and_auto_keeps_a_start_near_its_ow
     recipe_kept = replace(load_recipe(recipe), keep_start=keep)
     with warnings.catch_warnings(record=True) as caught:  # a number that cannot apply says so
         warnings.simplefilter("always")
-        assert resolved_keep(recipe_kept, has_start, trained, imgsz, 52).keep_start == expected
-        assert resolved_keep(Recipe(keep_start=keep), has_start, trained, imgsz, 52).keep_start == "0"  # no terms
+        for recipe_, want in ((recipe_kept, expected), (Recipe(keep_start=keep), "0")):  # the second without terms
+            assert resolved_keep(checked_keep(recipe_, has_start), has_start, trained, imgsz, 52).keep_start == want
     number = keep != "auto" and float(keep) > 0
     assert len(caught) == number + (number and expected == "0")
 
@@ -193,11 +194,18 @@ def recorded_keep(run_dir: Path) -> str:
 
 
 def test_a_fine_tune_keeps_its_start_and_a_student_without_one_records_keep_start_0(
-    run_kwargs: dict, tmp_path: Path
+    run_kwargs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     student = str(student_pt(tmp_path / "n.pt"))  # trained at 64 px, the size it is fine-tuned at
     kept = train(recipe="default", report=False, keep_start="auto", **{**run_kwargs, "student": student})
     assert recorded_keep(kept.run_dir) == "1" and kept.best.is_file()
+    # auto reads the size the student was trained at (not the run's, which replaces its args) and the run's length
+    larger = train(recipe="default", report=False, **{**run_kwargs, "student": student, "imgsz": 128, "name": "128"})
+    assert recorded_keep(larger.run_dir) == "0"  # 64 / 128: the student as given is far from its size
+    monkeypatch.setattr(keep_start, "SHORT_RUN_STEPS", 2)  # the run has 2 optimizer steps: not a short one now
+    longer = train(recipe="default", report=False, **{**run_kwargs, "student": student, "name": "long"})
+    assert recorded_keep(longer.run_dir) == "0"
+    monkeypatch.undo()
     with pytest.warns(UserWarning, match="keep_start 1 is not applied: the student has no start to keep"):
         from_yaml = train(recipe="default", report=False, keep_start=1, **{**run_kwargs, "name": "yaml"})
     assert recorded_keep(from_yaml.run_dir) == "0"
