@@ -45,7 +45,8 @@ from .teacher_scale import REMAPPED_TERMS, averaged
 # (416-640 px, the teacher at 1) ended below plain fine-tuning in 1 to 7 of 10 cells, and 32 cells of 130-156 steps in 3
 # (session 26, before the start existed; start.warn_if_short warns from the same bound). Longer runs did as well
 # without it: finetune10 (156 steps, five seeds) +0.003 val / -0.004 test with it, native over 10 epochs (130 steps,
-# three seeds) -0.002 / +0.001, each within the seeds' spread, for 4-10% more time (benchmarks/RESULTS.md, session 34)
+# three seeds) -0.002 / +0.001, finetune8 at batch 8 (448 px, 130 steps) +0.002 / +0.000, each within the seeds'
+# spread, for 4-10% more time (benchmarks/RESULTS.md, session 34)
 SHORT_RUN_STEPS = 100
 
 # auto keeps the start where the student's training size is at least the run's and under this many times it: with the
