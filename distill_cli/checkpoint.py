@@ -200,8 +200,9 @@ def progress_problem(ckpt: dict[str, Any], cfg: RunConfig, steps_per_epoch: int)
     if step != (epoch + 1) * steps_per_epoch:  # last.pt is written at the run's start and at each epoch's end
         where = f"epoch {epoch + 1} ends at {steps_per_epoch} steps an epoch"
         return f"step {step} is not where {where}: did the train split or the number of processes change?"
-    if accumulate > target_accumulate(cfg, steps_per_epoch):
-        return f"accumulate {accumulate} is above the run's {target_accumulate(cfg, steps_per_epoch)}"
+    target = target_accumulate(cfg, steps_per_epoch)
+    if accumulate > target:
+        return f"accumulate {accumulate} is above the run's {target}"
     updates, fitness, best = ckpt["ema_updates"], ckpt["best_fitness"], ckpt["best_epoch"]
     if type(updates) is not int or not 0 <= updates <= step:  # one EMA update per optimizer step
         return f"ema_updates {shown(updates)} at step {step}"
