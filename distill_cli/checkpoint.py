@@ -84,6 +84,7 @@ def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> di
         "balance": dict(state.balance),
         "balance_sums": dict(state.balance_sums),
         "skipped_steps": state.skipped_steps,
+        "bad_steps": state.bad_steps,  # skipped in a row: the stop after max_bad_steps counts across a resume
         "run_dir": str(log.run_dir.resolve()),
         # gradients summed since the last optimizer step (an accumulation may span an epoch's end); None when none
         "grads": [p.grad for p in trained_params(state)],
@@ -140,16 +141,17 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
 def counters_problem(state: dict[str, Any]) -> str | None:
     """Why the saved step counters are none a run writes (an edited file), or None: a negative step or an
     accumulation of 0 trained on, with the warm-up and the optimizer steps out of place."""
-    counters = {k: state.get(k) for k in ("step", "last_opt_step", "accumulate", "skipped_steps")}
+    counters = {k: state.get(k) for k in ("step", "last_opt_step", "accumulate", "skipped_steps", "bad_steps")}
     for name, value in counters.items():
         if type(value) is not int:
             return f"{name} {shown(value)} is no whole number"
-    step, last, accumulate, skipped = counters.values()
+    step, last, accumulate, skipped, in_a_row = counters.values()
     bounds = {
         "step": step >= 0,
         "last_opt_step": -1 <= last < max(step, 0),
         "accumulate": accumulate >= 1,
         "skipped_steps": 0 <= skipped <= step,
+        "bad_steps": 0 <= in_a_row <= skipped,
     }
     bad = next((name for name, ok in bounds.items() if not ok), None)
     if bad is None:
@@ -248,7 +250,7 @@ def load_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, trai
         state.scaler.load_state_dict(ckpt["scaler"])
     state.step, state.last_opt_step, state.accumulate = ckpt["step"], ckpt["last_opt_step"], ckpt["accumulate"]
     state.balance, state.balance_sums = dict(ckpt["balance"]), dict(ckpt["balance_sums"])
-    state.skipped_steps = ckpt["skipped_steps"]
+    state.skipped_steps, state.bad_steps = ckpt["skipped_steps"], ckpt["bad_steps"]
     if log is not None:  # rank 0 only
         if not isinstance(ckpt["history"], list) or not all(isinstance(row, dict) for row in ckpt["history"]):
             raise TypeError("its history is not a list of epoch rows")  # read later, far from here

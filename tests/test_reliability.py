@@ -20,6 +20,7 @@ from distill_cli.models import load_model, save_student
 from distill_cli.training import train
 
 from .conftest import train_args
+from .test_resume import interrupt_after_epoch
 
 
 def test_resume_of_a_finished_run_is_refused(run_kwargs: dict) -> None:
@@ -95,6 +96,29 @@ def test_steps_with_non_finite_gradients_count_towards_the_stop(run_kwargs: dict
     with pytest.warns(UserWarning, match="non-finite gradients"), pytest.raises(DistillError) as stopped:
         train(recipe="none", **kwargs)
     assert stopped.value.exit_code == EXIT_RUNTIME and "3 consecutive non-finite steps" in stopped.value.message
+
+
+def test_steps_skipped_in_a_row_before_an_interruption_count_after_the_resume(
+    run_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop after max_bad_steps skipped steps in a row counts across a resume: a run saved after 2 of its 3 stops
+    at the first bad step after it (the count restarted at 0 before, so a resume bought max_bad_steps more)."""
+    from distill_cli import engine
+
+    kwargs = {**run_kwargs, "epochs": 3, "batch": 2, "max_bad_steps": 3, "nbs": 2, "amp": False, "report": False}
+    with pytest.raises(DistillError):
+        train(recipe="none", callback=interrupt_after_epoch(1), **kwargs)
+    last = Path(kwargs["project"]) / "exp" / "weights" / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt["resume"]["skipped_steps"] = ckpt["resume"]["bad_steps"] = 2  # as a run whose last two steps were skipped
+    torch.save(ckpt, last)
+    monkeypatch.setattr(engine.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(float("nan")))
+    with pytest.warns(UserWarning, match="non-finite gradients") as caught, pytest.raises(DistillError) as stopped:
+        train(resume=last)
+    assert "3 consecutive non-finite steps" in stopped.value.message
+    assert [str(w.message) for w in caught if "step skipped" in str(w.message)] == [
+        f"step {ckpt['resume']['step']}: non-finite gradients; step skipped (3 so far)"
+    ]
 
 
 def test_a_step_skipped_for_another_rank_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
