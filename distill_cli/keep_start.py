@@ -46,9 +46,9 @@ from .teacher_scale import REMAPPED_TERMS, averaged
 # (session 26, before the start existed; start.warn_if_short warns from the same bound). Longer runs did as well
 # without it: finetune10 (156 steps, five seeds) +0.003 val / -0.004 test with it, native over 10 epochs (130 steps,
 # three seeds) -0.002 / +0.001, finetune8 at batch 8 (448 px, 130 steps) +0.002 / +0.000, each within the seeds'
-# spread, for 4-10% more time (benchmarks/RESULTS.md, session 34). On either side of the bound it was level too
-# (finetune8 over 7 and 8 epochs, 91 and 104 steps: +0.002 / +0.007 and -0.003 / +0.001; native over 7 epochs, 91
-# steps: -0.004 / +0.000; session 35): only the 39-step run gained clearly, so where it stops paying is not measured
+# spread, for 4-10% more time (benchmarks/RESULTS.md, session 34). Just over the bound it was level too (finetune8
+# over 8 epochs, 104 steps: -0.003 / +0.001); just under it (91 steps) it lifted finetune8's test (+0.002 / +0.007) and
+# cost native's val (-0.004, test level; session 35): where it stops paying is not measured beyond the seeds' spread
 SHORT_RUN_STEPS = 100
 
 # auto keeps the start where the student's training size is at least the run's and under this many times it: with the
