@@ -140,7 +140,8 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
 
 def counters_problem(state: dict[str, Any]) -> str | None:
     """Why the saved step counters are none a run writes (an edited file), or None: a negative step or an
-    accumulation of 0 trained on, with the warm-up and the optimizer steps out of place."""
+    accumulation of 0 trained on, with the warm-up and the optimizer steps out of place; more steps skipped in a row
+    than skipped in all moved the stop after ``max_bad_steps``."""
     counters = {k: state.get(k) for k in ("step", "last_opt_step", "accumulate", "skipped_steps", "bad_steps")}
     for name, value in counters.items():
         if type(value) is not int:
