@@ -188,7 +188,9 @@ class Trained(torch.nn.Module):
     [
         ("s.pt", "default", "1", 448, 512, 99, True),  # the default with keep_start 0 (below, each case's)
         ("s.pt", "default", "1.0", 448, 512, 99, True),  # the same view written as a float
-        ("s.pt", "logits", "1", 640, 512, 39, True),  # any recipe with the class term
+        ("s.pt", "logits", "1", 512, 512, 39, True),  # any recipe with the class term, at the teacher's own size
+        ("s.pt", "default", "1", 640, 512, 39, False),  # above the teacher's size: measured not to lose
+        ("s.pt", "default", "1", 576, 512, 39, False),
         ("s.pt", "default", "1", 448, 512, 100, False),  # 100 steps or more
         ("s.pt", "default", "1+2", 448, 512, 39, False),  # a larger view
         ("s.pt", "default", "1", 384, 512, 39, False),  # where auto would not keep 1: not measured
