@@ -3,11 +3,12 @@
 Each setting names the runs that are today's code there: both recipes seed for seed, with 0.3.14 or later, which
 trains on both CPU threads (other float sums, the same method), marked with that version; where a later version changed
 nothing in a setting, it keeps the runs of the version that last did (benchmarks/RESULTS.md says which). Rows marked
-Intel ran on the Intel Xeon of sessions 31-34, the others on the AMD EPYC; where ``keep_start: auto`` keeps the
+Intel ran on the Intel Xeon of sessions 31-36, the others on the AMD EPYC; where ``keep_start: auto`` keeps the
 student as given (0.3.22; from 0.3.25 only in runs of under 100 optimizer steps) the rows are the Intel runs with it
-(seeds 3-4 from session 33), and finetune10's the Intel runs without it (seeds 3-4 from session 34). ``none`` is
-seed-matched; ``gap closed`` is how far the default went from the student as given to the teacher scored at the
-student's size. Each setting's schedule is read from its runs' record. No training here: it only reads JSON.
+(seeds 3-4 from session 33), and finetune10's the Intel runs without it (seeds 3-4 from session 34); session 36's
+five settings (finetune15-18, scratch3) ran with 0.3.26. ``none`` is seed-matched; ``gap closed`` is how far the
+default went from the student as given to the teacher scored at the student's size. Each setting's schedule is read
+from its runs' record. No training here: it only reads JSON.
 
     python benchmarks/default_table.py
 """
@@ -30,11 +31,12 @@ class Setting:
     default: Source
     none: Source
     threads: str  # the version (0.3.14 or later) of the default's runs; none's ran with it or, unchanged since, before
-    machine: str = ""  # "Intel" for the Intel Xeon of sessions 31-34; the AMD EPYC otherwise
+    machine: str = ""  # "Intel" for the Intel Xeon of sessions 31-36; the AMD EPYC otherwise
 
 
 KEPT = "default, losses.cls_kd.weight=3, losses.box_kd.weight=6"  # the keep_start 1 prototype (RESULTS.md, session 32)
 SEEDS34 = "gain-v39-seeds34.json"  # seeds 3-4 of the settings where the start is kept, both recipes (session 33)
+SESSION36 = "gain-v42-checks.json"  # five settings fixed before any run of them, both recipes (session 36)
 
 
 def kept_on_intel(none_file: str) -> Setting:
@@ -49,6 +51,11 @@ def together(view: str, *names: str, threads: str) -> Setting:
     """A setting whose default and none ran together, seed for seed, in these results files (later ones adding
     seeds)."""
     return Setting(view, [(name, "default") for name in names], [(name, "none") for name in names], threads)
+
+
+def on_intel(view: str) -> Setting:
+    """A setting of session 36, both recipes seed for seed, 0.3.26 on the Intel Xeon."""
+    return replace(together(view, SESSION36, threads="0.3.26"), machine="Intel")
 
 
 SETTINGS = {
@@ -67,8 +74,10 @@ SETTINGS = {
     "finetune12": together("1+2", "gain-v30-finetune12.json", threads="0.3.16"),
     "finetune6": together("1+2", "gain-v34-recheck-finetune6.json", threads="0.3.18"),
     "batch32": replace(together("1 + start", "gain-v38-keep-batch32.json", SEEDS34, threads="0.3.22"), machine="Intel"),
+    "finetune18": on_intel("1 + start"),
     "finetune8": kept_on_intel("gain-v37-intel-high.json"),
     "finetune14": kept_on_intel("gain-v37-intel-finetune14.json"),
+    "finetune17": on_intel("1 + start"),
     "finetune10": Setting(  # 156 optimizer steps: auto leaves the start off (0.3.25); seeds 3-4 from session 34
         "1",
         [(name, "default, keep_start=0") for name in ("gain-v39-finetune10.json", "gain-v40-finetune10-seeds34.json")],
@@ -77,8 +86,11 @@ SETTINGS = {
         "Intel",
     ),
     "native": kept_on_intel("gain-v37-intel-high.json"),
+    "scratch3": on_intel("1"),
+    "finetune16": on_intel("1"),
     "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", threads="0.3.14"),
     "imgsz640": together("1", "gain-v33-recheck-imgsz640.json", threads="0.3.18"),
+    "finetune15": on_intel("1"),
     "cross11native": together("1", "gain-v31-cross11native.json", threads="0.3.17"),
 }
 

@@ -92,8 +92,13 @@ SETTINGS = {
     "finetune12": Setting(STUDENT, TEACHER, 384, 10, 16),
     "finetune13": Setting(STUDENT, TEACHER, 320, 3, 8),
     "finetune14": Setting(STUDENT, TEACHER, 448, 3, 16),
+    "finetune15": Setting(STUDENT, TEACHER, 640, 3, 16),  # short, above the student's own size (session 36)
+    "finetune16": Setting(STUDENT, TEACHER, 576, 3, 16),
+    "finetune17": Setting(STUDENT, TEACHER, 480, 4, 16),  # short, near it: auto keeps the start (session 36)
+    "finetune18": Setting(STUDENT, TEACHER, 416, 5, 16),
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
+    "scratch3": Setting("yolov8n.yaml", TEACHER, 512, 10, 16),  # the teacher's size: auto keeps it at 1 (session 36)
     "yolo26": Setting("yolo26n.yaml", "yolo26s.yaml", 256, 30, 16, teacher_epochs=60),
     "cross26": Setting("yolo26n.yaml", TEACHER, 320, 15, 16),  # other box encoding: the teacher's boxes re-encoded
     "cross11": Setting("yolo11n.yaml", TEACHER, 320, 15, 16),  # another family: weight selection cannot seed it
