@@ -43,7 +43,8 @@ from .teacher_scale import REMAPPED_TERMS, averaged
 # auto keeps the start in runs of under this many optimizer steps, where the teacher's class lesson cost the first
 # epoch at 448 px and the run was too short to recover: without the start, five of six BCCD fine-tunes of 39-90 steps
 # (416-640 px, the teacher at 1) ended below plain fine-tuning in 1 to 7 of 10 cells, and 32 cells of 130-156 steps in 3
-# (session 26, before the start existed; start.warn_if_short warns from the same bound). Longer runs did as well
+# (session 26, before the start existed; start.warn_if_short warns from the same bound, at 416-512 px only: at 576 and
+# 640 px four such settings lost 2 of 28 cells, session 36). Longer runs did as well
 # without it: finetune10 (156 steps, five seeds) +0.003 val / -0.004 test with it, native over 10 epochs (130 steps,
 # three seeds) -0.002 / +0.001, finetune8 at batch 8 (448 px, 130 steps) +0.002 / +0.000, each within the seeds'
 # spread, for 4-10% more time (benchmarks/RESULTS.md, session 34). Just over the bound it was level too (finetune8

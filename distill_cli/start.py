@@ -132,10 +132,11 @@ def init_note(cfg: RunConfig, adapters: bool) -> str:
 
 def warn_if_short(cfg: RunConfig, teacher: nn.Module | None, optimizer_steps: int) -> None:
     """Say, before a fine-tune starts, that it is in the regime where the default recipe without ``keep_start`` was
-    measured to lose: a class term, the teacher at 1 and trained at the student's size to under 1.3x it (where auto
-    keeps 1, at or below the teacher's own size), few optimizer steps, and the student as given not kept. Above the
-    size the teacher was trained at (576 and 640 px for the 512-px BCCD pair) such runs did not lose: 2 of 28 cells
-    below plain fine-tuning over four settings of 39-90 steps (benchmarks/RESULTS.md, session 36)."""
+    measured to lose: a class term, the teacher at 1 and trained at the run's image size to under 1.3x it, few
+    optimizer steps, and the student as given not kept. There (416-512 px for the 512-px BCCD pair) such runs ended
+    below plain fine-tuning in 13 of 40 cells; above the size the teacher was trained at (576 and 640 px, the teacher
+    at 1 too) in 2 of 28, finetune9's, over four settings of 39-90 steps (benchmarks/RESULTS.md, sessions 26 and 36),
+    and keeping the start cost the test split at 640 px (session 32): no warning there."""
     trained = trained_imgsz(teacher)
     trained_near = trained is not None and 1 <= trained / cfg.imgsz < LEAST_VIEWS_SCALE
     class_term = any(spec.type == "cls_kd" for spec in cfg.recipe.losses.values())
@@ -145,9 +146,9 @@ def warn_if_short(cfg: RunConfig, teacher: nn.Module | None, optimizer_steps: in
             f"{optimizer_steps} optimizer steps, with the teacher at 1 and trained at this size to under "
             f"{LEAST_VIEWS_SCALE:g}x it, and keep_start 0: in each of four such BCCD fine-tunes under "
             f"{SHORT_RUN_STEPS} steps (416-512 px), the default recipe without keep_start ended below plain "
-            f"fine-tuning in 1 to 7 of 10 cells; with 130 steps or more, in 3 of 32 cells (README, 'What is not "
-            f"solved'). More epochs give distillation room, and keep_start 1 in the recipe keeps the student you gave "
-            f"beside the teacher",
+            f"fine-tuning in 1 to 7 of 10 cells; with 130 steps or more, in 3 of 32 cells (README, 'Run longer near "
+            f"the student's size'). More epochs give distillation room, and keep_start 1 in the recipe keeps the "
+            f"student you gave beside the teacher",
             stacklevel=2,
         )
 
