@@ -3,10 +3,11 @@
 Each setting names the runs that are today's code there: both recipes seed for seed, with 0.3.14 or later, which
 trains on both CPU threads (other float sums, the same method), marked with that version; where a later version changed
 nothing in a setting, it keeps the runs of the version that last did (benchmarks/RESULTS.md says which). Rows marked
-Intel ran on the Intel Xeon of sessions 31-36, the others on the AMD EPYC; where ``keep_start: auto`` keeps the
+Intel ran on the Intel Xeon of sessions 31-37, the others on the AMD EPYC; where ``keep_start: auto`` keeps the
 student as given (0.3.22; from 0.3.25 only in runs of under 100 optimizer steps) the rows are the Intel runs with it
 (seeds 3-4 from session 33), and finetune10's the Intel runs without it (seeds 3-4 from session 34); session 36's
-five settings (finetune15-18, scratch3) ran with 0.3.26. ``none`` is seed-matched; ``gap closed`` is how far the
+five settings (finetune15-18, scratch3) ran with 0.3.26, seeds 3-4 of finetune17 and finetune18 with 0.3.27
+(session 37). ``none`` is seed-matched; ``gap closed`` is how far the
 default went from the student as given to the teacher scored at the student's size. Each setting's schedule is read
 from its runs' record. No training here: it only reads JSON.
 
@@ -31,12 +32,13 @@ class Setting:
     default: Source
     none: Source
     threads: str  # the version (0.3.14 or later) of the default's runs; none's ran with it or, unchanged since, before
-    machine: str = ""  # "Intel" for the Intel Xeon of sessions 31-36; the AMD EPYC otherwise
+    machine: str = ""  # "Intel" for the Intel Xeon of sessions 31-37; the AMD EPYC otherwise
 
 
 KEPT = "default, losses.cls_kd.weight=3, losses.box_kd.weight=6"  # the keep_start 1 prototype (RESULTS.md, session 32)
 SEEDS34 = "gain-v39-seeds34.json"  # seeds 3-4 of the settings where the start is kept, both recipes (session 33)
 SESSION36 = "gain-v42-checks.json"  # five settings fixed before any run of them, both recipes (session 36)
+SESSION37 = "gain-v43-seeds34.json"  # seeds 3-4 of finetune17 and finetune18, both recipes (session 37, 0.3.27)
 
 
 def kept_on_intel(none_file: str) -> Setting:
@@ -53,9 +55,10 @@ def together(view: str, *names: str, threads: str) -> Setting:
     return Setting(view, [(name, "default") for name in names], [(name, "none") for name in names], threads)
 
 
-def on_intel(view: str) -> Setting:
-    """A setting of session 36, both recipes seed for seed, 0.3.26 on the Intel Xeon."""
-    return replace(together(view, SESSION36, threads="0.3.26"), machine="Intel")
+def on_intel(view: str, *later: str) -> Setting:
+    """A setting of session 36, both recipes seed for seed, 0.3.26 on the Intel Xeon; ``later`` files add seeds (0.3.27
+    changed a warning only: the same training numbers)."""
+    return replace(together(view, SESSION36, *later, threads="0.3.26"), machine="Intel")
 
 
 SETTINGS = {
@@ -74,10 +77,10 @@ SETTINGS = {
     "finetune12": together("1+2", "gain-v30-finetune12.json", threads="0.3.16"),
     "finetune6": together("1+2", "gain-v34-recheck-finetune6.json", threads="0.3.18"),
     "batch32": replace(together("1 + start", "gain-v38-keep-batch32.json", SEEDS34, threads="0.3.22"), machine="Intel"),
-    "finetune18": on_intel("1 + start"),
+    "finetune18": on_intel("1 + start", SESSION37),
     "finetune8": kept_on_intel("gain-v37-intel-high.json"),
     "finetune14": kept_on_intel("gain-v37-intel-finetune14.json"),
-    "finetune17": on_intel("1 + start"),
+    "finetune17": on_intel("1 + start", SESSION37),
     "finetune10": Setting(  # 156 optimizer steps: auto leaves the start off (0.3.25); seeds 3-4 from session 34
         "1",
         [(name, "default, keep_start=0") for name in ("gain-v39-finetune10.json", "gain-v40-finetune10-seeds34.json")],

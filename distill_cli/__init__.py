@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import DistillError
 
-__version__ = "0.3.27"
+__version__ = "0.3.28"
 
 _API = {
     "train": "training",

@@ -109,7 +109,8 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     if not isinstance(ours, dict) or not isinstance(ours.get("config"), dict):
         raise DistillError(f"--resume {path}: not a checkpoint of a yolodistill run; give a run dir or its last.pt")
     if not resume:
-        raise DistillError(f"--resume {path}: that run finished (its last.pt holds no resume state)")
+        why = "that run finished" if last.name == "last.pt" else "only a run's weights/last.pt holds it, until it ends"
+        raise DistillError(f"--resume {path}: no resume state in {last.name}; {why}")
     made_by = ours.get("yolodistill_version")
     if made_by != __version__:  # the training state (optimizer groups, balance, config fields) differs between versions
         raise DistillError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any, TextIO
 
@@ -18,7 +19,20 @@ json_stream: TextIO | None = None  # where --json output goes while stdout carri
 
 
 def print_json(data: Any) -> None:
-    (json_stream or sys.stdout).write(json.dumps(data, indent=2, default=str) + "\n")
+    text = json.dumps(finite_json(data), indent=2, default=str, allow_nan=False)
+    (json_stream or sys.stdout).write(text + "\n")
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with each NaN or infinite float as None (null): JSON has no such numbers, and the ``NaN`` that
+    ``json.dumps`` writes by default is refused by strict parsers (a run's losses or mAP can be NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:

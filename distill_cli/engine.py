@@ -17,8 +17,11 @@ from .config import RunConfig
 from .distiller import Distiller, Teacher
 from .errors import EXIT_RUNTIME, DistillError
 from .evaluation import Validation, run_validator
+from .models import all_finite
 from .schedule import interp, lr_factor, target_accumulate, warmup_steps, weight_factor
 
+FP16_MAX = 65504.0  # the largest finite float16: checkpoints hold the student in fp16 (models.save_student)
+STOPPED = "stopped. The last good checkpoint is kept; lower lr0 or the distillation weights, or try --no-amp"
 LOG_EVERY = 10  # steps between reads of loss values from the device (each read is a host-device sync)
 
 
@@ -120,6 +123,7 @@ def train_one_epoch(
         state.step += 1
         if on_log and (i % LOG_EVERY == 0 or i == len(loader) - 1):
             on_log(i, {k: float(v) / count for k, v in sums.items()})
+    check_epoch_trained(state, epoch)
     return {k: float(v) / max(count, 1) for k, v in sums.items()} | clip_summary(norms, state.max_grad_norm)
 
 
@@ -187,9 +191,23 @@ def skip_step(state: TrainState, what: str, warn: bool = True) -> None:
         )
     if state.bad_steps >= state.cfg.max_bad_steps:
         raise DistillError(
-            f"{state.bad_steps} consecutive non-finite steps (last bad: {what}); stopped. "
-            f"The last good checkpoint is kept; lower lr0 or the distillation weights, or try --no-amp",
-            EXIT_RUNTIME,
+            f"{state.bad_steps} consecutive non-finite steps (last bad: {what}); {STOPPED}", EXIT_RUNTIME
+        )
+
+
+def check_epoch_trained(state: TrainState, epoch: int) -> None:
+    """Stop, before its checkpoints are saved, a run whose last epoch ends with no step of the run taken (every loss
+    or gradient non-finite: a run under ``max_bad_steps`` steps ended as a success with the weights it started from),
+    or an epoch that left weights non-finite or beyond the fp16 range its checkpoints hold (a step far too large)."""
+    if epoch == state.cfg.epochs - 1 and state.bad_steps >= state.step:  # the same on every rank
+        raise DistillError(f"no step of the run was taken, each one non-finite; {STOPPED}", EXIT_RUNTIME)
+    finite = all_finite(trained_params(state))  # the same on every rank
+    if dist.from_environment().is_main:  # what rank 0 writes: the EMA, or its student with its own BatchNorm stats
+        saved = state.ema.ema if state.ema is not None else state.distiller.student
+        finite = finite and all_finite(saved.state_dict().values(), bound=FP16_MAX)
+    if not dist.all_agree(finite, state.device):
+        raise DistillError(
+            f"epoch {epoch + 1} left non-finite weights (or beyond fp16's range); {STOPPED}", EXIT_RUNTIME
         )
 
 

@@ -58,7 +58,14 @@ def export(
         except Exception as e:  # the exporter raises many kinds (missing packages, unsupported ops)
             raise DistillError(f"export to {opts.format} failed: {type(e).__name__}: {e}", EXIT_RUNTIME) from e
         if x is not None:
-            result["max_abs_diff"] = onnx_parity(opts.weights, exported, x)
+            difference = onnx_parity(opts.weights, exported, x)
+            if not np.isfinite(difference):  # a NaN difference would be reported as a number, the file kept
+                raise DistillError(
+                    f"the ONNX check failed: the outputs of {opts.weights} or its ONNX file hold NaN or inf (an "
+                    "overflow in the model or the exported graph); nothing written",
+                    EXIT_RUNTIME,
+                )
+            result["max_abs_diff"] = difference
         check_target(target, named=bool(opts.output))  # again: another command may have written it meanwhile
         # a full disk, the folder changed under us, a stop: no part of the file (or of a folder made for it) is left
         with removed_on_failure(target, first_missing(target.parent)):

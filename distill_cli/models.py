@@ -9,6 +9,7 @@ import pickle
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterable
 from copy import deepcopy
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from ultralytics import __version__ as ULTRALYTICS_VERSION
 from ultralytics import utils as ultralytics_utils
-from ultralytics.nn.tasks import DetectionModel, guess_model_task, torch_safe_load
+from ultralytics.nn.tasks import BaseModel, DetectionModel, guess_model_task, torch_safe_load
 from ultralytics.utils import downloads
 
 from . import __version__
@@ -44,13 +45,31 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(model, nn.Module):
         raise DistillError(f"{role} '{spec}' holds no model; is it an ultralytics checkpoint?")
+    if not isinstance(model, BaseModel):  # torch.save(model): ultralytics' loader keeps the model's layers alone
+        raise DistillError(
+            f"{role} '{spec}' is not an ultralytics checkpoint (a model saved with torch.save(model)?); save it with "
+            "YOLO(...).save(path), or give a run's weights/best.pt"
+        )
     if type(model) is not DetectionModel:  # Segmentation/Pose/OBB models subclass DetectionModel
         task = getattr(model, "task", None) or guess_model_task(model)
         raise DistillError(f"{role} '{spec}' is a {task} model; yolodistill distils detection models (task=detect)")
     model = model.float()
+    if not all_finite(model.state_dict().values()):
+        raise DistillError(f"{role} '{spec}' holds NaN or infinite weights: no model to train, distil or evaluate")
     model.args = {**ckpt.get("train_args", {})} if isinstance(ckpt.get("train_args"), dict) else {}
     model.criterion = None
     return model
+
+
+def all_finite(tensors: Iterable[torch.Tensor], bound: float = math.inf) -> bool:
+    """Whether every floating-point tensor holds only finite values, of magnitude at most ``bound`` if one is given
+    (NaN fails both), in one read from the device."""
+    checks = [
+        t.isfinite().all() if bound == math.inf else t.detach().abs().amax() <= bound
+        for t in tensors
+        if t.is_floating_point() and t.numel()
+    ]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def fetch_named_model(spec: str, role: str) -> Path | None:

@@ -138,7 +138,7 @@ def coerce(tp: type, value: Any, where: str) -> Any:
                 raise DistillError(f"'{where}' must be a whole number within ±{MAX_INT}, got {shown_number(value)}")
             return int(value)
         if abs(value) > 1e300 or not math.isfinite(value):  # (checked in this order: a huge int overflows a float)
-            raise DistillError(f"'{where}' must be a finite number, got {shown_number(value)}")
+            raise DistillError(f"'{where}' must be a finite number within ±1e300, got {shown_number(value)}")
         return float(value)
     if tp is str:
         if isinstance(value, os.PathLike):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from .config import ULTRALYTICS_NBS, RunConfig
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
 from .engine import TrainState, sync_balance_sums, train_one_epoch, validate
-from .errors import EXIT_INTERRUPTED, DistillError
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError
 from .evaluation import Validation
 from .keep_start import checked_keep, resolved_keep
 from .models import class_names, count_params, stride_multiple
@@ -87,7 +88,8 @@ def train(
         try:
             # no run folder is left by a run that fails before its checkpoint; one process trains a run at a time
             with RunGuard(cfg, checkpoint, info.is_main) as guard:
-                state, log, loaders, hyp, start_epoch = prepare(cfg, checkpoint, callback, info, device, guard)
+                with warnings_unless_refused():  # bad input found while building the run: its error line alone
+                    state, log, loaders, hyp, start_epoch = prepare(cfg, checkpoint, callback, info, device, guard)
                 return fit(state, log, *loaders, hyp, start_epoch)
         finally:
             dist.shutdown()
@@ -208,6 +210,23 @@ def prepare(
             init_note(cfg, has_adapters),
         )
     return state, log, (train_loader, val_loader), hyp, start_epoch
+
+
+@contextlib.contextmanager
+def warnings_unless_refused() -> Iterator[None]:
+    """Hold the warnings of the block, and give them at its end unless it refuses the input (exit 2): a warning
+    about the student before a refusal of its teacher would make the refusal's one line two."""
+    pending: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as pending:
+            yield
+    except DistillError as e:
+        if e.exit_code == EXIT_USAGE:
+            pending = []
+        raise
+    finally:
+        for caught in pending:
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
 
 
 def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, start_epoch: int) -> TrainResult | None:

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from ultralytics import YOLO
 
 from distill_cli.config import RunConfig, load_recipe
+from distill_cli.engine import STOPPED
 from distill_cli.errors import DistillError
 
 from .conftest import train_args
@@ -278,3 +279,38 @@ def test_rank_0_builds_the_datasets_first(rank: int, monkeypatch: pytest.MonkeyP
     with ours.main_first(ours.DistInfo()):
         events.append("build")
     assert events == ["build"]
+
+
+def check_on_rank(rank: int, world: int, port: int, nan_rank: int, out: str) -> None:
+    """The end-of-epoch weight check on rank ``rank``, with a NaN BatchNorm statistic on rank ``nan_rank`` only."""
+    from types import SimpleNamespace
+
+    from distill_cli.engine import TrainState, check_epoch_trained
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    student = torch.nn.BatchNorm1d(2)
+    if rank == nan_rank:
+        student.running_mean.fill_(float("nan"))  # each rank's statistics are its own after its last forward
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    cfg = RunConfig(recipe=load_recipe("none"), epochs=2)
+    model = SimpleNamespace(student=student)
+    state = TrainState(cfg, model, None, optimizer, None, None, torch.device("cpu"), None, 1, 1, 10.0, step=1)
+    try:
+        check_epoch_trained(state, epoch=0)
+        outcome = "trained on"
+    except DistillError as e:
+        outcome = e.message
+    Path(out, f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("nan_rank", "stops"), [(0, True), (1, False)])
+def test_every_rank_takes_the_weight_checks_decision(nan_rank: int, stops: bool, tmp_path: Path) -> None:
+    """Rank 0 writes the checkpoints: a non-finite statistic there stops every rank (one rank stopping alone would
+    leave the others waiting in the next collective); one only on rank 1, never written, stops none."""
+    mp.spawn(check_on_rank, args=(2, free_port(), nan_rank, str(tmp_path)), nprocs=2, join=True)
+    outcomes = {(tmp_path / f"rank{r}.txt").read_text() for r in range(2)}
+    assert outcomes == (
+        {"epoch 1 left non-finite weights (or beyond fp16's range); " + STOPPED} if stops else {"trained on"}
+    )

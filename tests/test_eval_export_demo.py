@@ -11,7 +11,7 @@ from ultralytics import YOLO
 
 from distill_cli.cli import app
 from distill_cli.demo import run_demo
-from distill_cli.errors import DistillError
+from distill_cli.errors import EXIT_RUNTIME, DistillError
 from distill_cli.evaluation import evaluate
 from distill_cli.exporter import export
 from distill_cli.training import train
@@ -60,6 +60,18 @@ def test_export_onnx_matches_pytorch_and_never_overwrites(trained: Path, tmp_pat
     assert target.is_file() and result["max_abs_diff"] < 1e-3 and result["imgsz"] == 64
     with pytest.raises(DistillError, match="already exists; remove it or name another --output"):
         export(str(trained), "onnx", imgsz=64, output=str(target))
+
+
+def test_an_onnx_check_with_non_finite_outputs_fails_and_writes_nothing(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN difference passed the check (NaN compares false with any bound): the file was written as checked."""
+    from distill_cli import exporter
+
+    monkeypatch.setattr(exporter, "onnx_parity", lambda weights, onnx_file, x: float("nan"))
+    with pytest.raises(DistillError, match="the ONNX check failed: the outputs of .* hold NaN or inf") as failed:
+        export(str(trained), "onnx", imgsz=64, output=str(tmp_path / "out" / "student.onnx"))
+    assert failed.value.exit_code == EXIT_RUNTIME and not (tmp_path / "out").exists()
 
 
 def test_eval_json_from_the_cli(trained: Path, synthetic_data: Path) -> None:

@@ -19,9 +19,10 @@ from distill_cli.checkpoint import load_resume
 from distill_cli.cli import app
 from distill_cli.config import PACKAGED_RECIPES_DIR, RECIPES_DIR, RunConfig, recipe_path
 from distill_cli.errors import EXIT_USAGE, DistillError
+from distill_cli.models import load_model
 from distill_cli.overrides import apply_overrides
 
-from .conftest import train_args
+from .conftest import train_args, tree
 from .test_inputs import one_error_line
 
 runner = CliRunner()
@@ -101,3 +102,50 @@ def test_the_api_takes_a_loaded_recipe_and_refuses_other_types_in_one_line(run_k
         with pytest.raises(DistillError):
             call()
     assert not Path(run_kwargs["project"]).exists()
+
+
+def test_json_output_writes_null_for_non_finite_numbers(capsys: pytest.CaptureFixture) -> None:
+    """JSON has no NaN: json.dumps wrote a bare NaN (an export check of NaN weights gave one), which strict parsers
+    refuse."""
+    from distill_cli.console import print_json
+
+    print_json({"diff": float("nan"), "rows": [float("inf"), 0.5, (float("-inf"), 1)], "name": "x"})
+
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    assert json.loads(capsys.readouterr().out, parse_constant=refuse) == {
+        "diff": None,
+        "rows": [None, 0.5, [None, 1]],
+        "name": "x",
+    }
+
+
+def nan_weights(source: Path, target: Path) -> Path:
+    ckpt = torch.load(source, weights_only=False)
+    with torch.no_grad():
+        ckpt["model"].model[-1].cv3[0][2].bias.fill_(float("nan"))
+    torch.save(ckpt, target)
+    return target
+
+
+@pytest.mark.parametrize("command", ["export", "eval", "train"])
+def test_a_checkpoint_with_nan_weights_is_bad_input(command: str, run_kwargs: dict, tmp_path: Path) -> None:
+    """Such a file used to export with a 'passed' check whose difference was NaN, evaluate, and teach a run that
+    skipped every step and ended as a success."""
+    bad = str(nan_weights(Path(run_kwargs["teacher"]), tmp_path / "nan.pt"))
+    args = {
+        "export": ["export", "--weights", bad, "--imgsz", "64", "--output", str(tmp_path / "out" / "nan.onnx")],
+        "eval": ["eval", "--weights", bad, "--data", run_kwargs["data"], "--imgsz", "64", "--device", "cpu"],
+        "train": train_args({**run_kwargs, "teacher": bad}),
+    }[command]
+    before = tree(tmp_path)
+    line = one_error_line(CliRunner().invoke(app, args))
+    assert f"'{bad}' holds NaN or infinite weights" in line and tree(tmp_path) == before
+
+
+def test_a_bare_saved_model_is_named_for_what_it_is(tmp_path: Path, tiny_teacher: Path) -> None:
+    """ultralytics' loader keeps only the layers of a torch.save(model) file: the message said 'is a detect model'."""
+    torch.save(torch.load(tiny_teacher, weights_only=False)["model"], tmp_path / "bare.pt")
+    with pytest.raises(DistillError, match=r"is not an ultralytics checkpoint \(a model saved with torch.save"):
+        load_model(str(tmp_path / "bare.pt"), "student")

@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ from distill_cli.cli import app
 from distill_cli.config import RunConfig, load_recipe
 from distill_cli.errors import EXIT_USAGE, DistillError
 from distill_cli.evaluation import evaluate
+from distill_cli.training import train
 
-from .conftest import BCCD_STUDENT, needs_shared, train_args
+from .conftest import BCCD_STUDENT, needs_shared, saved_teacher, train_args
 
 runner = CliRunner()
 TINY_EVAL = {"imgsz": 64, "batch": 4, "device": "cpu"}
@@ -66,6 +68,22 @@ def test_allowed_mismatch_names_what_is_dropped(tmp_path: Path, synthetic_data: 
         evaluate([str(tiny_teacher)], str(other), allow_class_mismatch=True, **TINY_EVAL)
     text = " ".join(str(w.message) for w in caught)
     assert "ids 2+ (triangle) are skipped" in text and "val images skipped" in text
+
+
+def test_a_refused_teacher_is_one_error_line_without_the_students_warning(
+    run_kwargs: dict, synthetic_data: Path, tmp_path: Path
+) -> None:
+    """Data with the classes in another order: the student's class layers start afresh (a warning), and the
+    teacher's class list no longer matches for the output terms (an error). Both lines were printed."""
+    swapped = data_yaml(tmp_path, synthetic_data, ["square", "circle", "triangle"])
+    student = saved_teacher(tmp_path / "student.pt", "yolov8n.yaml", imgsz=64)
+    args = train_args({**run_kwargs, "data": str(swapped)}, student=student, recipe="default")
+    assert "teacher classes ['circle', 'square', 'triangle'] differ" in one_error_line(runner.invoke(app, args))
+    assert not (Path(run_kwargs["project"])).exists()
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(DistillError, match="teacher classes"):
+        warnings.simplefilter("always")  # pytest records warnings: the CLI's stderr above cannot show them
+        train(recipe="default", **{**run_kwargs, "data": str(swapped), "student": str(student)})
+    assert [str(w.message) for w in caught] == []
 
 
 @needs_shared

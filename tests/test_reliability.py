@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,42 @@ def test_nan_in_a_teacher_feature_skips_steps_then_stops(run_kwargs: dict, monke
     last = Path(kwargs["project"]) / "exp" / "weights" / "last.pt"
     model = torch.load(last, map_location="cpu", weights_only=False)["model"]
     assert all(torch.isfinite(p).all() for p in model.parameters()), "the kept checkpoint holds NaN weights"
+
+
+def test_a_short_run_whose_every_step_is_skipped_stops(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four steps, all with a NaN loss, never reach max_bad_steps (20): the run ended as a success, its best.pt the
+    weights it started from. (A skipped step in a run that has taken one is counted as before.)"""
+    poison_teacher(monkeypatch, lambda n: True, float("nan"))
+    with pytest.warns(UserWarning, match="step skipped"), pytest.raises(DistillError) as stopped:
+        train(recipe="cwd", **{**run_kwargs, **RANDOM_ADAPTERS, "batch": 2})
+    assert stopped.value.exit_code == EXIT_RUNTIME
+    assert "no step of the run was taken, each one non-finite; stopped. The last good checkpoint is kept" in str(
+        stopped.value
+    )
+    assert not (Path(run_kwargs["project"]) / "exp" / "weights" / "best.pt").exists()
+
+
+def test_a_step_that_leaves_non_finite_weights_stops_the_run(run_kwargs: dict) -> None:
+    """A step far too large (lr0 1e30) makes the weights non-finite, and the later steps' NaN losses are skipped:
+    a short run ended as a success and saved a best.pt of NaN weights."""
+    kwargs = {**run_kwargs, "batch": 2, "nbs": 2, "lr0": 1e30, "optimizer": "SGD", "warmup_epochs": 0, "amp": False}
+    with warnings.catch_warnings(), pytest.raises(DistillError) as stopped:
+        warnings.simplefilter("ignore")  # the steps skipped after the bad one
+        train(recipe="none", **kwargs)
+    assert stopped.value.exit_code == EXIT_RUNTIME and "epoch 1 left non-finite weights" in str(stopped.value)
+    weights = Path(run_kwargs["project"]) / "exp" / "weights"
+    assert not (weights / "best.pt").exists()
+    model = torch.load(weights / "last.pt", map_location="cpu", weights_only=False)["model"]  # the start's
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_of_an_unfinished_runs_best_pt_points_to_last_pt(run_kwargs: dict) -> None:
+    """It said 'that run finished' of a run that had not."""
+    with pytest.raises(DistillError):
+        train(recipe="none", callback=interrupt_after_epoch(1), **{**run_kwargs, "epochs": 3, "report": False})
+    best = Path(run_kwargs["project"]) / "exp" / "weights" / "best.pt"
+    with pytest.raises(DistillError, match="no resume state in best.pt; only a run's weights/last.pt holds it"):
+        train(resume=best)
 
 
 def test_a_single_bad_step_is_skipped_and_counted(run_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:

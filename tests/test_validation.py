@@ -252,6 +252,7 @@ def test_unknown_loss_names_are_refused() -> None:
         ("", "has no 'losses'"),
         ("description: only words\n", "has no 'losses'"),
         ("losses:\n  cwd: {weight: .nan}\n", "'losses.cwd.weight' must be a finite number"),
+        ("losses:\n  cwd: {weight: 1.0e+308}\n", "'losses.cwd.weight' must be a finite number within ±1e300, got"),
         ("losses:\n  cwd: {tau: -3}\n", "'losses.cwd.tau' must be > 0"),
         ("losses:\n  cwd: {schedule: {kind: sine}}\n", "'losses.cwd.schedule.kind' must be one of"),
         ("- a list\n", "has no 'losses'"),
