@@ -123,7 +123,7 @@ def train_one_epoch(
         state.step += 1
         if on_log and (i % LOG_EVERY == 0 or i == len(loader) - 1):
             on_log(i, {k: float(v) / count for k, v in sums.items()})
-    check_epoch_trained(state, epoch)
+    check_epoch_trained(state, epoch, count)
     return {k: float(v) / max(count, 1) for k, v in sums.items()} | clip_summary(norms, state.max_grad_norm)
 
 
@@ -195,12 +195,14 @@ def skip_step(state: TrainState, what: str, warn: bool = True) -> None:
         )
 
 
-def check_epoch_trained(state: TrainState, epoch: int) -> None:
-    """Stop, before its checkpoints are saved, a run whose last epoch ends with no step of the run taken (every loss
-    or gradient non-finite: a run under ``max_bad_steps`` steps ended as a success with the weights it started from),
-    or an epoch that left weights non-finite or beyond the fp16 range its checkpoints hold (a step far too large)."""
-    if epoch == state.cfg.epochs - 1 and state.bad_steps >= state.step:  # the same on every rank
-        raise DistillError(f"no step of the run was taken, each one non-finite; {STOPPED}", EXIT_RUNTIME)
+def check_epoch_trained(state: TrainState, epoch: int, finite_losses: int) -> None:
+    """Stop, before its checkpoints are saved, a run whose last epoch had no finite loss and that never took a step (a
+    run under ``max_bad_steps`` steps ended as a success with the weights it started from; an fp16 run whose grad
+    scaler backed off on each of its few steps is not one: its losses were finite), or an epoch that left weights
+    non-finite or beyond the fp16 range its checkpoints hold (a step far too large)."""
+    untrained = finite_losses == 0 and state.bad_steps >= state.step  # the same on every rank
+    if epoch == state.cfg.epochs - 1 and untrained:
+        raise DistillError(f"no step of the run was taken: its losses were non-finite; {STOPPED}", EXIT_RUNTIME)
     finite = all_finite(trained_params(state))  # the same on every rank
     if dist.from_environment().is_main:  # what rank 0 writes: the EMA, or its student with its own BatchNorm stats
         saved = state.ema.ema if state.ema is not None else state.distiller.student

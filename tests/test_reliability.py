@@ -84,7 +84,7 @@ def test_a_short_run_whose_every_step_is_skipped_stops(run_kwargs: dict, monkeyp
     with pytest.warns(UserWarning, match="step skipped"), pytest.raises(DistillError) as stopped:
         train(recipe="cwd", **{**run_kwargs, **RANDOM_ADAPTERS, "batch": 2})
     assert stopped.value.exit_code == EXIT_RUNTIME
-    assert "no step of the run was taken, each one non-finite; stopped. The last good checkpoint is kept" in str(
+    assert "no step of the run was taken: its losses were non-finite; stopped. The last good checkpoint" in str(
         stopped.value
     )
     assert not (Path(run_kwargs["project"]) / "exp" / "weights" / "best.pt").exists()
