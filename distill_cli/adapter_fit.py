@@ -21,6 +21,7 @@ from .distiller import Distiller, Teacher
 from .engine import student_train_mode
 from .features import as_rows
 from .losses import CrossLoss
+from .models import all_finite
 
 RIDGE = 1e-3  # of the mean variance of the student's channels: keeps the solve stable when channels are collinear
 
@@ -66,7 +67,7 @@ def fit_adapters(distiller: Distiller, teacher: Teacher, images: Iterable[torch.
         student.train(was_training)
     for acc, (conv, s, t) in zip(sums, targets, strict=True):
         weight, bias = ridge_solution(acc)
-        if not (weight.isfinite().all() and bias.isfinite().all()):  # a non-finite map: the step guard's business
+        if not all_finite((weight, bias)):  # a non-finite map: the step guard's business
             warnings.warn(f"adapter {s}->{t}: the maps are not finite, so it starts at random", stacklevel=2)
             continue
         conv.weight.copy_(weight.view_as(conv.weight))
