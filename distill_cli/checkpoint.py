@@ -85,6 +85,8 @@ def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> di
         "balance_sums": dict(state.balance_sums),
         "skipped_steps": state.skipped_steps,
         "bad_steps": state.bad_steps,  # skipped in a row: the stop after max_bad_steps counts across a resume
+        "routine_skips": state.routine_skips,  # with steps_taken: a run that never stepped stops, resumed or not
+        "steps_taken": state.steps_taken,
         "run_dir": str(log.run_dir.resolve()),
         # gradients summed since the last optimizer step (an accumulation may span an epoch's end); None when none
         "grads": [p.grad for p in trained_params(state)],
@@ -139,21 +141,28 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     return cfg, {**resume, "run_dir": str(run_dir), "read": (str(last), read.st_ino, read.st_mtime_ns)}
 
 
+SKIP_COUNTS = ("routine_skips", "steps_taken")
+
+
 def counters_problem(state: dict[str, Any]) -> str | None:
     """Why the saved step counters are none a run writes (an edited file), or None: a negative step or an
     accumulation of 0 trained on, with the warm-up and the optimizer steps out of place; more steps skipped in a row
-    than skipped in all moved the stop after ``max_bad_steps``."""
-    counters = {k: state.get(k) for k in ("step", "last_opt_step", "accumulate", "skipped_steps", "bad_steps")}
+    than skipped in all moved the stop after ``max_bad_steps``; more back-offs than skips, or more steps taken than
+    steps not skipped, moved the stop of a run that never stepped."""
+    names = ("step", "last_opt_step", "accumulate", "skipped_steps", "bad_steps", *SKIP_COUNTS)
+    counters = {k: state.get(k) for k in names}
     for name, value in counters.items():
         if type(value) is not int:
             return f"{name} {shown(value)} is no whole number"
-    step, last, accumulate, skipped, in_a_row = counters.values()
+    step, last, accumulate, skipped, in_a_row, routine, taken = counters.values()
     bounds = {
         "step": step >= 0,
         "last_opt_step": -1 <= last < max(step, 0),
         "accumulate": accumulate >= 1,
         "skipped_steps": 0 <= skipped <= step,
         "bad_steps": 0 <= in_a_row <= skipped,
+        "routine_skips": 0 <= routine <= skipped,
+        "steps_taken": 0 <= taken <= step - skipped,  # a step is skipped, or taken, or in an accumulation
     }
     bad = next((name for name, ok in bounds.items() if not ok), None)
     if bad is None:
@@ -253,6 +262,7 @@ def load_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, trai
     state.step, state.last_opt_step, state.accumulate = ckpt["step"], ckpt["last_opt_step"], ckpt["accumulate"]
     state.balance, state.balance_sums = dict(ckpt["balance"]), dict(ckpt["balance_sums"])
     state.skipped_steps, state.bad_steps = ckpt["skipped_steps"], ckpt["bad_steps"]
+    state.routine_skips, state.steps_taken = (ckpt[k] for k in SKIP_COUNTS)
     if log is not None:  # rank 0 only
         if not isinstance(ckpt["history"], list) or not all(isinstance(row, dict) for row in ckpt["history"]):
             raise TypeError("its history is not a list of epoch rows")  # read later, far from here

@@ -44,6 +44,8 @@ class TrainState:
     last_opt_step: int = -1
     bad_steps: int = 0  # consecutive non-finite steps
     skipped_steps: int = 0
+    routine_skips: int = 0  # of the skipped steps, the fp16 grad scaler's back-offs
+    steps_taken: int = 0  # optimizer steps that moved the weights
     balance: dict[str, float] = field(default_factory=dict)  # automatic per-term factors (1.0 until calibrated)
     balance_sums: dict[str, list[float]] = field(default_factory=dict)
     world_size: int = 1
@@ -123,7 +125,7 @@ def train_one_epoch(
         state.step += 1
         if on_log and (i % LOG_EVERY == 0 or i == len(loader) - 1):
             on_log(i, {k: float(v) / count for k, v in sums.items()})
-    check_epoch_trained(state, epoch, count)
+    check_epoch_trained(state, epoch)
     return {k: float(v) / max(count, 1) for k, v in sums.items()} | clip_summary(norms, state.max_grad_norm)
 
 
@@ -181,11 +183,13 @@ def step_is_finite(state: TrainState, loss: torch.Tensor, logs: dict[str, torch.
     return False
 
 
-def skip_step(state: TrainState, what: str, warn: bool = True) -> None:
-    """Count a skipped step; stop after ``max_bad_steps`` of them with no optimizer step in between."""
+def skip_step(state: TrainState, what: str, routine: bool = False) -> None:
+    """Count a skipped step (``routine``: an fp16 grad-scaler back-off, quiet); stop after ``max_bad_steps`` of them
+    with no optimizer step in between."""
     state.bad_steps += 1
     state.skipped_steps += 1
-    if warn:
+    state.routine_skips += routine
+    if not routine:
         warnings.warn(
             f"step {state.step}: non-finite {what}; step skipped ({state.skipped_steps} so far)", stacklevel=3
         )
@@ -195,14 +199,17 @@ def skip_step(state: TrainState, what: str, warn: bool = True) -> None:
         )
 
 
-def check_epoch_trained(state: TrainState, epoch: int, finite_losses: int) -> None:
-    """Stop, before its checkpoints are saved, a run whose last epoch had no finite loss and that never took a step (a
-    run under ``max_bad_steps`` steps ended as a success with the weights it started from; an fp16 run whose grad
-    scaler backed off on each of its few steps is not one: its losses were finite), or an epoch that left weights
-    non-finite or beyond the fp16 range its checkpoints hold (a step far too large)."""
-    untrained = finite_losses == 0 and state.bad_steps >= state.step  # the same on every rank
+def check_epoch_trained(state: TrainState, epoch: int) -> None:
+    """Stop, before its checkpoints are saved, a run that ends without a step taken and with a step skipped for a
+    non-finite loss or gradient (a run under ``max_bad_steps`` steps ended as a success with the weights it started
+    from), or an epoch that left weights non-finite or beyond the fp16 range its checkpoints hold (a step far too
+    large). An fp16 run whose grad scaler only backed off on its few steps is not stopped: the back-off is routine."""
+    untrained = state.steps_taken == 0 and state.skipped_steps > state.routine_skips  # the same on every rank
     if epoch == state.cfg.epochs - 1 and untrained:
-        raise DistillError(f"no step of the run was taken: its losses were non-finite; {STOPPED}", EXIT_RUNTIME)
+        raise DistillError(
+            f"no step of the run was taken: it skipped steps for non-finite losses or gradients; {STOPPED}",
+            EXIT_RUNTIME,
+        )
     finite = all_finite(trained_params(state))  # the same on every rank
     if dist.from_environment().is_main:  # what rank 0 writes: the EMA, or its student with its own BatchNorm stats
         saved = state.ema.ema if state.ema is not None else state.distiller.student
@@ -232,11 +239,10 @@ def optimizer_step(state: TrainState) -> float:
     state.optimizer.zero_grad(set_to_none=True)
     if not finite:  # no weight moved: counted, so that NaN gradients stop an fp16 run too
         # the scaler's back-off from its first scale is routine (quiet); 20 in a row is not (the stop says so)
-        skip_step(
-            state, "gradients (the fp16 grad scaler skipped the step)" if scaled else "gradients", warn=not scaled
-        )
+        skip_step(state, "gradients (the fp16 grad scaler skipped the step)" if scaled else "gradients", routine=scaled)
         return norm
     state.bad_steps = 0
+    state.steps_taken += 1
     if state.ema is not None:  # only after a real step: the EMA's decay ramp counts optimizer steps
         state.ema.update(state.distiller.student)
     return norm
@@ -251,7 +257,7 @@ def update_balance(state: TrainState, det_loss: torch.Tensor, terms: dict) -> No
     sums = state.balance_sums  # key -> [sum, count]: a term may be paused during some of the steps
     for key, value in {"det_loss": det_loss, **terms}.items():
         total, count = sums.get(key, (0.0, 0))
-        sums[key] = [total + float(value), count + 1]
+        sums[key] = [total + float(value.detach()), count + 1]  # float() of a tensor in the graph warns
     if sums["det_loss"][1] < balance.steps:
         return
     means = dist.average({k: total / count for k, (total, count) in sums.items()}, state.device)  # same on all ranks

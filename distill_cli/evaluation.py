@@ -176,7 +176,8 @@ def mismatch_notes(have: list[str], want: list[str]) -> list[str]:
     if len(have) > len(want):
         extra = have[len(want) :]
         named = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-        notes.append(f"images labelled with ids {len(want)}+ ({named}) are skipped")
+        # images whose labels hold such ids are skipped by the dataset, which warns of it on its own (warn_skipped)
+        notes.append(f"the model's classes {len(want)}+ ({named}) are not in the yaml: their detections match no label")
     if len(want) > len(have):
         notes.append(f"labels of ids {len(have)}+ ({len(want) - len(have)} classes) can never be matched")
     return notes

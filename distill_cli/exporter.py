@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ import numpy as np
 import torch
 from ultralytics import YOLO
 from ultralytics.engine.exporter import export_formats
+from ultralytics.utils import LOGGER
 
 from .data import _draw_image
 from .errors import EXIT_RUNTIME, DistillError
@@ -41,6 +46,8 @@ def export(
     on = validator_device(opts.device)
     if opts.format == "engine" and on == "cpu":  # ultralytics' exporter refuses it after loading: bad input, first
         raise DistillError("--format engine (TensorRT) exports on a GPU; pass --device 0")
+    if opts.format == "onnx":
+        check_onnxruntime()
     model = load_model(opts.weights, "weights", trust=opts.trust_checkpoint)  # the safe load vets the file first
     imgsz = stride_multiple(opts.imgsz, int(model.stride.max()))  # the size ultralytics' exporter would use
     suffix = dict(zip(*(export_formats()[k] for k in ("Argument", "Suffix")), strict=True))[opts.format]
@@ -52,11 +59,7 @@ def export(
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / Path(opts.weights).name
         shutil.copy2(opts.weights, copy)
-        try:
-            with threads_kept():
-                exported = Path(YOLO(str(copy), task="detect").export(format=opts.format, imgsz=imgsz, device=on))
-        except Exception as e:  # the exporter raises many kinds (missing packages, unsupported ops)
-            raise DistillError(f"export to {opts.format} failed: {type(e).__name__}: {e}", EXIT_RUNTIME) from e
+        exported = run_exporter(copy, opts.format, imgsz, on)
         if x is not None:
             difference = onnx_parity(opts.weights, exported, x)
             if not np.isfinite(difference):  # a NaN difference would be reported as a number, the file kept
@@ -75,6 +78,49 @@ def export(
             except OSError as e:
                 raise DistillError(f"cannot write '{target}' ({e.strerror or e})", EXIT_RUNTIME) from e
     return result
+
+
+def run_exporter(weights: Path, fmt: str, imgsz: int, device: str) -> Path:
+    """The file ultralytics' exporter writes for ``weights``. A format whose package is not installed (and that
+    ultralytics could not install: offline, or ``YOLO_AUTOINSTALL=false``) is bad input; any other failure is the
+    export's."""
+    try:
+        with threads_kept(), failure_line_dropped():
+            return Path(YOLO(str(weights), task="detect").export(format=fmt, imgsz=imgsz, device=device))
+    except Exception as e:  # the exporter raises many kinds (missing packages, unsupported ops, failed conversions)
+        package = missing_package(e)
+        if package:
+            raise DistillError(
+                f"--format {fmt} needs the Python module '{package}', which is not installed here and ultralytics "
+                f"could not install (offline, or YOLO_AUTOINSTALL=false): install the package that provides it "
+                f"(ultralytics' export docs name it), then export again"
+            ) from e
+        raise DistillError(f"export to {fmt} failed: {type(e).__name__}: {e}", EXIT_RUNTIME) from e
+
+
+def missing_package(error: Exception) -> str | None:
+    """The package an import could not find, when it is not installed at all; None for any other error, a broken
+    install of a package that is there, or a module missing from ultralytics or torch themselves."""
+    if not isinstance(error, ModuleNotFoundError) or not error.name:
+        return None
+    package = error.name.split(".")[0]
+    return None if package in ("ultralytics", "torch") or importlib.util.find_spec(package) else package
+
+
+class _ExportFailureFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "export failure" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def failure_line_dropped() -> Iterator[None]:
+    """Ultralytics' exporter logs its failure before raising it; the command's own error line says it, once."""
+    drop = _ExportFailureFilter()
+    LOGGER.addFilter(drop)
+    try:
+        yield
+    finally:
+        LOGGER.removeFilter(drop)
 
 
 def check_target(target: Path, named: bool) -> None:
@@ -105,6 +151,14 @@ def sample_input(imgsz: int, image: str | None) -> torch.Tensor:
         picture, _ = _draw_image(np.random.default_rng(0), imgsz)
     picture = cv2.resize(picture, (imgsz, imgsz))[:, :, ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
     return torch.from_numpy(np.ascontiguousarray(picture)).float().unsqueeze(0) / 255
+
+
+def check_onnxruntime() -> None:
+    """Bad input before any work: the ONNX check runs the file with onnxruntime."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise DistillError(
+            "--format onnx checks the file with onnxruntime, which is not installed here: pip install onnxruntime"
+        )
 
 
 def onnx_parity(weights: str, onnx_file: Path, x: torch.Tensor) -> float:

@@ -164,11 +164,13 @@ def report_text(run: RunOutcome, figures: Path) -> str:
 
 
 def summary_table(baseline: Baseline, final: Validation | None, log: Any) -> list[str]:
+    """The teacher and the student before and after; a fine-tune that no epoch improved says to keep the student
+    given (a yaml student's start, or one whose class layers are new, is no checkpoint of the user's)."""
     rows = [("teacher", baseline.teacher), ("student before", baseline.before), ("student after (last epoch)", final)]
     lines = ["| model | mAP50-95 | mAP50 |", "|---|---|---|"]
     lines += [f"| {name} | {v.metrics['mAP50-95']:.4f} | {v.metrics['mAP50']:.4f} |" for name, v in rows if v]
     lines += ["", f"Best epoch {log.best_epoch + 1} (fitness {log.best_fitness:.4f}); `weights/best.pt`."]
-    if log.best_fitness <= fitness(baseline.before.metrics):
+    if log.start_is_mark and log.best_fitness <= fitness(baseline.before.metrics):
         lines.append(NO_EPOCH_BEAT_THE_START)
     return [*lines, ""]
 

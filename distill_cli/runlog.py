@@ -41,7 +41,8 @@ class TrainResult:
 
     @property
     def beat_start(self) -> bool | None:
-        """Whether the best epoch beat the student as given (None when that was not measured: a yaml student)."""
+        """Whether the best epoch beat the student as given (None where that is no mark: a yaml student, or one
+        trained for other classes)."""
         return fitness(self.best_metrics) > fitness(self.start_metrics) if self.start_metrics else None
 
 
@@ -164,8 +165,12 @@ def tensorboard_writer(run_dir: Path) -> Any:
 class RunLog:
     """Writes the run's files (atomically) and tells the caller what happened through ``callback(event, info)``."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, callback: Callable[[str, dict], None] | None) -> None:
+    def __init__(
+        self, run_dir: Path, cfg: RunConfig, callback: Callable[[str, dict], None] | None, *, start_is_mark: bool
+    ) -> None:
         self.run_dir, self.cfg, self.callback = run_dir, cfg, callback or (lambda event, info: None)
+        # a .pt student for the data's classes: validated before the first step, the mark the run must beat
+        self.start_is_mark = start_is_mark
         self.last, self.best = run_dir / "weights" / "last.pt", run_dir / "weights" / "best.pt"
         self.history: list[dict[str, Any]] = []
         self.best_fitness, self.best_epoch, self.improved = -1.0, -1, False

@@ -165,8 +165,9 @@ def with_classes(pretrained: nn.Module, names: dict[int, str]) -> nn.Module:
     shared = {n.strip().lower() for n in class_names(pretrained)} & {n.strip().lower() for n in names.values()}
     warnings.warn(
         f"the student was trained for {pretrained.model[-1].nc} classes {_first(class_names(pretrained))} and the data "
-        f"has {len(names)} {_first(list(names.values()))}: its class layers start afresh"
-        + (f", but for the {len(shared)} classes both name" if shared else ""),
+        f"has {len(names)} {_first(list(names.values()))}: its last class layers start afresh"
+        + (f", but for the {len(shared)} classes both name" if shared else "")
+        + " (the hidden class layers carry over, as in ultralytics' fine-tune)",
         stacklevel=3,
     )
     return model

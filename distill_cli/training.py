@@ -37,7 +37,6 @@ from .schedule import optimizer_steps, target_accumulate
 from .settings import max_grad_norm, resolve_auto, resolve_ema, run_config, select_device, terms_can_pause
 from .start import (
     calibrate_selected,
-    fine_tunes,
     first_train_images,
     freeze_layers,
     init_note,
@@ -190,7 +189,7 @@ def prepare(
     log = None
     if info.is_main:  # the run dir appears only now, when everything the loop needs was built
         run_dir = Path(checkpoint["run_dir"]) if checkpoint else guard.create(cfg.project, cfg.name)
-        log = RunLog(run_dir, cfg, callback)
+        log = RunLog(run_dir, cfg, callback, start_is_mark=has_start)
     start_epoch = restore_state(state, checkpoint, log, train_loader) if checkpoint else 0
     if checkpoint and not info.is_main:  # rank 0's RNG was saved; the others draw their own streams again
         init_seeds(cfg.seed + info.rank + 1000 * start_epoch, deterministic=cfg.deterministic)
@@ -235,7 +234,7 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
     start = time.time()
     teacher_model = state.teacher.model if state.teacher else None
     # a fine-tune's starting student is "epoch 0", the mark to beat
-    if log and (cfg.report or fine_tunes(cfg)) and log.baseline is None:  # a resumed run brings the one of its start
+    if log and (cfg.report or log.start_is_mark) and log.baseline is None:  # a resumed run brings its start's
         log.baseline = measure_baseline(state, teacher_model, val_loader, full=cfg.report)
     baseline = log.baseline if log else None
     final = None
@@ -279,7 +278,7 @@ def fit(state: TrainState, log: RunLog | None, train_loader, val_loader, hyp, st
             steps_per_epoch=state.steps_per_epoch,
         )
         report = write_report(run)
-    before = baseline.before.metrics if baseline else {}
+    before = baseline.before.metrics if log and log.start_is_mark else {}  # a yaml student's start is no mark
     return log.finish(time.time() - start, state.skipped_steps, report, before)
 
 

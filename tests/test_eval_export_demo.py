@@ -74,6 +74,57 @@ def test_an_onnx_check_with_non_finite_outputs_fails_and_writes_nothing(
     assert failed.value.exit_code == EXIT_RUNTIME and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("fmt", "module", "message"),
+    [
+        ("openvino", "openvino", "--format openvino needs the Python module 'openvino', which is not installed here"),
+        ("onnx", "onnxruntime", "--format onnx checks the file with onnxruntime, which is not installed here"),
+    ],
+)
+def test_an_export_whose_package_is_missing_is_bad_input(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, module: str, message: str
+) -> None:
+    """A format's missing package is the user's to install: it exited 3 ("the run failed") after ultralytics' own
+    error line, or, for onnxruntime after the export, 1 ("unexpected")."""
+    import logging
+    import sys
+
+    from ultralytics.utils import LOGGER, checks
+
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, installed or not
+    monkeypatch.setattr(checks, "AUTOINSTALL", False)  # online, ultralytics would pip-install it first
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append  # type: ignore[method-assign]
+    monkeypatch.setattr(LOGGER, "handlers", [*LOGGER.handlers, handler])
+    result = CliRunner().invoke(
+        app, ["export", "--weights", str(trained), "--format", fmt, "--output", str(tmp_path / "out" / "student")]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output and not (tmp_path / "out").exists()
+    assert not [r for r in logged if "export failure" in r.getMessage()], "ultralytics' error line came first"
+
+
+@pytest.mark.parametrize(
+    ("error", "package"),
+    [
+        (
+            ModuleNotFoundError("No module named 'surely_absent_package'", name="surely_absent_package.sub"),
+            "surely_absent_package",
+        ),
+        (ModuleNotFoundError("No module named 'yaml.x'", name="yaml.x"), None),  # installed: a broken install
+        (ModuleNotFoundError("No module named 'ultralytics.utils.x'", name="ultralytics.utils.x"), None),
+        (ImportError("Hailo export requires Linux"), None),  # ultralytics' own requirement, no module named
+    ],
+)
+def test_only_a_package_that_is_not_installed_makes_an_export_bad_input(error: Exception, package: str | None) -> None:
+    """Any ImportError was bad input, named as module 'None' when it named none, and a broken install or a module
+    missing from ultralytics itself was said to be not installed."""
+    from distill_cli.exporter import missing_package
+
+    assert missing_package(error) == package
+
+
 def test_eval_json_from_the_cli(trained: Path, synthetic_data: Path) -> None:
     result = CliRunner().invoke(
         app,

@@ -192,6 +192,9 @@ def test_a_last_pt_edited_into_other_types_is_refused_in_one_line(run_kwargs: di
         (run / "weights" / "last.pt", ("resume", "last_opt_step"), "x", "damaged (last_opt_step 'x' is no whole"),
         (run / "weights" / "last.pt", ("resume", "skipped_steps"), True, "damaged (skipped_steps True is no whole"),
         (run / "weights" / "last.pt", ("resume", "bad_steps"), 1, "damaged (bad_steps 1 at step"),  # > skipped_steps
+        (run / "weights" / "last.pt", ("resume", "routine_skips"), 1, "damaged (routine_skips 1 at step"),  # the same
+        (run / "weights" / "last.pt", ("resume", "steps_taken"), None, "damaged (steps_taken None is no whole"),
+        (run / "weights" / "last.pt", ("resume", "steps_taken"), 3, "damaged (steps_taken 3 at step 2)"),  # > step
         # progress no run writes at its saved epoch, found once the loader says how long an epoch is
         (run / "weights" / "last.pt", ("resume", "step"), 3, "progress does not fit the run as built now (step 3 is"),
         (run / "weights" / "last.pt", ("resume", "accumulate"), 10**9, "(accumulate 1000000000 is above the run's 4)"),

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import warnings
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,25 @@ def test_allowed_mismatch_names_what_is_dropped(tmp_path: Path, synthetic_data: 
     with pytest.warns(UserWarning) as caught:
         evaluate([str(tiny_teacher)], str(other), allow_class_mismatch=True, **TINY_EVAL)
     text = " ".join(str(w.message) for w in caught)
-    assert "ids 2+ (triangle) are skipped" in text and "val images skipped" in text
+    assert "classes 2+ (triangle) are not in the yaml: their detections match no label" in text
+    assert "val images skipped" in text  # the labels of class 2 are outside the yaml's names: their images dropped
+
+
+def test_an_allowed_mismatch_names_no_label_ids_the_data_cannot_hold(tmp_path: Path, synthetic_data: Path) -> None:
+    """A model of more classes than data whose labels keep to its yaml: the note said images labelled with ids the
+    yaml lacks 'are skipped', ids no label of that data can hold."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli.models import save_student
+
+    wide = DetectionModel("yolov8n.yaml", nc=4, verbose=False)
+    wide.names = {0: "circle", 1: "square", 2: "triangle", 3: "hexagon"}
+    save_student(tmp_path / "wide.pt", wide, {"task": "detect"}, {"teacher": "", "recipe": "test"})
+    with pytest.warns(UserWarning) as caught:
+        evaluate([str(tmp_path / "wide.pt")], str(synthetic_data), allow_class_mismatch=True, **TINY_EVAL)
+    text = " ".join(str(w.message) for w in caught)
+    assert "classes 3+ (hexagon) are not in the yaml" in text
+    assert "skipped" not in text and "ids 3+" not in text
 
 
 def test_a_refused_teacher_is_one_error_line_without_the_students_warning(
@@ -211,3 +230,26 @@ def test_train_help_shows_defaults_and_what_the_teacher_may_be() -> None:
         line = next(line for line in result.output.splitlines() if option in line)
         assert f"[default: ({default})]" in line, line
     assert "Trained teacher .pt" not in result.output and "allow_untrained_teacher" in result.output
+
+
+def test_a_coco_student_for_other_classes_keeps_its_trained_class_branch_as_ultralytics_does() -> None:
+    """A tester took the 80-wide hidden class layers of a COCO student fine-tuned on 3 classes for a stale head; it is
+    ultralytics' own fine-tune (8.4's DetectionModel.load rebuilds the branch at the source's width, so that its
+    trained layers carry over): only the last class conv starts afresh. The shapes compare ultralytics with itself
+    (with_classes calls the same load); the width and the carried weight are the canary for another ultralytics."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli.start import with_classes
+
+    torch.manual_seed(0)
+    coco = DetectionModel("yolov8n.yaml", nc=80, verbose=False)
+    coco.names = {i: f"class{i}" for i in range(80)}
+    with pytest.warns(UserWarning, match="last class layers start afresh .the hidden class layers carry over"):
+        student = with_classes(coco, {0: "a", 1: "b", 2: "c"})
+    reference = DetectionModel(deepcopy(coco.yaml), nc=3, verbose=False)  # ultralytics' trainer: yaml, then load
+    reference.load(coco, verbose=False)
+    ours, theirs, given = student.state_dict(), reference.state_dict(), coco.state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    branch = student.model[-1].cv3[0]
+    assert branch[0].conv.out_channels == 80 and branch[-1].out_channels == 3
+    assert torch.equal(ours["model.22.cv3.0.1.conv.weight"], given["model.22.cv3.0.1.conv.weight"])

@@ -84,9 +84,8 @@ def test_a_short_run_whose_every_step_is_skipped_stops(run_kwargs: dict, monkeyp
     with pytest.warns(UserWarning, match="step skipped"), pytest.raises(DistillError) as stopped:
         train(recipe="cwd", **{**run_kwargs, **RANDOM_ADAPTERS, "batch": 2})
     assert stopped.value.exit_code == EXIT_RUNTIME
-    assert "no step of the run was taken: its losses were non-finite; stopped. The last good checkpoint" in str(
-        stopped.value
-    )
+    message = "no step of the run was taken: it skipped steps for non-finite losses or gradients; stopped. The last"
+    assert message in str(stopped.value)
     assert not (Path(run_kwargs["project"]) / "exp" / "weights" / "best.pt").exists()
 
 
@@ -135,6 +134,45 @@ def test_steps_with_non_finite_gradients_count_towards_the_stop(run_kwargs: dict
     assert stopped.value.exit_code == EXIT_RUNTIME and "3 consecutive non-finite steps" in stopped.value.message
 
 
+def test_a_short_run_whose_every_gradient_is_non_finite_stops(run_kwargs: dict, monkeypatch) -> None:
+    """Finite losses but NaN gradients on each of a short fp32 run's steps, fewer than max_bad_steps: no weight moved,
+    and the run ended as a success (exit 0) with the weights it started from."""
+    from distill_cli import engine
+
+    monkeypatch.setattr(engine.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(float("nan")))
+    with pytest.warns(UserWarning, match="non-finite gradients"), pytest.raises(DistillError) as stopped:
+        train(recipe="none", **{**run_kwargs, "batch": 2, "amp": False})
+    assert stopped.value.exit_code == EXIT_RUNTIME and "no step of the run was taken" in stopped.value.message
+    assert not (Path(run_kwargs["project"]) / "exp" / "weights" / "best.pt").exists()
+
+
+def test_an_fp16_run_whose_only_optimizer_step_is_lost_to_a_nan_loss_stops(
+    run_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches, one optimizer step (accumulation 2), the second batch's loss NaN: the optimizer is never called.
+    fp16 was let through as a 'routine grad-scaler back-off' although the scaler never backed off."""
+    poison_teacher(monkeypatch, lambda n: n == 2, float("nan"))
+    kwargs = {**run_kwargs, **RANDOM_ADAPTERS, "nbs": 8, "warmup_epochs": 0, "amp_dtype": "fp16"}
+    with pytest.warns(UserWarning, match="step skipped"), pytest.raises(DistillError) as stopped:
+        train(recipe="cwd", **kwargs)
+    assert stopped.value.exit_code == EXIT_RUNTIME and "no step of the run was taken" in stopped.value.message
+
+
+def test_a_resumed_run_that_stepped_before_its_cut_is_not_stopped_for_want_of_a_step(
+    run_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accumulation 4 over 2 batches an epoch: the last epoch holds no optimizer call, and its first loss is NaN. The
+    run stepped at step 3; resumed before the last epoch, it was stopped as one that never took a step (the count of
+    steps taken was not saved)."""
+    kwargs = {**run_kwargs, **RANDOM_ADAPTERS, "epochs": 3, "nbs": 16, "warmup_epochs": 0, "amp": False}
+    with pytest.raises(DistillError):
+        train(recipe="cwd", report=False, callback=interrupt_after_epoch(2), **kwargs)
+    poison_teacher(monkeypatch, lambda n: n == 1, float("nan"))
+    with pytest.warns(UserWarning, match="step skipped"):
+        result = train(resume=Path(kwargs["project"]) / "exp")
+    assert result.skipped_steps == 1 and result.epochs_done == 3
+
+
 def test_steps_skipped_in_a_row_before_an_interruption_count_after_the_resume(
     run_kwargs: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,6 +186,7 @@ def test_steps_skipped_in_a_row_before_an_interruption_count_after_the_resume(
     last = Path(kwargs["project"]) / "exp" / "weights" / "last.pt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     ckpt["resume"]["skipped_steps"] = ckpt["resume"]["bad_steps"] = 2  # as a run whose last two steps were skipped
+    ckpt["resume"]["steps_taken"] -= 2
     torch.save(ckpt, last)
     monkeypatch.setattr(engine.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(float("nan")))
     with pytest.warns(UserWarning, match="non-finite gradients") as caught, pytest.raises(DistillError) as stopped:
@@ -171,6 +210,7 @@ def test_a_step_skipped_for_another_rank_says_so(monkeypatch: pytest.MonkeyPatch
         step=7,
         bad_steps=0,
         skipped_steps=0,
+        routine_skips=0,
     )
     monkeypatch.setattr(engine.dist, "all_agree", lambda flag, device: False)  # another rank saw NaN
     finite = {"det_loss": torch.tensor(1.0), "cls_kd": torch.tensor(0.5)}

@@ -41,7 +41,7 @@ def test_one_epoch_run_writes_the_report_and_every_figure(run_kwargs: dict) -> N
         assert_real_png(result.run_dir / "report" / figure)
     for section in ("| teacher |", "| student before |", "Per-class AP50-95", "| cwd 15->15 |"):
         assert section in text
-    assert set(result.start_metrics) >= {"mAP50-95", "mAP50"}
+    assert result.start_metrics == {} and result.beat_start is None  # a yaml student: its start is no mark to beat
 
 
 def test_no_report_flag_writes_none(run_kwargs: dict) -> None:
@@ -81,21 +81,26 @@ def test_compare_two_checkpoints_matches_eval(
         assert_real_png(report.parent / figure, min_side=250)
 
 
-def test_a_resumed_run_still_writes_its_report(run_kwargs: dict) -> None:
+def test_a_resumed_run_still_writes_its_report(run_kwargs: dict, tmp_path: Path) -> None:
+    """A fine-tune (a .pt student for the data's classes): the resumed run brings the start it measured."""
     import os
     import signal
 
     from distill_cli.errors import DistillError
+
+    from .conftest import saved_teacher
+
+    student = str(saved_teacher(tmp_path / "student.pt", "yolov8n.yaml", imgsz=64))
 
     def stop_after_first_epoch(event: str, info: dict) -> None:
         if event == "epoch" and info["epoch"] == 1:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(DistillError, match="interrupted"):
-        train(recipe="cwd", callback=stop_after_first_epoch, **{**run_kwargs, "epochs": 2})
+        train(recipe="cwd", callback=stop_after_first_epoch, **{**run_kwargs, "epochs": 2, "student": student})
     resumed = train(resume=f"{run_kwargs['project']}/exp")
     assert resumed.report is not None and "| student before |" in resumed.report.read_text()
-    assert resumed.start_metrics
+    assert set(resumed.start_metrics) >= {"mAP50-95", "mAP50"}
 
 
 def test_the_starting_student_is_epoch_0_and_the_summary_says_when_no_epoch_beat_it(
@@ -130,3 +135,25 @@ def test_the_starting_student_is_epoch_0_and_the_summary_says_when_no_epoch_beat
     assert result["beat_start"] is False and result["start_metrics"]
     assert report.NO_EPOCH_BEAT_THE_START in Path(result["report"]).read_text()
     assert drawn["epochs"] == [0, 1]
+
+
+@pytest.mark.parametrize("student", ["yaml", "other-classes"])
+def test_a_student_with_no_start_of_its_own_is_not_told_to_keep_its_checkpoint(
+    run_kwargs: dict, tmp_path: Path, student: str
+) -> None:
+    """A student built from a yaml, or a .pt trained for other classes (its last class layers start afresh), brings
+    no checkpoint for the data: 'No epoch beat the student you started from: keep your own checkpoint' was printed and
+    reported for it (and beat_start was False) when training did not move it."""
+    import warnings
+
+    from distill_cli import report
+
+    from .test_keep_start import student_pt
+
+    given = "yolov8n.yaml" if student == "yaml" else str(student_pt(tmp_path / "other.pt", ["cat", "dog"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the other classes' warning
+        result = train(recipe="none", **{**run_kwargs, "student": given, "lr0": 1e-12, "optimizer": "SGD"})
+    assert result.beat_start is None and result.start_metrics == {}
+    text = result.report.read_text()
+    assert "| student before |" in text and report.NO_EPOCH_BEAT_THE_START not in text

@@ -165,6 +165,35 @@ def test_automatic_balance_scales_each_term_to_its_target_share() -> None:
     assert term_weights(state)["cwd"] == pytest.approx(2.0 * 0.375)  # weighted cwd = 0.5 x det
 
 
+def test_automatic_balance_reads_terms_in_the_graph_without_a_torch_warning() -> None:
+    """The terms it averages are in the autograd graph: float() of them made torch warn in every balanced run."""
+    import warnings
+
+    import torch
+
+    from distill_cli.engine import TrainState, update_balance
+
+    cfg = apply_overrides(RunConfig(recipe=load_recipe("cwd")), {"balance.target": 1.0, "balance.steps": 1})
+    state = TrainState(
+        cfg,
+        model=None,
+        teacher=None,
+        optimizer=None,
+        scaler=None,
+        ema=None,
+        device=torch.device("cpu"),
+        amp_dtype=None,
+        steps_per_epoch=10,
+        accumulate=1,
+        max_grad_norm=10.0,
+    )
+    det, cwd = (torch.tensor(v, requires_grad=True) * 1 for v in (2.0, 4.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        update_balance(state, det, {"cwd": cwd})
+    assert state.balance["cwd"] == pytest.approx(2.0 / (4.0 * cfg.recipe.losses["cwd"].weight))
+
+
 def test_layer_lists_must_hold_indices() -> None:
     assert config_from_dict({"recipe": {"layers": [15, 18]}}).recipe.layers == [15, 18]
     with pytest.raises(DistillError, match="'layers' must be a layer group name or a list of layer indices"):
