@@ -7,9 +7,9 @@ Intel ran on the Intel Xeon of sessions 31-37, the others on the AMD EPYC; where
 student as given (0.3.22; from 0.3.25 only in runs of under 100 optimizer steps) the rows are the Intel runs with it
 (seeds 3-4 from session 33), and finetune10's the Intel runs without it (seeds 3-4 from session 34); session 36's
 five settings (finetune15-18, scratch3) ran with 0.3.26, seeds 3-4 of finetune17 and finetune18 with 0.3.27
-(session 37), of finetune15, finetune16 and scratch3 with 0.3.28 (session 38). ``none`` is seed-matched; ``gap
-closed`` is how far the default went from the student as given to the teacher scored at the student's size. Each
-setting's schedule is read from its runs' record. No training here: it only reads JSON.
+(session 37), of finetune15, finetune16 and scratch3 with 0.3.28, as finetune19 (session 38). ``none`` is
+seed-matched; ``gap closed`` is how far the default went from the student as given to the teacher scored at the
+student's size. Each setting's schedule is read from its runs' record. No training here: it only reads JSON.
 
     python benchmarks/default_table.py
 """
@@ -39,6 +39,7 @@ KEPT = "default, losses.cls_kd.weight=3, losses.box_kd.weight=6"  # the keep_sta
 SEEDS34 = "gain-v39-seeds34.json"  # seeds 3-4 of the settings where the start is kept, both recipes (session 33)
 SESSION36 = "gain-v42-checks.json"  # five settings fixed before any run of them, both recipes (session 36)
 SESSION37 = "gain-v43-seeds34.json"  # seeds 3-4 of finetune17 and finetune18, both recipes (session 37, 0.3.27)
+NEW38 = "gain-v45-finetune19.json"  # finetune19, a size never run before, fixed before its runs (session 38, 0.3.28)
 SESSION38 = "gain-v44-seeds34.json"  # seeds 3-4 of finetune15, finetune16, scratch3, both recipes (session 38, 0.3.28)
 
 
@@ -91,6 +92,7 @@ SETTINGS = {
     ),
     "native": kept_on_intel("gain-v37-intel-high.json"),
     "scratch3": on_intel("1", SESSION38),
+    "finetune19": replace(together("1", NEW38, threads="0.3.28"), machine="Intel"),
     "finetune16": on_intel("1", SESSION38),
     "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", threads="0.3.14"),
     "imgsz640": together("1", "gain-v33-recheck-imgsz640.json", threads="0.3.18"),
