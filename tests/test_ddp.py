@@ -133,6 +133,7 @@ def one_step(rank: int, world: int, port: int, out: str, duplicate: bool, det_ga
     params = {k: v.detach().clone() for k, v in distiller.named_parameters()}
     torch.save({"means": means, "params": params}, Path(out) / f"rank{rank}-of{world}.pt")
     if world > 1:
+        dist.barrier()  # as in check_on_rank: no rank tears its group down while another still reads a collective
         dist.destroy_process_group()
 
 
@@ -253,6 +254,7 @@ def balance_on_rank(rank: int, world: int, port: int, out: str) -> None:
     )
     update_balance(state, torch.tensor(2.0 + 2 * rank), {"cwd": torch.tensor(1.0 + 3 * rank)})  # det 2|4, cwd 1|4
     Path(out, f"rank{rank}.txt").write_text(str(state.balance["cwd"]))
+    dist.barrier()  # as in check_on_rank
     dist.destroy_process_group()
 
 
@@ -302,6 +304,7 @@ def check_on_rank(rank: int, world: int, port: int, nan_rank: int, out: str) -> 
     except DistillError as e:
         outcome = e.message
     Path(out, f"rank{rank}.txt").write_text(outcome)
+    dist.barrier()  # a rank that tore its group down while the other still read the all-reduce aborted it (gloo)
     dist.destroy_process_group()
 
 
