@@ -19,7 +19,7 @@ from .config import RunConfig, blank_problem, config_from_dict
 from .data import loader_state, restore_loader
 from .engine import TrainState, trained_params
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError, sigterm_interrupts
-from .models import read_checkpoint, save_student
+from .models import class_names, read_checkpoint, save_student
 from .report import Baseline
 from .rules import is_dir, is_file, is_number, shown
 from .runlock import RunLock, claim, release
@@ -128,6 +128,11 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     epoch = state.get("epoch")
     if run_dir is None or not isinstance(epoch, int) or not -1 <= epoch < cfg.epochs - 1:
         raise DistillError(f"--resume {path}: its resume state is incomplete; give the run dir of a yolodistill run")
+    if not is_dir(run_dir):  # a last.pt moved out of its weights folder goes on in its run's folder
+        raise DistillError(
+            f"--resume {path}: the folder its run started in, '{run_dir}', is gone; put this file in a folder as "
+            f"<folder>/weights/last.pt and resume <folder>"
+        )
     damage = counters_problem(state)
     if damage:
         raise DistillError(f"--resume {path}: its resume state is damaged ({damage}); start a new run")
@@ -138,7 +143,9 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
             f"folder with this file as its weights/last.pt and resume the copy"
         )
     read = last.stat()  # RunGuard checks, once it holds the run's lock, that the run did not move on since
-    return cfg, {**resume, "run_dir": str(run_dir), "read": (str(last), read.st_ino, read.st_mtime_ns)}
+    saved_model = ckpt.get("ema") or ckpt.get("model")
+    names = class_names(saved_model) if isinstance(saved_model, torch.nn.Module) else None  # load_state checks them
+    return cfg, {**resume, "run_dir": str(run_dir), "read": (str(last), read.st_ino, read.st_mtime_ns), "names": names}
 
 
 SKIP_COUNTS = ("routine_skips", "steps_taken")
@@ -249,6 +256,12 @@ def load_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, trai
             f"new run"
         )
     distiller = state.distiller
+    names = class_names(distiller.student)
+    if ckpt.get("names") not in (None, names):  # the same number of classes renamed or reordered loads without a word
+        raise DistillError(
+            f"--resume {ckpt['run_dir']}: the run trained for the classes {ckpt['names']} and its data yaml now "
+            f"names {names}; start a new run"
+        )
     distiller.student.load_state_dict(ckpt["student"])
     distiller.terms.load_state_dict(ckpt["terms"])
     if state.ema and ckpt["ema"] is not None:

@@ -36,8 +36,11 @@ class Commands(TyperGroup):
                 raise
             from .console import err_console
 
+            message = e.format_message()
             where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-            err_console.print(f"[red]error:[/] {e.format_message()}{where}", highlight=False, soft_wrap=True)
+            if "unexpected extra argument" in message and "=" in message:  # --set a=1 b=2: a pair after the first
+                where = f"; each key=value takes its own --set (--set a=1 --set b=2){where}"
+            err_console.print(f"[red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
 

@@ -72,11 +72,14 @@ def model_labels(weights: list[str]) -> list[str]:
 
 def sample_images(source: str | list[str], count: int) -> list[Path]:
     """The first ``count`` images of the split that OpenCV can read (the validator skips a corrupt one too)."""
-    folders = source if isinstance(source, list) else [source]
     files: list[Path] = []
-    for folder in map(Path, folders):
-        if folder.is_dir():
-            files += sorted(p for p in folder.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
+    for entry in map(Path, source if isinstance(source, list) else [source]):
+        if entry.is_dir():
+            files += sorted(p for p in entry.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
+        elif entry.is_file():  # a list of images, a line each; './' is beside the list, as ultralytics reads it
+            lines = (line.strip() for line in entry.read_text(errors="replace").splitlines())
+            named = (entry.parent / line[2:] if line.startswith("./") else Path(line) for line in lines if line)
+            files += sorted(p for p in named if p.suffix[1:].lower() in IMG_FORMATS)
     readable = (path for path in files if cv2.imread(str(path)) is not None)
     return list(itertools.islice(readable, count))
 
@@ -97,12 +100,17 @@ def draw_ground_truth(path: Path) -> np.ndarray:
 
 
 def box_row(line: str) -> tuple[float, ...] | None:
-    """``class x y w h`` of a label line, or None for a line the validator skips too (wrong count, not numbers,
-    negative, coordinates outside 0-1)."""
+    """``class x y w h`` of a label line (of a polygon ``class x1 y1 x2 y2 ...``, its bounding box, as ultralytics'
+    loader takes it), or None for a line the validator skips too (wrong count, not numbers, negative, coordinates
+    outside 0-1)."""
     try:
         values = tuple(float(v) for v in line.split())
     except ValueError:
         return None
+    if len(values) > 6 and len(values) % 2:
+        xs, ys = values[1::2], values[2::2]
+        width, height = max(xs) - min(xs), max(ys) - min(ys)
+        values = (values[0], min(xs) + width / 2, min(ys) + height / 2, width, height)
     valid = len(values) == 5 and all(0 <= v <= 1 for v in values[1:]) and values[0] >= 0  # False for NaN too
     return values if valid and np.isfinite(values[0]) else None
 

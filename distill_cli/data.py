@@ -80,6 +80,8 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
             status = found(target)
             if status is None or (stat.S_ISDIR(status.st_mode) and not any(target.iterdir())):
                 raise DistillError(f"data yaml '{path}': split '{key}' points at '{target}', which is missing or empty")
+    # in id order: 'names: {2: c, 0: a, 1: b}' is ultralytics' {0: a, 1: b, 2: c}, and the run numbers names in order
+    data["names"] = {i: data["names"][i] for i in sorted(data["names"])}
     return data
 
 
@@ -148,7 +150,8 @@ def warn_skipped(dataset: Any, split: str, nc: int) -> None:
             stacklevel=3,
         )
     if dataset.labels and not any(len(label["cls"]) for label in dataset.labels):
-        warnings.warn(f"no {split} image has a label: its mAP is 0 whatever the model", stacklevel=3)
+        what = "the student would learn only background" if split == "train" else "its mAP is 0 whatever the model"
+        warnings.warn(f"no {split} image has a label: {what}", stacklevel=3)
 
 
 class EpochOrder(torch.utils.data.Sampler):

@@ -108,6 +108,12 @@ def read_checkpoint(path: Path, role: str, trust: bool, advice: str = TRUST_ADVI
             f"{role} '{path}' is not a checkpoint (not a torch zip archive: truncated, text or another format)"
         )
     try:
+        entry = damaged_entry(path)  # torch reads a file's bytes without checking them: a flipped bit loads
+        if entry:
+            raise DistillError(
+                f"{role} '{path}' is damaged: its part '{entry}' does not match its checksum (a bad copy or disk); "
+                f"use an intact copy"
+            )
         return torch_safe_load(str(path), safe_only=not trust)[0]
     except TypeError as e:
         cause = e.__cause__  # the safe unpickler's refusal of a class, or its failure on damaged bytes
@@ -130,6 +136,13 @@ def read_checkpoint(path: Path, role: str, trust: bool, advice: str = TRUST_ADVI
         AttributeError,
     ) as e:
         raise DistillError(f"{role} '{path}' is not a loadable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def damaged_entry(path: Path) -> str | None:
+    """The first part of a torch zip archive whose bytes fail their stored CRC-32, or None; None too for a file
+    written without checksums (``torch.serialization.set_crc32_options(False)`` stores 0 for every part)."""
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip() if any(info.CRC for info in archive.infolist()) else None
 
 
 def stride_multiple(imgsz: int, stride: int) -> int:

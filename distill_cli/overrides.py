@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -12,7 +13,13 @@ import yaml
 
 from .config import TOO_DEEP, Recipe, RunConfig, config_from_dict, config_to_dict, load_recipe, load_yaml
 from .errors import DistillError
-from .rules import shown
+from .rules import is_number, shown
+
+# a number as YAML 1.2 writes one (no underscores, no leading zeros, no base-60): other text YAML 1.1 reads as one
+NUMBER_TEXT = re.compile(
+    r"[-+]?(0|[1-9][0-9]*)|[-+]?(\.[0-9]+|[0-9]+\.[0-9]*)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
+    r"|0x[0-9a-fA-F]+"
+)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -23,7 +30,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise DistillError(f"--set expects key=value, got '{item}'")
         try:
-            out[key.strip()] = load_yaml(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
+            if is_number(value) and not isinstance(value, bool) and not NUMBER_TEXT.fullmatch(raw.strip()):
+                value = raw.strip()  # YAML 1.1 reads 2024_06_01 as 20240601, 010 as 8 and 1:30 as 90: they stay text
+            out[key.strip()] = value
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond Python's 4300 digits
             why = TOO_DEEP if isinstance(e, RecursionError) else str(e).splitlines()[0]
             raise DistillError(f"--set {key.strip()}: the value is not valid YAML ({why})") from e

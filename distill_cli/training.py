@@ -137,6 +137,7 @@ def prepare(
     rank = info.rank if info.enabled else -1
     with dist.main_first(info):
         train_loader = build_loader(data, "train", hyp, batch, cfg.workers, stride, train=True, rank=rank)
+    check_balance_reached(cfg, len(train_loader))
     steps = optimizer_steps(cfg, len(train_loader))
     cfg = replace(cfg, recipe=resolved_keep(cfg.recipe, has_start, student_imgsz, cfg.imgsz, steps))
     val_loader = None
@@ -209,6 +210,17 @@ def prepare(
             init_note(cfg, has_adapters),
         )
     return state, log, (train_loader, val_loader), hyp, start_epoch
+
+
+def check_balance_reached(cfg: RunConfig, steps_per_epoch: int) -> None:
+    """Automatic balance fixes its factors after ``balance.steps`` training steps: a run with no step after those
+    would record a target it never applied."""
+    balance, total = cfg.recipe.balance, cfg.epochs * steps_per_epoch
+    if balance.target > 0 and cfg.recipe.losses and balance.steps >= total:
+        raise DistillError(
+            f"balance.steps {balance.steps}: the run has {total} steps ({steps_per_epoch} an epoch), "
+            f"so its automatic balance would never apply; give balance.steps below {total}"
+        )
 
 
 @contextlib.contextmanager

@@ -129,6 +129,25 @@ def test_compare_samples_skip_unreadable_images_and_non_finite_labels(synthetic_
     assert box_row("1 0.5 0.5 0.1 0.1") == (1.0, 0.5, 0.5, 0.1, 0.1)
 
 
+def test_compare_samples_read_an_image_list_and_box_polygon_labels(synthetic_data: Path, tmp_path: Path) -> None:
+    """A split given as a .txt list of images had no sample grid, and a polygon label line no ground-truth box,
+    though ultralytics' validator reads both."""
+    listing = tmp_path / "val.txt"
+    images = sorted((synthetic_data.parent / "images" / "val").iterdir())
+    listing.write_text("\n".join(str(p) for p in images[::-1][:2]) + "\n")
+    assert sample_images(str(listing), 5) == sorted(images[::-1][:2])
+    assert box_row("2 0.1 0.2 0.5 0.2 0.3 0.6") == pytest.approx((2.0, 0.3, 0.4, 0.4, 0.4))
+    assert box_row("2 0.1 0.2 1.5 0.2 0.3 0.6") is None  # a point outside the image, as the validator skips it
+
+
+def test_a_balance_that_no_step_of_the_run_would_reach_is_refused(run_kwargs: dict) -> None:
+    """It was saved in config.yaml and never applied: 8 images, batch 4, 1 epoch are 2 steps."""
+    args = [*train_args(run_kwargs, recipe="cwd"), "--set", "balance.target=1", "--set", "balance.steps=2"]
+    line = one_error_line(runner.invoke(app, args))
+    assert "balance.steps 2: the run has 2 steps (2 an epoch)" in line and "give balance.steps below 2" in line
+    assert not Path(run_kwargs["project"]).exists()
+
+
 def interrupted_run(run_kwargs: dict, name: str) -> Path:
     kwargs = {**run_kwargs, "epochs": 2, "name": name, "report": False}
     with pytest.raises(DistillError):
@@ -149,9 +168,15 @@ def test_resume_after_the_classes_changed_is_one_line(run_kwargs: dict, syntheti
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         line = one_error_line(runner.invoke(app, ["train", "--resume", str(run)]))
-    assert "its saved state does not fit the run as built now" in line and "size mismatch" in line
+    assert "the run trained for the classes ['circle', 'square', 'triangle'] and its data yaml now names" in line
     assert not [w for w in caught if "resume" in str(w.message)]  # no "last.pt is kept; resume" beside it
     assert (run / "config.yaml").read_bytes() == config
+    data.write_text(Path(run_kwargs["data"]).read_text())  # the classes back; a layer of another shape instead
+    student = ckpt["resume"]["student"]
+    student["model.0.conv.weight"] = student["model.0.conv.weight"][:1]
+    torch.save(ckpt, run / "weights" / "last.pt")
+    line = one_error_line(runner.invoke(app, ["train", "--resume", str(run)]))
+    assert "its saved state does not fit the run as built now" in line and "size mismatch" in line
 
 
 def test_resume_of_a_copy_of_last_pt_does_not_write_over_its_run(run_kwargs: dict, tmp_path: Path) -> None:

@@ -253,3 +253,41 @@ def test_a_coco_student_for_other_classes_keeps_its_trained_class_branch_as_ultr
     branch = student.model[-1].cv3[0]
     assert branch[0].conv.out_channels == 80 and branch[-1].out_channels == 3
     assert torch.equal(ours["model.22.cv3.0.1.conv.weight"], given["model.22.cv3.0.1.conv.weight"])
+
+
+def test_names_written_out_of_id_order_keep_their_ids(tmp_path: Path, synthetic_data: Path, tiny_teacher: Path) -> None:
+    """'names: {2: triangle, 0: circle, 1: square}' is ultralytics' {0: circle, 1: square, 2: triangle}: the run
+    numbered the names in the order written, so it refused the teacher (classes differ) and a student trained on it
+    saved label 0's boxes under 'triangle'."""
+    from distill_cli.data import SYNTHETIC_CLASSES, load_data
+
+    shuffled = tmp_path / "shuffled.yaml"
+    text = f"path: {synthetic_data.parent}\ntrain: images/train\nval: images/val\n"
+    shuffled.write_text(text + "names: {2: triangle, 0: circle, 1: square}\n")
+    in_order = dict(enumerate(SYNTHETIC_CLASSES))
+    assert load_data(shuffled)["names"] == in_order
+    kwargs = {**TINY_EVAL, "workers": 0, "epochs": 1, "report": False, "project": str(tmp_path / "runs")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(teacher=str(tiny_teacher), student=str(tiny_teacher), data=str(shuffled), **kwargs)
+    assert not [w for w in caught if "start afresh" in str(w.message)]  # the student's class layers are its own
+    assert torch.load(result.best, weights_only=False)["model"].names == in_order
+
+
+@pytest.mark.parametrize(("text", "value"), [("2024_06_01", "2024_06_01"), ("010", "010"), ("1:30", "1:30")])
+def test_set_keeps_text_that_yaml_1_1_would_read_as_another_number(text: str, value: str) -> None:
+    """YAML 1.1 drops underscores, reads a leading 0 as octal and a colon as base 60: --set name=2024_06_01 named
+    the run 20240601. Numbers as YAML 1.2 writes them are numbers."""
+    from distill_cli.overrides import parse_overrides
+
+    assert parse_overrides([f"name={text}"]) == {"name": value}
+    numbers = parse_overrides(["a=10", "b=-0.5", "c=1.5e-3", "d=0", "e=.inf", "f=true", "g=0x1f"])
+    assert numbers == {"a": 10, "b": -0.5, "c": 1.5e-3, "d": 0, "e": float("inf"), "f": True, "g": 31}
+    with pytest.raises(DistillError, match="must be a number, got '010'"):
+        train(epochs="010", data="x.yaml")  # not 8
+
+
+def test_several_pairs_after_one_set_are_told_to_take_one_set_each(run_kwargs: dict) -> None:
+    line = one_error_line(runner.invoke(app, [*train_args(run_kwargs), "--set", "nbs=64", "ema_decay=0.9999"]))
+    assert "unexpected extra argument" in line and "each key=value takes its own --set (--set a=1 --set b=2)" in line
+    assert not Path(run_kwargs["project"]).exists()

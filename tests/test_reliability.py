@@ -250,6 +250,31 @@ def test_a_checkpoint_with_damaged_bytes_is_called_damaged_not_unsafe(tmp_path: 
     assert "--trust-checkpoint" not in str(e.value)
 
 
+def test_a_checkpoint_whose_bytes_fail_their_checksum_is_refused_as_damaged(tmp_path: Path, tiny_teacher: Path) -> None:
+    """torch reads a tensor's bytes without checking them: a bad copy loaded, and trained or scored, as if whole."""
+    data = bytearray(tiny_teacher.read_bytes())
+    with zipfile.ZipFile(tiny_teacher) as archive:
+        tensor = archive.read(max(archive.infolist(), key=lambda info: info.file_size))
+    at = bytes(data).find(tensor) + len(tensor) // 2
+    data[at : at + 64] = bytes(byte ^ 0xFF for byte in data[at : at + 64])
+    damaged = tmp_path / "flipped.pt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DistillError, match=r"'.*flipped.pt' is damaged: its part '.*' does not match its checksum"):
+        load_model(damaged, "weights")
+
+
+def test_a_checkpoint_written_without_checksums_loads(tmp_path: Path, tiny_teacher: Path) -> None:
+    """torch.serialization.set_crc32_options(False) stores 0 for every part: nothing to check, not damage."""
+    path = tmp_path / "unchecked.pt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        save_student(path, load_model(tiny_teacher, "teacher"), {}, {"n": 1})
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert not any(info.CRC for info in zipfile.ZipFile(path).infolist())
+    assert load_model(path, "weights").model[-1].nc == 3
+
+
 def test_real_and_own_checkpoints_load_without_trust(tiny_teacher: Path) -> None:
     from .conftest import BCCD_STUDENT, BCCD_TEACHER
 

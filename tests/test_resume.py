@@ -8,6 +8,7 @@ is on before the boundary (its buffer of recently loaded images carries over) an
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import distill_cli
-from distill_cli.errors import EXIT_INTERRUPTED, DistillError
+from distill_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError
 from distill_cli.training import train
 
 EXACT = {"deterministic": True, "seed": 3, "ema": True, "epochs": 3, "close_mosaic": 1, "nbs": 4, "report": False}
@@ -133,3 +134,45 @@ def test_resume_refuses_changes_to_the_run(run_kwargs: dict, options: dict, drop
         train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
     with pytest.raises(DistillError, match=f"continues a run as it was configured; drop {dropped}$"):
         train(resume=Path(kwargs["project"]) / "cut", **options)
+
+
+def test_resume_refuses_a_data_yaml_whose_classes_were_renamed(run_kwargs: dict, tmp_path: Path) -> None:
+    """The same number of classes renamed loaded without a word: best.pt kept the old names, last.pt the new."""
+    data = tmp_path / "data.yaml"
+    text = Path(run_kwargs["data"]).read_text()
+    data.write_text(text)
+    kwargs = {**run_kwargs, "data": str(data), "epochs": 2, "name": "cut", "report": False}
+    with pytest.raises(DistillError):
+        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
+    data.write_text(text.replace("2: triangle", "2: renamed"))
+    last = Path(kwargs["project"]) / "cut" / "weights" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(
+        DistillError,
+        match=r"trained for the classes \[.*'triangle'\] and its data yaml now names \[.*"
+        r"'renamed'\]; start a new run",
+    ) as refused:
+        train(resume=last.parent.parent)
+    assert refused.value.exit_code == EXIT_USAGE and last.read_bytes() == before
+
+
+def test_a_moved_last_pt_whose_run_folder_is_gone_says_where_to_put_it(run_kwargs: dict, tmp_path: Path) -> None:
+    """It used to fail on the lock file of the missing folder ('cannot open .../.running')."""
+    kwargs = {**run_kwargs, "epochs": 2, "name": "gone", "report": False}
+    with pytest.raises(DistillError):
+        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
+    run_dir, copy = Path(kwargs["project"]) / "gone", tmp_path / "elsewhere" / "last.pt"
+    copy.parent.mkdir()
+    shutil.copy(run_dir / "weights" / "last.pt", copy)
+    shutil.rmtree(run_dir)
+    with pytest.raises(
+        DistillError,
+        match=r"the folder its run started in, '.*gone', is gone; put this file in a "
+        r"folder as <folder>/weights/last.pt and resume <folder>$",
+    ) as refused:
+        train(resume=copy)
+    assert refused.value.exit_code == EXIT_USAGE and not run_dir.exists() and list(copy.parent.iterdir()) == [copy]
+    placed = tmp_path / "placed"
+    (placed / "weights").mkdir(parents=True)
+    shutil.copy(copy, placed / "weights" / "last.pt")
+    assert train(resume=placed).epochs_done == 2
