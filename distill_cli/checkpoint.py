@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -143,8 +144,8 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
             f"folder with this file as its weights/last.pt and resume the copy"
         )
     read = last.stat()  # RunGuard checks, once it holds the run's lock, that the run did not move on since
-    saved_model = ckpt.get("ema") or ckpt.get("model")
-    names = class_names(saved_model) if isinstance(saved_model, torch.nn.Module) else None  # load_state checks them
+    model = ckpt.get("model")  # the EMA (or the student), as YOLO() reads it
+    names = class_names(model) if isinstance(model, torch.nn.Module) else None  # check_resumed_classes reads them
     return cfg, {**resume, "run_dir": str(run_dir), "read": (str(last), read.st_ino, read.st_mtime_ns), "names": names}
 
 
@@ -195,6 +196,20 @@ def resumed_run_dir(last: Path, saved: str | None) -> Path | None:
         return Path(saved) if saved else None
     named = last.parent.parent
     return named if last.parent.name == "weights" and named.name not in ("", "..") else weights.parent
+
+
+def check_resumed_classes(checkpoint: dict[str, Any] | None, student: torch.nn.Module) -> None:
+    """A resumed run's data yaml names the classes it trained for: the same number renamed or reordered loaded
+    without a word (best.pt kept the old names, last.pt took the new); another number failed on the layers' sizes."""
+    then, now = (checkpoint or {}).get("names"), class_names(student)
+    if then is None or then == now:
+        return
+    i = next(i for i, pair in enumerate(itertools.zip_longest(then, now)) if pair[0] != pair[1])
+    was, named = (repr(names[i]) if i < len(names) else "none" for names in (then, now))
+    raise DistillError(
+        f"--resume {checkpoint['run_dir']}: the run trained for {len(then)} classes and its data yaml now names "
+        f"{len(now)} (class {i}: {was} then, {named} now); put the yaml's names back, or start a new run"
+    )
 
 
 def restore_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, train_loader) -> int:
@@ -256,12 +271,6 @@ def load_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, trai
             f"new run"
         )
     distiller = state.distiller
-    names = class_names(distiller.student)
-    if ckpt.get("names") not in (None, names):  # the same number of classes renamed or reordered loads without a word
-        raise DistillError(
-            f"--resume {ckpt['run_dir']}: the run trained for the classes {ckpt['names']} and its data yaml now "
-            f"names {names}; start a new run"
-        )
     distiller.student.load_state_dict(ckpt["student"])
     distiller.terms.load_state_dict(ckpt["terms"])
     if state.ema and ckpt["ema"] is not None:

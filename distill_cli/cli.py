@@ -38,7 +38,8 @@ class Commands(TyperGroup):
 
             message = e.format_message()
             where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-            if "unexpected extra argument" in message and "=" in message:  # --set a=1 b=2: a pair after the first
+            takes_set = e.ctx is not None and any("--set" in getattr(p, "opts", ()) for p in e.ctx.command.params)
+            if takes_set and "unexpected extra argument" in message and "=" in message:  # --set a=1 b=2
                 where = f"; each key=value takes its own --set (--set a=1 --set b=2){where}"
             err_console.print(f"[red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,11 @@ def sample_images(source: str | list[str], count: int) -> list[Path]:
     """The first ``count`` images of the split that OpenCV can read (the validator skips a corrupt one too)."""
     files: list[Path] = []
     for entry in map(Path, source if isinstance(source, list) else [source]):
-        if entry.is_dir():
-            files += sorted(p for p in entry.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
-        elif entry.is_file():  # a list of images, a line each; './' is beside the list, as ultralytics reads it
+        named: Iterable[Path] = entry.rglob("*") if entry.is_dir() else ()
+        if entry.is_file():  # a list of images, a line each; './' is beside the list, as ultralytics reads it
             lines = (line.strip() for line in entry.read_text(errors="replace").splitlines())
             named = (entry.parent / line[2:] if line.startswith("./") else Path(line) for line in lines if line)
-            files += sorted(p for p in named if p.suffix[1:].lower() in IMG_FORMATS)
+        files += sorted(p for p in named if p.suffix[1:].lower() in IMG_FORMATS)
     readable = (path for path in files if cv2.imread(str(path)) is not None)
     return list(itertools.islice(readable, count))
 
@@ -107,12 +107,14 @@ def box_row(line: str) -> tuple[float, ...] | None:
         values = tuple(float(v) for v in line.split())
     except ValueError:
         return None
+    if not np.isfinite(values).all():
+        return None
     if len(values) > 6 and len(values) % 2:
         xs, ys = values[1::2], values[2::2]
         width, height = max(xs) - min(xs), max(ys) - min(ys)
         values = (values[0], min(xs) + width / 2, min(ys) + height / 2, width, height)
-    valid = len(values) == 5 and all(0 <= v <= 1 for v in values[1:]) and values[0] >= 0  # False for NaN too
-    return values if valid and np.isfinite(values[0]) else None
+    valid = len(values) == 5 and all(0 <= v <= 1 for v in values[1:]) and values[0] >= 0
+    return values if valid else None
 
 
 def draw_predictions(path: Path, weights: str, imgsz: int) -> np.ndarray:

@@ -11,14 +11,38 @@ from typing import Any
 
 import yaml
 
-from .config import TOO_DEEP, Recipe, RunConfig, config_from_dict, config_to_dict, load_recipe, load_yaml
+from .config import (
+    TOO_DEEP,
+    Recipe,
+    RunConfig,
+    UniqueKeyLoader,
+    config_from_dict,
+    config_to_dict,
+    load_recipe,
+)
 from .errors import DistillError
-from .rules import is_number, shown
+from .rules import shown
 
-# a number as YAML 1.2 writes one (no underscores, no leading zeros, no base-60): other text YAML 1.1 reads as one
-NUMBER_TEXT = re.compile(
-    r"[-+]?(0|[1-9][0-9]*)|[-+]?(\.[0-9]+|[0-9]+\.[0-9]*)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
-    r"|0x[0-9a-fA-F]+"
+
+class OverrideLoader(UniqueKeyLoader):
+    """YAML's safe loader with YAML 1.2's numbers and no dates: YAML 1.1 reads 2024_06_01 as 20240601, 010 as 8,
+    1:30 as 90 and 2024-06-01 as a date, which a --set value means as text; 1e-3 is a number in 1.2 (text in 1.1)."""
+
+
+NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+DROPPED = (*NUMBER_TAGS, "tag:yaml.org,2002:timestamp")
+OverrideLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in DROPPED]
+    for first, resolvers in UniqueKeyLoader.yaml_implicit_resolvers.items()
+}
+OverrideLoader.add_implicit_resolver(NUMBER_TAGS[0], re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+)$"), None)
+OverrideLoader.add_implicit_resolver(
+    NUMBER_TAGS[1],
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    None,
 )
 
 
@@ -30,10 +54,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise DistillError(f"--set expects key=value, got '{item}'")
         try:
-            value = load_yaml(raw) if raw.strip() else None
-            if is_number(value) and not isinstance(value, bool) and not NUMBER_TEXT.fullmatch(raw.strip()):
-                value = raw.strip()  # YAML 1.1 reads 2024_06_01 as 20240601, 010 as 8 and 1:30 as 90: they stay text
-            out[key.strip()] = value
+            out[key.strip()] = yaml.load(raw, Loader=OverrideLoader) if raw.strip() else None  # noqa: S506  safe
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond Python's 4300 digits
             why = TOO_DEEP if isinstance(e, RecursionError) else str(e).splitlines()[0]
             raise DistillError(f"--set {key.strip()}: the value is not valid YAML ({why})") from e

@@ -15,6 +15,19 @@ def stop_step(schedule: Schedule, epochs: int, steps_per_epoch: int) -> int:
     return max(0, stop) * steps_per_epoch
 
 
+def balance_span(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """How many of the run's steps automatic balance can count: those where some term is on (weight > 0; a term that
+    warms up is off at step 0, and off from its stop step)."""
+    spans = [
+        (int(spec.schedule.warmup_epochs > 0), stop_step(spec.schedule, cfg.epochs, steps_per_epoch))
+        for spec in cfg.recipe.losses.values()
+        if spec.weight > 0
+    ]
+    if not spans:
+        return 0
+    return max(0, max(stop for _, stop in spans) - min(first for first, _ in spans))  # spans start at 0 or 1
+
+
 def schedule_problem(name: str, schedule: Schedule, epochs: int) -> str | None:
     """Why a term's ``stop_epoch`` leaves it no epoch of an ``epochs``-long run (it would silently train without
     it), or None."""

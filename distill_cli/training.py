@@ -18,7 +18,7 @@ from ultralytics.utils.torch_utils import ModelEMA, init_seeds
 
 from . import dist
 from .adapter_fit import adapter_targets, fit_adapters
-from .checkpoint import RunGuard, restore_state, save_checkpoints
+from .checkpoint import RunGuard, check_resumed_classes, restore_state, save_checkpoints
 from .config import ULTRALYTICS_NBS, RunConfig
 from .data import build_loader, hyperparameters, load_data
 from .distiller import Distiller, Teacher, build_terms
@@ -33,7 +33,7 @@ from .report import RunOutcome, feature_agreement, measure_baseline, write_repor
 from .rules import check_function
 from .runlock import check_unclaimed
 from .runlog import RunLog, TrainResult
-from .schedule import optimizer_steps, target_accumulate
+from .schedule import balance_span, optimizer_steps, target_accumulate
 from .settings import max_grad_norm, resolve_auto, resolve_ema, run_config, select_device, terms_can_pause
 from .start import (
     calibrate_selected,
@@ -56,7 +56,8 @@ def check_inputs(recipe: str | None = None, resume: str | Path | None = None, **
     a resumed run), without starting it or writing anything: the multi-GPU launcher calls it once, so that bad input
     is one error line, not one per process."""
     cfg, checkpoint = run_config(None, recipe, resume, overrides)
-    load_models(cfg, load_data(cfg.data, cfg.val_split), resuming=checkpoint is not None)
+    _, student, _ = load_models(cfg, load_data(cfg.data, cfg.val_split), resuming=checkpoint is not None)
+    check_resumed_classes(checkpoint, student)
     if checkpoint is not None:  # a run another process trains: refused here, not by rank 0 inside torchrun
         check_unclaimed(Path(checkpoint["run_dir"]))
     return cfg
@@ -104,6 +105,7 @@ def prepare(
     torch.backends.mkldnn.enabled = not (cfg.deterministic and device.type == "cpu")
     data = load_data(cfg.data, cfg.val_split)
     teacher_model, student, has_start = load_models(cfg, data, resuming=checkpoint is not None)
+    check_resumed_classes(checkpoint, student)
     student_imgsz = trained_imgsz(student)  # as loaded: the run's own hyperparameters replace the student's below
     coarsest = int(student.stride.max())
     if cfg.imgsz <= coarsest:  # its maps there would be 1x1: BatchNorm cannot train on a batch of one image
@@ -213,13 +215,14 @@ def prepare(
 
 
 def check_balance_reached(cfg: RunConfig, steps_per_epoch: int) -> None:
-    """Automatic balance fixes its factors after ``balance.steps`` training steps: a run with no step after those
-    would record a target it never applied."""
-    balance, total = cfg.recipe.balance, cfg.epochs * steps_per_epoch
-    if balance.target > 0 and cfg.recipe.losses and balance.steps >= total:
+    """Automatic balance fixes its factors after ``balance.steps`` steps with a term on: a run with no such step
+    after those would record a target it never applied."""
+    balance, span = cfg.recipe.balance, balance_span(cfg, steps_per_epoch)
+    if balance.target > 0 and cfg.recipe.losses and balance.steps >= span:
+        fix = f"give balance.steps below {span}" if span > 1 else "set balance.target=0, or train longer"
         raise DistillError(
-            f"balance.steps {balance.steps}: the run has {total} steps ({steps_per_epoch} an epoch), "
-            f"so its automatic balance would never apply; give balance.steps below {total}"
+            f"balance.steps {balance.steps}: the run's terms are on in {span} of its {cfg.epochs * steps_per_epoch} "
+            f"steps, so its automatic balance would never apply; {fix}"
         )
 
 

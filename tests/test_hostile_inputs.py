@@ -138,13 +138,27 @@ def test_compare_samples_read_an_image_list_and_box_polygon_labels(synthetic_dat
     assert sample_images(str(listing), 5) == sorted(images[::-1][:2])
     assert box_row("2 0.1 0.2 0.5 0.2 0.3 0.6") == pytest.approx((2.0, 0.3, 0.4, 0.4, 0.4))
     assert box_row("2 0.1 0.2 1.5 0.2 0.3 0.6") is None  # a point outside the image, as the validator skips it
+    assert box_row("2 0.1 0.2 nan 0.2 0.3 0.6") is None and box_row("2 0.1 0.2 0.5 0.2 0.3 nan") is None
 
 
-def test_a_balance_that_no_step_of_the_run_would_reach_is_refused(run_kwargs: dict) -> None:
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (
+            [],
+            "balance.steps 2: the run's terms are on in 2 of its 2 steps, so its automatic balance would never apply"
+            "; give balance.steps below 2",
+        ),
+        (
+            ["--set", "losses.cwd.schedule.warmup_epochs=1"],
+            "on in 1 of its 2 steps, so its automatic balance would never apply; set balance.target=0, or train longer",
+        ),  # a term warming up is off at step 0
+    ],
+)
+def test_a_balance_that_no_step_of_the_run_would_reach_is_refused(run_kwargs: dict, options: list, said: str) -> None:
     """It was saved in config.yaml and never applied: 8 images, batch 4, 1 epoch are 2 steps."""
-    args = [*train_args(run_kwargs, recipe="cwd"), "--set", "balance.target=1", "--set", "balance.steps=2"]
-    line = one_error_line(runner.invoke(app, args))
-    assert "balance.steps 2: the run has 2 steps (2 an epoch)" in line and "give balance.steps below 2" in line
+    args = [*train_args(run_kwargs, recipe="cwd"), "--set", "balance.target=1", "--set", "balance.steps=2", *options]
+    assert said in one_error_line(runner.invoke(app, args))
     assert not Path(run_kwargs["project"]).exists()
 
 
@@ -168,7 +182,7 @@ def test_resume_after_the_classes_changed_is_one_line(run_kwargs: dict, syntheti
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         line = one_error_line(runner.invoke(app, ["train", "--resume", str(run)]))
-    assert "the run trained for the classes ['circle', 'square', 'triangle'] and its data yaml now names" in line
+    assert "the run trained for 3 classes and its data yaml now names 4 (class 3: none then, 'star' now)" in line
     assert not [w for w in caught if "resume" in str(w.message)]  # no "last.pt is kept; resume" beside it
     assert (run / "config.yaml").read_bytes() == config
     data.write_text(Path(run_kwargs["data"]).read_text())  # the classes back; a layer of another shape instead

@@ -265,7 +265,7 @@ def test_names_written_out_of_id_order_keep_their_ids(tmp_path: Path, synthetic_
     text = f"path: {synthetic_data.parent}\ntrain: images/train\nval: images/val\n"
     shuffled.write_text(text + "names: {2: triangle, 0: circle, 1: square}\n")
     in_order = dict(enumerate(SYNTHETIC_CLASSES))
-    assert load_data(shuffled)["names"] == in_order
+    assert list(load_data(shuffled)["names"].items()) == list(in_order.items())
     kwargs = {**TINY_EVAL, "workers": 0, "epochs": 1, "report": False, "project": str(tmp_path / "runs")}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -274,20 +274,35 @@ def test_names_written_out_of_id_order_keep_their_ids(tmp_path: Path, synthetic_
     assert torch.load(result.best, weights_only=False)["model"].names == in_order
 
 
-@pytest.mark.parametrize(("text", "value"), [("2024_06_01", "2024_06_01"), ("010", "010"), ("1:30", "1:30")])
+@pytest.mark.parametrize(
+    ("text", "value"), [("2024_06_01", "2024_06_01"), ("010", "010"), ("1:30", "1:30"), ("2024-06-01", "2024-06-01")]
+)
 def test_set_keeps_text_that_yaml_1_1_would_read_as_another_number(text: str, value: str) -> None:
-    """YAML 1.1 drops underscores, reads a leading 0 as octal and a colon as base 60: --set name=2024_06_01 named
-    the run 20240601. Numbers as YAML 1.2 writes them are numbers."""
-    from distill_cli.overrides import parse_overrides
+    """YAML 1.1 drops underscores, reads a leading 0 as octal, a colon as base 60 and a date as a date: --set
+    name=2024_06_01 named the run 20240601. Numbers as YAML 1.2 writes them are numbers, also inside lists."""
+    from distill_cli.overrides import apply_overrides, parse_overrides
 
     assert parse_overrides([f"name={text}"]) == {"name": value}
-    numbers = parse_overrides(["a=10", "b=-0.5", "c=1.5e-3", "d=0", "e=.inf", "f=true", "g=0x1f"])
-    assert numbers == {"a": 10, "b": -0.5, "c": 1.5e-3, "d": 0, "e": float("inf"), "f": True, "g": 31}
-    with pytest.raises(DistillError, match="must be a number, got '010'"):
-        train(epochs="010", data="x.yaml")  # not 8
+    assert parse_overrides([f"layers=[{text}, 16]"]) == {"layers": [value, 16]}
+    numbers = parse_overrides(["a=10", "b=-0.5", "c=1.5e-3", "d=0", "e=.inf", "f=true", "g=0x1f", "h=1e-3", "i=5 # x"])
+    assert numbers == {
+        "a": 10,
+        "b": -0.5,
+        "c": 1.5e-3,
+        "d": 0,
+        "e": float("inf"),
+        "f": True,
+        "g": 31,
+        "h": 1e-3,
+        "i": 5,
+    }
+    with pytest.raises(DistillError, match="must be a number, got '010'"):  # not octal 8
+        apply_overrides(RunConfig(), parse_overrides(["epochs=010"]))
 
 
 def test_several_pairs_after_one_set_are_told_to_take_one_set_each(run_kwargs: dict) -> None:
     line = one_error_line(runner.invoke(app, [*train_args(run_kwargs), "--set", "nbs=64", "ema_decay=0.9999"]))
     assert "unexpected extra argument" in line and "each key=value takes its own --set (--set a=1 --set b=2)" in line
     assert not Path(run_kwargs["project"]).exists()
+    line = one_error_line(runner.invoke(app, ["export", "--weights", "a.pt", "imgsz=320"]))
+    assert "unexpected extra argument" in line and "--set" not in line  # export has no --set
