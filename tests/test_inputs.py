@@ -284,7 +284,9 @@ def test_set_keeps_text_that_yaml_1_1_would_read_as_another_number(text: str, va
 
     assert parse_overrides([f"name={text}"]) == {"name": value}
     assert parse_overrides([f"layers=[{text}, 16]"]) == {"layers": [value, 16]}
-    numbers = parse_overrides(["a=10", "b=-0.5", "c=1.5e-3", "d=0", "e=.inf", "f=true", "g=0x1f", "h=1e-3", "i=5 # x"])
+    numbers = parse_overrides(
+        ["a=10", "b=-0.5", "c=1.5e-3", "d=0", "e=.inf", "f=true", "g=0x1f", "h=1.0e+3", "i=5 # x"]
+    )
     assert numbers == {
         "a": 10,
         "b": -0.5,
@@ -293,7 +295,7 @@ def test_set_keeps_text_that_yaml_1_1_would_read_as_another_number(text: str, va
         "e": float("inf"),
         "f": True,
         "g": 31,
-        "h": 1e-3,
+        "h": 1e3,
         "i": 5,
     }
     with pytest.raises(DistillError, match="must be a number, got '010'"):  # not octal 8
