@@ -131,8 +131,8 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
         raise DistillError(f"--resume {path}: its resume state is incomplete; give the run dir of a yolodistill run")
     if not is_dir(run_dir):  # a last.pt moved out of its weights folder goes on in its run's folder
         raise DistillError(
-            f"--resume {path}: the folder its run started in, '{run_dir}', is gone; put this file in a folder as "
-            f"<folder>/weights/last.pt and resume <folder>"
+            f"--resume {path}: the folder its run started in, '{run_dir}', is not found; put this file in a folder "
+            f"as <folder>/weights/last.pt and resume <folder>"
         )
     damage = counters_problem(state)
     if damage:
@@ -145,7 +145,8 @@ def load_resume(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
         )
     read = last.stat()  # RunGuard checks, once it holds the run's lock, that the run did not move on since
     model = ckpt.get("model")  # the EMA (or the student), as YOLO() reads it
-    names = class_names(model) if isinstance(model, torch.nn.Module) else None  # check_resumed_classes reads them
+    names = getattr(model, "names", None) if isinstance(model, torch.nn.Module) else None
+    names = class_names(model) if isinstance(names, (dict, list)) else None  # check_resumed_classes reads them
     return cfg, {**resume, "run_dir": str(run_dir), "read": (str(last), read.st_ino, read.st_mtime_ns), "names": names}
 
 

@@ -25,10 +25,9 @@ from .rules import shown
 
 
 class OverrideLoader(UniqueKeyLoader):
-    """YAML's safe loader with YAML 1.2's integers and decimals and no dates: YAML 1.1 reads 2024_06_01 as 20240601,
-    010 as 8, 1:30 as 90 and 2024-06-01 as a date, which a --set value means as text. An exponent without a dot (1e-3)
-    stays text as in a recipe file, which YAML 1.1 reads: a number field takes it (rules.coerce), a text field as
-    written."""
+    """The recipe files' YAML loader, but for numbers and dates that a --set value means as text: YAML 1.1 reads
+    2024_06_01 as 20240601, 010 as 8, 1:30 as 90 and 2024-06-01 as a date. Its other numbers read as in a recipe file
+    (1e-3 and 1.5e3 are text there too, which a number field takes: rules.coerce)."""
 
 
 NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
@@ -40,7 +39,10 @@ OverrideLoader.yaml_implicit_resolvers = {
 OverrideLoader.add_implicit_resolver(NUMBER_TAGS[0], re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+)$"), None)
 OverrideLoader.add_implicit_resolver(
     NUMBER_TAGS[1],
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^(?:[-+]?[0-9]+\.[0-9]*(?:[eE][-+][0-9]+)?|\.[0-9]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+        r"|\.(?:nan|NaN|NAN))$"
+    ),
     None,
 )
 

@@ -219,7 +219,8 @@ def check_balance_reached(cfg: RunConfig, steps_per_epoch: int) -> None:
     after those would record a target it never applied."""
     balance, span = cfg.recipe.balance, balance_span(cfg, steps_per_epoch)
     if balance.target > 0 and cfg.recipe.losses and balance.steps >= span:
-        fix = f"give balance.steps below {span}" if span > 1 else "set balance.target=0, or train longer"
+        fix = "set balance.target=0" + (", or train longer" if span else ": no term has a weight")
+        fix = f"give balance.steps below {span}" if span > 1 else fix
         raise DistillError(
             f"balance.steps {balance.steps}: the run's terms are on in {span} of its {cfg.epochs * steps_per_epoch} "
             f"steps, so its automatic balance would never apply; {fix}"

@@ -153,6 +153,11 @@ def test_compare_samples_read_an_image_list_and_box_polygon_labels(synthetic_dat
             ["--set", "losses.cwd.schedule.warmup_epochs=1"],
             "on in 1 of its 2 steps, so its automatic balance would never apply; set balance.target=0, or train longer",
         ),  # a term warming up is off at step 0
+        (
+            ["--set", "losses.cwd.weight=0"],
+            "on in 0 of its 2 steps, so its automatic balance would never apply; set "
+            "balance.target=0: no term has a weight",
+        ),
     ],
 )
 def test_a_balance_that_no_step_of_the_run_would_reach_is_refused(run_kwargs: dict, options: list, said: str) -> None:

@@ -275,7 +275,8 @@ def test_names_written_out_of_id_order_keep_their_ids(tmp_path: Path, synthetic_
 
 
 @pytest.mark.parametrize(
-    ("text", "value"), [("2024_06_01", "2024_06_01"), ("010", "010"), ("1:30", "1:30"), ("2024-06-01", "2024-06-01")]
+    ("text", "value"),
+    [("2024_06_01", "2024_06_01"), ("010", "010"), ("1:30", "1:30"), ("2024-06-01", "2024-06-01"), ("1.5e3", "1.5e3")],
 )
 def test_set_keeps_text_that_yaml_1_1_would_read_as_another_number(text: str, value: str) -> None:
     """YAML 1.1 drops underscores, reads a leading 0 as octal, a colon as base 60 and a date as a date: --set

@@ -164,7 +164,7 @@ def test_a_moved_last_pt_whose_run_folder_is_gone_says_where_to_put_it(run_kwarg
     shutil.rmtree(run_dir)
     with pytest.raises(
         DistillError,
-        match=r"the folder its run started in, '.*gone', is gone; put this file in a "
+        match=r"the folder its run started in, '.*gone', is not found; put this file in a "
         r"folder as <folder>/weights/last.pt and resume <folder>$",
     ) as refused:
         train(resume=copy)
