@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from .errors import DistillError
 
 T = TypeVar("T")
+NUMBER_TEXT = re.compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")  # a plain decimal
 EXPONENT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
 MAX_INT = 2**31 - 1
 MAX_NAME_BYTES = 250  # filesystems take 255 bytes in a name; a taken run name gets a number after it (exp2)
@@ -129,7 +130,9 @@ def coerce(tp: type, value: Any, where: str) -> Any:
         if isinstance(value, str) and EXPONENT.fullmatch(value):
             value = float(value)  # YAML 1.1 reads an exponent without a dot (1e9, 2e-5) as a string
         if not is_number(value):
-            raise DistillError(f"'{where}' must be a number, got {shown(value)}")
+            plain = value.replace("_", "") if isinstance(value, str) and "_" in value else ""  # --set epochs=1_000
+            hint = f" (write {plain}, without underscores)" if NUMBER_TEXT.fullmatch(plain) else ""
+            raise DistillError(f"'{where}' must be a number, got {shown(value)}{hint}")
         value = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy's scalars too
         if tp is int:  # a float that is whole (1e3, 8.0) is taken; the bound keeps counts within C integers
             if isinstance(value, float) and not value.is_integer():

@@ -301,6 +301,8 @@ def test_set_keeps_text_that_yaml_1_1_would_read_as_another_number(text: str, va
     }
     with pytest.raises(DistillError, match="must be a number, got '010'"):  # not octal 8
         apply_overrides(RunConfig(), parse_overrides(["epochs=010"]))
+    with pytest.raises(DistillError, match=r"must be a number, got '1_000' \(write 1000, without underscores\)$"):
+        apply_overrides(RunConfig(), parse_overrides(["epochs=1_000"]))
 
 
 def test_several_pairs_after_one_set_are_told_to_take_one_set_each(run_kwargs: dict) -> None:

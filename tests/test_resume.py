@@ -173,3 +173,15 @@ def test_a_moved_last_pt_whose_run_folder_is_gone_says_where_to_put_it(run_kwarg
     (placed / "weights").mkdir(parents=True)
     shutil.copy(copy, placed / "weights" / "last.pt")
     assert train(resume=placed).epochs_done == 2
+
+
+def test_a_last_pt_whose_model_names_were_edited_to_no_list_still_resumes(run_kwargs: dict) -> None:
+    """The class check reads the saved model's names: an edited file whose names are a number failed with exit 1."""
+    kwargs = {**run_kwargs, "epochs": 2, "name": "edited", "report": False}
+    with pytest.raises(DistillError):
+        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
+    last = Path(kwargs["project"]) / "edited" / "weights" / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt["model"].names = 7
+    torch.save(ckpt, last)
+    assert train(resume=last.parent.parent).epochs_done == 2
