@@ -33,7 +33,7 @@ from distill_cli.training import check_inputs, train
 
 from .conftest import train_args
 from .test_inputs import data_yaml, one_error_line
-from .test_resume import interrupt_after_epoch
+from .test_resume import interrupt_after_epoch, interrupted_run
 
 runner = CliRunner()
 
@@ -167,15 +167,8 @@ def test_a_balance_that_no_step_of_the_run_would_reach_is_refused(run_kwargs: di
     assert not Path(run_kwargs["project"]).exists()
 
 
-def interrupted_run(run_kwargs: dict, name: str) -> Path:
-    kwargs = {**run_kwargs, "epochs": 2, "name": name, "report": False}
-    with pytest.raises(DistillError):
-        train(recipe="none", callback=interrupt_after_epoch(1), **kwargs)
-    return Path(kwargs["project"]) / name
-
-
 def test_resume_after_the_classes_changed_is_one_line(run_kwargs: dict, synthetic_data: Path, tmp_path: Path) -> None:
-    run = interrupted_run(run_kwargs, "cut")
+    run = interrupted_run(run_kwargs, "cut", "none")
     data = tmp_path / "data.yaml"  # the run's data yaml, given one class more after the interruption
     data.write_text(Path(run_kwargs["data"]).read_text())
     ckpt = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)
@@ -199,7 +192,7 @@ def test_resume_after_the_classes_changed_is_one_line(run_kwargs: dict, syntheti
 
 
 def test_resume_of_a_copy_of_last_pt_does_not_write_over_its_run(run_kwargs: dict, tmp_path: Path) -> None:
-    run = interrupted_run(run_kwargs, "cut")
+    run = interrupted_run(run_kwargs, "cut", "none")
     copy = tmp_path / "backup.pt"
     shutil.copy(run / "weights" / "last.pt", copy)
     before = {p.name: p.read_bytes() for p in (run / "weights").iterdir()}
@@ -222,7 +215,7 @@ def test_resume_of_a_copy_of_last_pt_does_not_write_over_its_run(run_kwargs: dic
 def test_a_last_pt_edited_into_other_types_is_refused_in_one_line(run_kwargs: dict, tmp_path: Path) -> None:
     """A config that is no mapping, a saved run dir that is no text (a last.pt moved out of weights/), a history that
     is no list, step counters out of range: each one error line, exit 2, the run folder's files as they were."""
-    run = interrupted_run(run_kwargs, "cut")
+    run = interrupted_run(run_kwargs, "cut", "none")
     original = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)
     moved = tmp_path / "moved.pt"  # out of weights/: the run dir comes from the saved one
     edits = [
@@ -346,7 +339,7 @@ time.sleep(60)
 def test_a_run_folder_is_trained_by_one_process_at_a_time(run_kwargs: dict) -> None:
     """Two resumes of one run (or a resume of a run still going on) would write the same files. The lock is the
     kernel's: a process that is killed (out of memory, SIGKILL) leaves its mark but no lock, and the resume goes on."""
-    run = interrupted_run(run_kwargs, "cut")
+    run = interrupted_run(run_kwargs, "cut", "none")
     assert not (run / RUNNING).exists()  # removed when the run stopped
     check_inputs(resume=run)
     assert not (run / RUNNING).exists()  # nor made by the launcher's check

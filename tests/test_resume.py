@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,6 +30,14 @@ def interrupt_after_epoch(epoch: int):
             os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag; the loop stops at the next step
 
     return callback
+
+
+def interrupted_run(run_kwargs: dict, name: str, recipe: str = "cwd", **options: Any) -> Path:
+    """The folder of a 2-epoch run stopped by SIGINT after its first epoch: its last.pt resumes it."""
+    kwargs = {**run_kwargs, "epochs": 2, "name": name, "report": False, **options}
+    with pytest.raises(DistillError):
+        train(recipe=recipe, callback=interrupt_after_epoch(1), **kwargs)
+    return Path(kwargs["project"]) / name
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -89,10 +98,7 @@ def test_the_ddp_shuffle_follows_the_same_rule() -> None:
 
 def test_resume_of_a_run_started_by_another_version_is_refused(run_kwargs: dict) -> None:
     """The training state changes between versions (optimizer groups, config fields): one clear line, no traceback."""
-    kwargs = {**run_kwargs, "epochs": 2, "name": "old", "report": False}
-    with pytest.raises(DistillError):
-        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
-    last = Path(kwargs["project"]) / "old" / "weights" / "last.pt"
+    last = interrupted_run(run_kwargs, "old") / "weights" / "last.pt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     ckpt["distill"]["yolodistill_version"] = "0.1.0"
     torch.save(ckpt, last)
@@ -112,9 +118,7 @@ def test_a_resumed_run_continues_in_the_folder_of_its_last_pt(
     writing beside its last.pt, not into a new folder under the current one."""
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "a")
-    kwargs = {**run_kwargs, "epochs": 2, "project": "runs", "name": "cut", "report": False}
-    with pytest.raises(DistillError):
-        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
+    interrupted_run(run_kwargs, "cut", project="runs")
     moved = tmp_path / "moved"
     (tmp_path / "a" / "runs" / "cut").rename(moved)
     monkeypatch.chdir(tmp_path / "b")
@@ -129,11 +133,9 @@ def test_a_resumed_run_continues_in_the_folder_of_its_last_pt(
     [({"epochs": 5}, "epochs"), ({"recipe": "cwd"}, "recipe"), ({"device": "cpu", "lr0": 0.1}, "lr0")],
 )
 def test_resume_refuses_changes_to_the_run(run_kwargs: dict, options: dict, dropped: str) -> None:
-    kwargs = {**run_kwargs, "epochs": 2, "name": "cut", "report": False}
-    with pytest.raises(DistillError):
-        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
+    run = interrupted_run(run_kwargs, "cut")
     with pytest.raises(DistillError, match=f"continues a run as it was configured; drop {dropped}$"):
-        train(resume=Path(kwargs["project"]) / "cut", **options)
+        train(resume=run, **options)
 
 
 def test_resume_refuses_a_data_yaml_whose_classes_were_renamed(run_kwargs: dict, tmp_path: Path) -> None:
@@ -141,11 +143,8 @@ def test_resume_refuses_a_data_yaml_whose_classes_were_renamed(run_kwargs: dict,
     data = tmp_path / "data.yaml"
     text = Path(run_kwargs["data"]).read_text()
     data.write_text(text)
-    kwargs = {**run_kwargs, "data": str(data), "epochs": 2, "name": "cut", "report": False}
-    with pytest.raises(DistillError):
-        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
+    last = interrupted_run(run_kwargs, "cut", data=str(data)) / "weights" / "last.pt"
     data.write_text(text.replace("2: triangle", "2: renamed"))
-    last = Path(kwargs["project"]) / "cut" / "weights" / "last.pt"
     before = last.read_bytes()
     said = r"trained for 3 classes and its data yaml now names 3 \(class 2: 'triangle' then, 'renamed' now\); put the"
     with pytest.raises(DistillError, match=said + r" yaml's names back, or start a new run$") as refused:
@@ -155,10 +154,7 @@ def test_resume_refuses_a_data_yaml_whose_classes_were_renamed(run_kwargs: dict,
 
 def test_a_moved_last_pt_whose_run_folder_is_gone_says_where_to_put_it(run_kwargs: dict, tmp_path: Path) -> None:
     """It used to fail on the lock file of the missing folder ('cannot open .../.running')."""
-    kwargs = {**run_kwargs, "epochs": 2, "name": "gone", "report": False}
-    with pytest.raises(DistillError):
-        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
-    run_dir, copy = Path(kwargs["project"]) / "gone", tmp_path / "elsewhere" / "last.pt"
+    run_dir, copy = interrupted_run(run_kwargs, "gone"), tmp_path / "elsewhere" / "last.pt"
     copy.parent.mkdir()
     shutil.copy(run_dir / "weights" / "last.pt", copy)
     shutil.rmtree(run_dir)
@@ -177,10 +173,7 @@ def test_a_moved_last_pt_whose_run_folder_is_gone_says_where_to_put_it(run_kwarg
 
 def test_a_last_pt_whose_model_names_were_edited_to_no_list_still_resumes(run_kwargs: dict) -> None:
     """The class check reads the saved model's names: an edited file whose names are a number failed with exit 1."""
-    kwargs = {**run_kwargs, "epochs": 2, "name": "edited", "report": False}
-    with pytest.raises(DistillError):
-        train(recipe="cwd", callback=interrupt_after_epoch(1), **kwargs)
-    last = Path(kwargs["project"]) / "edited" / "weights" / "last.pt"
+    last = interrupted_run(run_kwargs, "edited") / "weights" / "last.pt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     ckpt["model"].names = 7
     torch.save(ckpt, last)
