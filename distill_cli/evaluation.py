@@ -154,7 +154,7 @@ def validator_device(spec: str) -> str:
 def check_classes(weights: str, have: list[str], data: dict[str, Any], opts: EvalOptions) -> None:
     """Refuse a data yaml whose class list differs from the model's, or (allowed) say loudly what the numbers lose:
     ultralytics matches classes by id and skips images whose labels have ids the yaml lacks."""
-    want = [data["names"][i] for i in sorted(data["names"])]
+    want = list(data["names"].values())  # in id order (load_data)
     if have == want:
         return
     summary = f"'{weights}' has {len(have)} classes, data yaml '{opts.data}' {len(want)}"

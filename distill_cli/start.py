@@ -55,7 +55,7 @@ def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module |
             f"the teacher and the student are the same file ({cfg.teacher}): the student learns from itself",
             stacklevel=2,
         )
-    names = dict(enumerate(names.values() if isinstance(names, dict) else names))
+    names = dict(names)  # in id order (load_data): the student's own copy
     has_start = fine_tunes(cfg) and class_names(student) == list(names.values())
     if fine_tunes(cfg) and not has_start:
         student = with_classes(student, names)
