@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import DistillError
 
-__version__ = "0.3.30"
+__version__ = "0.3.31"
 
 _API = {
     "train": "training",

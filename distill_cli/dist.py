@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import importlib
 import os
 import signal
 import subprocess
@@ -55,6 +56,10 @@ def init(info: DistInfo, device_spec: str) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
+        # DDP imports torch._dynamo, and an import of it after the group exists holds references to the group, so
+        # destroy_process_group could not free it: its gloo threads then lived into the interpreter's teardown, where
+        # now and then they aborted a rank after a complete run (exit -6). Imported first, it holds none.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
     return torch.device(f"cuda:{info.local_rank}") if use_cuda else torch.device("cpu")
 
