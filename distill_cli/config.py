@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import DistillError
-from .rules import build, device_problem, found, is_file, layers_problem, rule, shown
+from .rules import build, device_problem, found, is_file, layers_problem, not_a_file, rule, shown
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -257,7 +257,8 @@ def recipe_path(name_or_path: str) -> Path:
     if not shipped and (path.suffix in {".yaml", ".yml"} or status is not None):
         if status is None or not stat.S_ISREG(status.st_mode):
             raise DistillError(
-                f"recipe file {shown(str(path))} not found; give a YAML path or one of: {', '.join(list_recipes())}"
+                f"recipe file {shown(str(path))} {not_a_file(path)}; give a YAML path or one of: "
+                f"{', '.join(list_recipes())}"
             )
         return path
     for folder in (RECIPES_DIR, PACKAGED_RECIPES_DIR):

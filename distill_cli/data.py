@@ -22,7 +22,7 @@ from ultralytics.utils import DATASETS_DIR, IterableSimpleNamespace
 from .config import read_yaml
 from .errors import DistillError
 from .options import SyntheticOptions
-from .rules import found, is_file, path_too_long, validated
+from .rules import found, is_file, not_a_file, path_too_long, validated
 from .runlog import check_creatable, first_missing, remove, undo
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
@@ -39,7 +39,7 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
     """
     path = Path(path)
     if not is_file(path):
-        raise DistillError(f"data yaml '{path}' not found; give an ultralytics data yaml (train/val/names)")
+        raise DistillError(f"data yaml '{path}' {not_a_file(path)}; give an ultralytics data yaml (train/val/names)")
     raw = read_yaml(path, "data yaml")
     if not isinstance(raw, dict):
         raise DistillError(f"data yaml '{path}' must be a mapping with train, val and names")

@@ -24,7 +24,7 @@ from ultralytics.utils import downloads
 
 from . import __version__
 from .errors import EXIT_RUNTIME, DistillError
-from .rules import found, is_file, shown
+from .rules import found, is_file, not_a_file, shown
 
 
 def load_model(spec: str | Path, role: str = "model", nc: int | None = None, trust: bool = False) -> DetectionModel:
@@ -38,7 +38,8 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
         return _build_from_yaml(spec, role, nc)
     path = fetch_named_model(spec, role) or Path(spec)
     if not is_file(path):
-        raise DistillError(f"{role} '{spec}' not found; give a .pt checkpoint or a model yaml such as yolov8n.yaml")
+        advice = "a .pt checkpoint" + ("" if role == "weights" else " or a model yaml such as yolov8n.yaml")
+        raise DistillError(f"{role} '{spec}' {not_a_file(path)}; give {advice}")
     if path.suffix != ".pt":
         raise DistillError(f"{role} '{spec}' is not a .pt checkpoint or a .yaml model definition")
     ckpt = read_checkpoint(path, role, trust)
@@ -53,12 +54,30 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
     if type(model) is not DetectionModel:  # Segmentation/Pose/OBB models subclass DetectionModel
         task = getattr(model, "task", None) or guess_model_task(model)
         raise DistillError(f"{role} '{spec}' is a {task} model; yolodistill distils detection models (task=detect)")
+    missing = missing_part(model)
+    if missing:
+        problem = f"{role} '{spec}' holds a model without {missing} (an edited or damaged file)"
+        raise DistillError(f"{problem}; use an intact copy")
     model = model.float()
     if not all_finite(model.state_dict().values()):
         raise DistillError(f"{role} '{spec}' holds NaN or infinite weights: no model to train, distil or evaluate")
     model.args = {**ckpt.get("train_args", {})} if isinstance(ckpt.get("train_args"), dict) else {}
     model.criterion = None
     return model
+
+
+def missing_part(model: DetectionModel) -> str | None:
+    """The part every detection model has and this one lacks or holds as something else (a checkpoint edited after
+    it was saved), named for the error line; None when all are there."""
+    layers = getattr(model, "model", None)
+    head = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
+    parts = {
+        "its layers": head is not None,
+        "its model definition (yaml)": isinstance(getattr(model, "yaml", None), dict),
+        "its strides": isinstance(getattr(model, "stride", None), torch.Tensor),
+        "its head's strides": isinstance(getattr(head, "stride", None), torch.Tensor),
+    }
+    return next((part for part, there in parts.items() if not there), None)
 
 
 def all_finite(tensors: Iterable[torch.Tensor], bound: float = math.inf) -> bool:

@@ -226,6 +226,11 @@ def is_dir(path: str | os.PathLike) -> bool:
     return (status := found(path)) is not None and stat.S_ISDIR(status.st_mode)
 
 
+def not_a_file(path: str | os.PathLike) -> str:
+    """Why a file the user named cannot be read as one: a folder there, or nothing."""
+    return "is a folder, not a file" if is_dir(path) else "not found"
+
+
 def shown_number(value: float) -> str:
     """A number for a message: as it is, or its length where it would fill the line (or exceed Python's limit on
     the digits of an int it will print)."""

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from distill_cli.checkpoint import load_resume
 from distill_cli.cli import app
-from distill_cli.config import PACKAGED_RECIPES_DIR, RECIPES_DIR, RunConfig, recipe_path
+from distill_cli.config import PACKAGED_RECIPES_DIR, RECIPES_DIR, RunConfig, load_recipe, recipe_path
 from distill_cli.errors import EXIT_USAGE, DistillError
 from distill_cli.models import load_model
 from distill_cli.overrides import apply_overrides
@@ -142,6 +142,46 @@ def test_a_checkpoint_with_nan_weights_is_bad_input(command: str, run_kwargs: di
     before = tree(tmp_path)
     line = one_error_line(CliRunner().invoke(app, args))
     assert f"'{bad}' holds NaN or infinite weights" in line and tree(tmp_path) == before
+
+
+def edited(source: Path, target: Path, part: str) -> Path:
+    ckpt = torch.load(source, weights_only=False)
+    owner = ckpt["model"].model[-1] if part == "head stride" else ckpt["model"]
+    setattr(owner, part.split()[-1], None)
+    torch.save(ckpt, target)
+    return target
+
+
+@pytest.mark.parametrize(("part", "named"), [("yaml", "model definition"), ("head stride", "head's strides")])
+@pytest.mark.parametrize("command", ["export", "eval", "train"])
+def test_a_checkpoint_edited_to_lack_a_part_is_bad_input(
+    command: str, part: str, named: str, run_kwargs: dict, tmp_path: Path
+) -> None:
+    """A model whose yaml or head strides were set to None loaded, then failed inside ultralytics with a raw
+    AttributeError: exit 1 (export: 3, 'export failed')."""
+    bad = str(edited(Path(run_kwargs["teacher"]), tmp_path / "edited.pt", part))
+    args = {
+        "export": ["export", "--weights", bad, "--imgsz", "64", "--output", str(tmp_path / "out" / "e.onnx")],
+        "eval": ["eval", "--weights", bad, "--data", run_kwargs["data"], "--imgsz", "64", "--device", "cpu"],
+        "train": train_args(run_kwargs, recipe="none", student=bad),
+    }[command]
+    before = tree(tmp_path)
+    line = one_error_line(CliRunner().invoke(app, args))
+    assert f"'{bad}' holds a model without its {named}" in line and tree(tmp_path) == before
+
+
+def test_a_folder_given_for_a_file_is_named_as_a_folder(tmp_path: Path, run_kwargs: dict) -> None:
+    """A folder was reported as 'not found', and eval's advice offered a model yaml, which eval refuses."""
+    folder = tmp_path / "best.pt"
+    folder.mkdir()
+    eval_args = ["eval", "--weights", str(folder), "--data", run_kwargs["data"], "--imgsz", "64", "--device", "cpu"]
+    line = one_error_line(CliRunner().invoke(app, eval_args))
+    assert line.endswith(f"weights '{folder}' is a folder, not a file; give a .pt checkpoint"), line
+    other_args = ["eval", "--weights", run_kwargs["teacher"], "--data", str(tmp_path)]
+    line = one_error_line(CliRunner().invoke(app, other_args))
+    assert f"data yaml '{tmp_path}' is a folder, not a file" in line
+    with pytest.raises(DistillError, match="recipe file .* is a folder, not a file"):
+        load_recipe(str(tmp_path))
 
 
 def test_a_bare_saved_model_is_named_for_what_it_is(tmp_path: Path, tiny_teacher: Path) -> None:
