@@ -36,7 +36,7 @@ def run_demo(
     """Returns the output folder, the data yaml and the eval table (per family: teacher, plain and distilled student).
     The folder (never an earlier demo's) is removed again if the demo fails or is interrupted."""
     opts = validated(DemoOptions, locals())
-    check_function(log, "log", "(message)")
+    check_function(log, "log", "(message)", 1)
     target = Path(opts.out)
     check_creatable(target.parent, "the demo folder", "--out DIR")
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import inspect
 import itertools
 import math
 import numbers
@@ -157,10 +158,22 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_function(value: Any, where: str, shape: str) -> None:
-    """A callback argument of the Python API: None or something to call, said before any work."""
-    if value is not None and not callable(value):
+def check_function(value: Any, where: str, shape: str, arity: int) -> None:
+    """A callback argument of the Python API: None or something to call with ``arity`` positional arguments, said
+    before any work (a lambda of the wrong shape failed with a TypeError once the work had started)."""
+    if value is None:
+        return
+    if not callable(value):
         raise DistillError(f"'{where}' must be a function {shape} or None, got {shown(value)}")
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # a builtin without a readable signature: called as it is
+        return
+    try:
+        signature.bind(*[None] * arity)
+    except TypeError as e:
+        called = f"{arity} argument{'s' * (arity != 1)}"
+        raise DistillError(f"'{where}' must be a function {shape}: it is called with {called} ({e})") from None
 
 
 def shown(value: Any) -> str:

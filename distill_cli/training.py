@@ -76,7 +76,7 @@ def train(
     ``callback(event, info)`` receives ``start``, ``step`` (running means), ``epoch`` (the results row) and ``end``.
     Under ``torchrun`` every rank calls this; rank 0 alone writes files, validates and calls back.
     """
-    check_function(callback, "callback", "(event, info)")
+    check_function(callback, "callback", "(event, info)", 2)
     info = dist.from_environment()
     with warnings.catch_warnings():
         if info.enabled and not info.is_main:  # rank 0 gives each warning; one copy per process would add nothing

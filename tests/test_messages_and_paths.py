@@ -203,6 +203,20 @@ def test_api_arguments_outside_the_schema_are_checked_before_any_work(tmp_path: 
     assert not (tmp_path / "demo").exists()
 
 
+def test_api_callbacks_of_the_wrong_shape_are_refused_before_any_work(run_kwargs: dict, tmp_path: Path) -> None:
+    """A callback taking other arguments than it is called with failed with a TypeError once the models were loaded
+    (train) or the data drawn (run_demo)."""
+    called = "must be a function \\(event, info\\): it is called with 2 arguments"
+    for wrong in (lambda event: None, lambda: None, lambda event, info, extra: None):
+        with pytest.raises(DistillError, match=f"'callback' {called}"):
+            train(recipe="none", callback=wrong, **run_kwargs)
+    with pytest.raises(DistillError, match="'log' must be a function \\(message\\): it is called with 1 argument "):
+        run_demo(out=str(tmp_path / "demo"), log=lambda: None)
+    assert not (tmp_path / "demo").exists() and not Path(run_kwargs["project"]).exists()
+    for fits in (lambda event, info: None, lambda *args: None, lambda event, info, extra=0: None):
+        train(recipe="none", callback=fits, **{**run_kwargs, "report": False, "name": "fits"})
+
+
 def test_eval_says_when_it_rounds_the_image_size(synthetic_data: Path, tiny_teacher: Path) -> None:
     args = ["eval", "--weights", str(tiny_teacher), "--data", str(synthetic_data), "--imgsz", "33", "--json"]
     with pytest.warns(UserWarning, match="imgsz 33 is not a multiple of the stride 32; using 64"):
