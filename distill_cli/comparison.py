@@ -18,13 +18,14 @@ from .data import load_data
 from .evaluation import evaluate, threads_kept
 from .options import CompareOptions, EvalOptions
 from .report import per_class_markdown
-from .rules import validated
+from .rules import api_function, validated
 from .runlog import check_creatable, output_dir
 
 GT_COLOR = (40, 200, 40)
 PRED_COLOR = (40, 60, 230)  # BGR: red
 
 
+@api_function
 def compare(
     weights: list[str],
     data: str,

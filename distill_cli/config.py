@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import DistillError
-from .rules import build, device_problem, found, is_file, layers_problem, not_a_file, rule, shown
+from .rules import api_function, build, device_problem, found, is_file, layers_problem, not_a_file, rule, shown
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -312,6 +312,7 @@ def read_yaml(path: Path, what: str) -> Any:
         raise DistillError(f"{what} {shown(str(path))} is not valid YAML: {TOO_DEEP}") from e
 
 
+@api_function
 def load_recipe(name_or_path: str = DEFAULT_RECIPE) -> Recipe:
     """A recipe file, checked. It must list its terms: an empty file or one without ``losses`` is an error (the
     ``none`` recipe, ``losses: {}``, trains without distillation on purpose)."""

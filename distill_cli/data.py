@@ -22,7 +22,7 @@ from ultralytics.utils import DATASETS_DIR, IterableSimpleNamespace
 from .config import read_yaml
 from .errors import DistillError
 from .options import SyntheticOptions
-from .rules import found, is_file, not_a_file, path_too_long, validated
+from .rules import api_function, found, is_file, not_a_file, path_too_long, validated
 from .runlog import check_creatable, first_missing, remove, undo
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
@@ -206,6 +206,7 @@ def restore_loader(loader: torch.utils.data.DataLoader, state: dict[str, Any] | 
             dataset.load_image(index)
 
 
+@api_function
 def make_synthetic_dataset(
     root: str | Path, n_train: int = 64, n_val: int = 16, size: int = 128, seed: int = 0
 ) -> Path:

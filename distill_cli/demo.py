@@ -15,7 +15,7 @@ from .data import make_synthetic_dataset
 from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import evaluate
 from .options import DemoOptions
-from .rules import check_function, validated
+from .rules import api_function, check_function, validated
 from .runlog import check_creatable, output_dir
 from .training import train
 
@@ -24,6 +24,7 @@ BATCH = 16
 FAMILIES = {"YOLOv8": ("yolov8s.yaml", "yolov8n.yaml"), "YOLO26": ("yolo26s.yaml", "yolo26n.yaml")}
 
 
+@api_function
 def run_demo(
     out: str | Path = DemoOptions.out,
     epochs: int = DemoOptions.epochs,

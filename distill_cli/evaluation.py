@@ -19,7 +19,7 @@ from .data import load_data, split_errors, warn_skipped
 from .errors import DistillError
 from .models import class_names, count_params, load_model, stride_multiple
 from .options import EvalOptions
-from .rules import validated
+from .rules import api_function, validated
 
 
 @dataclass
@@ -96,6 +96,7 @@ def single_process_validation() -> Iterator[None]:
             setattr(module, name, value)
 
 
+@api_function
 def evaluate(
     weights: list[str],
     data: str,

@@ -24,10 +24,11 @@ from .errors import EXIT_RUNTIME, DistillError
 from .evaluation import threads_kept, validator_device
 from .models import load_model, stride_multiple
 from .options import ExportOptions
-from .rules import validated
+from .rules import api_function, validated
 from .runlog import check_creatable, first_missing, removed_on_failure
 
 
+@api_function
 def export(
     weights: str,
     format: str = ExportOptions.format,

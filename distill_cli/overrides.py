@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import replace
 from typing import Any
@@ -21,7 +20,7 @@ from .config import (
     load_recipe,
 )
 from .errors import DistillError
-from .rules import shown
+from .rules import close_or_known, shown
 
 
 class OverrideLoader(UniqueKeyLoader):
@@ -78,9 +77,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         if parts[0] not in data:
             if parts[0] not in data["recipe"]:  # neither a run setting nor a recipe field
                 known = [k for k in data if k != "recipe"] + list(data["recipe"])
-                close = difflib.get_close_matches(parts[0], known, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
-                raise DistillError(f"unknown setting '{key}'; {hint}")
+                raise DistillError(f"unknown setting '{key}'; {close_or_known(parts[0], known)}")
             parts = ["recipe", *parts]
         node, losses = data, (data["recipe"] or {}).get("losses")
         for part in parts[:-1]:

@@ -14,11 +14,12 @@ from .losses import LOSSES
 from .models import load_model, stride_multiple
 from .options import ProbeOptions
 from .overrides import apply_overrides
-from .rules import validated
+from .rules import api_function, validated
 from .teacher_scale import resolved, scale_problem, trained_imgsz, upsamples
 from .weight_selection import selection_problem
 
 
+@api_function
 def probe_channels(
     teacher: str,
     student: str,

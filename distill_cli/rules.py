@@ -9,6 +9,7 @@ checks. Every float must be finite (NaN and infinity are refused everywhere).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import errno
 import functools
 import inspect
@@ -21,7 +22,7 @@ import re
 import stat
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -156,6 +157,38 @@ def coerce(tp: type, value: Any, where: str) -> Any:
 def is_number(value: Any) -> bool:
     """An int or a float, numpy's included; not a bool (True is an int to Python, not a number to a user)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def close_or_known(name: str, known: Iterable[str]) -> str:
+    """What to suggest for an unknown name: the known one it is closest to, else all of them."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def api_function(function: F) -> F:
+    """A function of the Python API whose arguments are checked against its signature on each call: an unknown
+    keyword or a missing or extra argument raises a DistillError naming the function, as ``train`` does for an
+    unknown setting, not Python's TypeError."""
+    signature = inspect.signature(function)
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        unknown = next((key for key in kwargs if key not in signature.parameters), None)
+        if unknown is not None and not open_ended:
+            hint = close_or_known(unknown, signature.parameters)
+            raise DistillError(f"{function.__name__}(): unknown argument '{unknown}'; {hint}")
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise DistillError(f"{function.__name__}(): {e}") from None
+        return function(*args, **kwargs)
+
+    return typing.cast(F, checked)
 
 
 def check_function(value: Any, where: str, shape: str, arity: int) -> None:

@@ -30,7 +30,7 @@ from .models import class_names, count_params, stride_multiple
 from .optimizer import build_optimizer
 from .precision import amp_dtypes, precision_note, resolve_precision
 from .report import RunOutcome, feature_agreement, measure_baseline, write_report
-from .rules import check_function
+from .rules import api_function, check_function
 from .runlock import check_unclaimed
 from .runlog import RunLog, TrainResult
 from .schedule import balance_span, optimizer_steps, target_accumulate
@@ -63,6 +63,7 @@ def check_inputs(recipe: str | None = None, resume: str | Path | None = None, **
     return cfg
 
 
+@api_function
 def train(
     cfg: RunConfig | None = None,
     *,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -201,6 +202,33 @@ def test_api_arguments_outside_the_schema_are_checked_before_any_work(tmp_path: 
     with pytest.raises(DistillError, match="'log' must be a function \\(message\\) or None"):
         run_demo(out=str(tmp_path / "demo"), log="print")
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "kwargs", "message"),
+    [
+        ("evaluate", (["a.pt"], "d.yaml"), {"conf": 0.5}, "evaluate(): unknown argument 'conf'; known: weights, data"),
+        ("compare", (["a.pt"], "d.yaml"), {"outdir": "x"}, "compare(): unknown argument 'outdir'; did you mean 'out'?"),
+        ("export", ("a.pt",), {"half": True}, "export(): unknown argument 'half'; known: weights, format"),
+        ("run_demo", (), {"epoch": 1}, "run_demo(): unknown argument 'epoch'; did you mean 'epochs'?"),
+        ("probe_channels", ("t.pt", "s.pt"), {"img_size": 64}, "did you mean 'imgsz'?"),
+        ("load_recipe", ("none", "cwd"), {}, "load_recipe(): too many positional arguments"),
+        ("make_synthetic_dataset", ("x",), {"ntrain": 1}, "did you mean 'n_train'?"),
+        ("evaluate", (), {}, "evaluate(): missing a required argument: 'weights'"),
+        ("train", ({}, 1), {}, "train(): too many positional arguments"),
+    ],
+)
+def test_api_arguments_the_function_does_not_take_are_a_distill_error(
+    name: str, args: tuple, kwargs: dict, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's TypeError for an unknown keyword or a wrong count of arguments was raised by every API function
+    but train, whose unknown settings were already told in one line with a suggestion."""
+    import distill_cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DistillError, match=re.escape(message)):
+        getattr(distill_cli, name)(*args, **kwargs)
+    assert not any(tmp_path.iterdir())
 
 
 def test_api_callbacks_of_the_wrong_shape_are_refused_before_any_work(run_kwargs: dict, tmp_path: Path) -> None:
