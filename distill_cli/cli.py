@@ -7,6 +7,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -386,7 +387,15 @@ def without_option(argv: list[str], name: str) -> list[str]:
 
 
 def main() -> None:
-    app()
+    """The console script: the command, then the interpreter's teardown (most of a second with torch loaded), during
+    which a stop is ignored: the command's exit code and output stand. A SIGTERM there killed the process with 143
+    after a success; a SIGINT gave 0 with a KeyboardInterrupt traceback, or 130."""
+    try:
+        app()
+    except SystemExit:
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)
+        raise
 
 
 if __name__ == "__main__":

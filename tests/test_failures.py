@@ -4,9 +4,12 @@ or goes away again. The one exception is a training run's resumable last.pt."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -164,6 +167,22 @@ def test_a_failed_command_leaves_the_folder_as_it_was(
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert tree(quiet_folder) == before
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_during_the_teardown_after_a_command_leaves_its_exit_code(stop: str) -> None:
+    """The stop arrives from an atexit hook, once the command has finished: SIGTERM killed the process (143 after a
+    success), SIGINT printed a KeyboardInterrupt traceback."""
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        f"atexit.register(lambda: (os.kill(os.getpid(), signal.{stop}), time.sleep(0.5)))\n"
+        "sys.argv = ['yolodistill', 'recipes', '--json']\n"
+        "from distill_cli.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-2000:])
+    assert json.loads(done.stdout)  # the command's output, whole
 
 
 def test_sigterm_is_an_interruption_unless_ignored_and_only_in_the_main_thread() -> None:
