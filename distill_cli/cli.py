@@ -29,6 +29,13 @@ class Commands(TyperGroup):
     """A command line typer cannot parse (a missing option, 'abc' for a number) is bad input like any other: one
     'error:' line and exit code 2."""
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # --verbose is the tool's option, given before the command; the error lines say "run with --verbose", and
+        # users add it at the end: there it is taken as well (the options of the commands have no such name)
+        if "--verbose" in args[1:]:
+            args = ["--verbose", *(arg for arg in args if arg != "--verbose")]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)

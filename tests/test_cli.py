@@ -202,3 +202,13 @@ def test_multi_gpu_launch_checks_the_inputs_once_first(run_kwargs: dict, monkeyp
 @pytest.mark.parametrize("key", ["resume", "recipe"])
 def test_set_of_a_train_argument_is_one_line(key: str) -> None:
     assert_one_line_error(runner.invoke(app, ["train", "--set", f"{key}=x"]), f"--set {key}: not a config field")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_is_taken_before_the_command_or_after_it(where: str, tmp_path: Path) -> None:
+    """Error lines say 'run with --verbose for details', and an --verbose added at the end was refused as an unknown
+    option of the command (exit 2, 'No such option')."""
+    command = ["eval", "--weights", "w.pt", "--data", str(tmp_path / "d.yaml")]
+    result = runner.invoke(app, ["--verbose", *command] if where == "before" else [*command, "--verbose"])
+    assert result.exit_code == EXIT_USAGE
+    assert "Traceback" in result.output and "d.yaml' not found" in result.output, result.output
