@@ -329,7 +329,7 @@ def export(
 @app.command()
 @handled
 def demo(
-    out: str = typer.Option(DemoOptions.out, help="Folder for the generated data and the three runs."),
+    out: str = typer.Option(DemoOptions.out, help="Folder for the generated data and the six runs."),
     epochs: int = typer.Option(DemoOptions.epochs, help="Student epochs (the teacher gets 1.5x as many)."),
     seed: int = typer.Option(DemoOptions.seed, help="Random seed of the data and every run."),
     json_out: bool = JSON,

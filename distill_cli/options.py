@@ -9,7 +9,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import LAYERS, Balance, LossSpec, Recipe, RunConfig, Schedule, blank_problem, imgsz_field, ranged
+from .config import (
+    LAYERS,
+    MAX_IMGSZ,
+    Balance,
+    LossSpec,
+    Recipe,
+    RunConfig,
+    Schedule,
+    blank_problem,
+    imgsz_field,
+    ranged,
+)
 from .rules import Rule, device_problem, is_file, rule
 
 
@@ -114,7 +125,7 @@ class DemoOptions:
     epochs: int = ranged(20, ge=1)
     n_train: int = ranged(256, ge=1)
     n_val: int = ranged(64, ge=1)
-    imgsz: int = imgsz_field(64)
+    imgsz: int = ranged(64, ge=64, le=MAX_IMGSZ)  # its students' coarsest maps (stride 32) train from 2x2 up
     seed: int = ranged(0, ge=0, le=2**31 - 1)
 
 

@@ -338,3 +338,10 @@ def test_a_teacher_that_is_the_student_file_warns(run_kwargs: dict, tiny_teacher
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         check_inputs("default", **run_kwargs)  # a yaml student: no such warning
+
+
+def test_the_demo_refuses_a_size_its_students_cannot_train_at_before_drawing_data(tmp_path: Path) -> None:
+    """imgsz 32 passed the demo's checks, drew the data, and then every run refused it (stride-32 maps of 1x1)."""
+    with pytest.raises(DistillError, match=r"'imgsz' must be in \[64, 16384\], got 32"):
+        run_demo(out=str(tmp_path / "demo"), imgsz=32)
+    assert not (tmp_path / "demo").exists()
