@@ -27,6 +27,9 @@ from .options import ExportOptions
 from .rules import api_function, validated
 from .runlog import check_creatable, first_missing, removed_on_failure
 
+# formats ultralytics 8.4's exporter always quantizes to INT8, calibrating on a data yaml's images
+CALIBRATED = frozenset({"axelera", "deepx", "edgetpu", "hailo", "imx", "qnn", "xilinx"})
+
 
 @api_function
 def export(
@@ -47,6 +50,11 @@ def export(
     on = validator_device(opts.device)
     if opts.format == "engine" and on == "cpu":  # ultralytics' exporter refuses it after loading: bad input, first
         raise DistillError("--format engine (TensorRT) exports on a GPU; pass --device 0")
+    if opts.format in CALIBRATED:  # without images of ours, ultralytics would download its own (coco8)
+        raise DistillError(
+            f"--format {opts.format} is INT8 only, calibrated on images of the data, which export does not take; "
+            f"use ultralytics with your data yaml: yolo export model={opts.weights} format={opts.format} data=DATA"
+        )
     if opts.format == "onnx":
         check_onnxruntime()
     model = load_model(opts.weights, "weights", trust=opts.trust_checkpoint)  # the safe load vets the file first

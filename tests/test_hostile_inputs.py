@@ -327,6 +327,18 @@ def test_export_refuses_engine_on_a_cpu_and_a_dangling_link(tiny_teacher: Path, 
     assert "already exists" in line and link.is_symlink()
 
 
+@pytest.mark.parametrize("fmt", ["imx", "qnn"])
+def test_export_refuses_int8_only_formats_that_would_download_calibration_images(
+    fmt: str, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ultralytics quantizes these with images of a data yaml, and export takes none: it tried to download coco8
+    (YOLO_OFFLINE=1 or not), made its datasets folder, and failed with exit 3."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(runner.invoke(app, ["export", "--weights", str(tiny_teacher), "--format", fmt]))
+    assert f"--format {fmt} is INT8 only" in line and f"format={fmt} data=DATA" in line
+    assert not any(tmp_path.iterdir())
+
+
 HOLDER = """
 import sys, time
 from pathlib import Path
