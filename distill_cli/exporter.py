@@ -137,16 +137,19 @@ def check_target(target: Path, named: bool) -> None:
     name longer than the filesystem takes."""
     try:
         exists = target.exists() or target.is_symlink()  # a dangling link too: the export would replace it
+    except OSError as e:
+        raise DistillError(f"--output '{target}': {e.strerror}") from e
+    if exists:
+        advice = "remove it or name another --output" if named else "pass --output to write elsewhere"
+        raise DistillError(f"'{target}' already exists; {advice} (nothing is overwritten)")
+    check_creatable(target.parent, "the export", "--output PATH")
+    try:
         missing = first_missing(target.parent)
         longest = os.pathconf(missing.parent if missing else target.parent, "PC_NAME_MAX")
     except OSError as e:
         raise DistillError(f"--output '{target}': {e.strerror}") from e
     except (AttributeError, ValueError):  # no pathconf (not POSIX), or the filesystem does not say
         longest = 255
-    if exists:
-        advice = "remove it or name another --output" if named else "pass --output to write elsewhere"
-        raise DistillError(f"'{target}' already exists; {advice} (nothing is overwritten)")
-    check_creatable(target.parent, "the export", "--output PATH")
     if any(len(os.fsencode(part)) > longest for part in target.parts):
         raise DistillError(f"--output '{target}': a name in it is longer than {longest} bytes")
 

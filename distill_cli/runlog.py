@@ -78,7 +78,8 @@ def check_creatable(folder: str | Path, what: str = "the run directory", hint: s
     missing = first_missing(folder)
     existing = missing.parent if missing else folder
     if not existing.is_dir():
-        raise DistillError(f"cannot create {what} under '{folder}' ('{existing}' is a file); use {hint}")
+        kind = "a link to nothing, or a loop of links" if os.path.islink(existing) else "a file"
+        raise DistillError(f"cannot create {what} under '{folder}' ('{existing}' is {kind}); use {hint}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DistillError(f"cannot create {what} under '{folder}' ('{existing}' is not writable); use {hint}")
 
@@ -132,9 +133,10 @@ def remove(path: Path) -> None:
 
 
 def first_missing(folder: Path) -> Path | None:
-    """The outermost folder of ``folder`` (itself included) that does not exist yet: what creating it would add."""
+    """The outermost folder of ``folder`` (itself included) that does not exist yet: what creating it would add. A
+    link that leads nowhere (or loops) exists: nothing can be created in its place."""
     missing = None
-    while found(folder) is None and folder.parent != folder:
+    while found(folder) is None and not os.path.islink(folder) and folder.parent != folder:
         missing, folder = folder, folder.parent
     return missing
 
