@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import logging
 import os
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import typer
@@ -32,8 +31,9 @@ class Commands(TyperGroup):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # --verbose is the tool's option, given before the command; the error lines say "run with --verbose", and
         # users add it at the end: there it is taken as well (the options of the commands have no such name)
-        if "--verbose" in args[1:]:
-            args = ["--verbose", *(arg for arg in args if arg != "--verbose")]
+        options = args[: args.index("--")] if "--" in args else args  # after "--", a value
+        if "--verbose" in options[1:]:
+            args = ["--verbose", *(arg for arg in options if arg != "--verbose"), *args[len(options) :]]
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: Any) -> Any:
@@ -91,6 +91,8 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .console import json_alone_on_stdout
+
         try:
             with sigterm_interrupts(), json_alone_on_stdout() if kwargs.get("json_out") else contextlib.nullcontext():
                 return command(*args, **kwargs)
@@ -114,27 +116,6 @@ def handled(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def unexpected(e: Exception) -> str:
     return f"{type(e).__name__}: {e}" + ("" if STATE["verbose"] else " (run with --verbose for details)")
-
-
-@contextlib.contextmanager
-def json_alone_on_stdout() -> Iterator[None]:
-    """With --json stdout holds the JSON alone: ultralytics writes its logs and progress bars to stdout (its errors
-    at any verbosity, its first-run settings notice), so while the command runs they go to stderr, and
-    ``print_json`` to the real stdout."""
-    from . import console
-
-    console.json_stream = sys.stdout
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            import torch  # noqa: F401  before ultralytics, which would leave torch one thread (see __init__.py)
-            from ultralytics.utils import LOGGER  # imported here first, its handler takes the redirected stream
-
-            for handler in LOGGER.handlers:  # imported earlier, it holds the real stdout: redirect_stdout misses it
-                if isinstance(handler, logging.StreamHandler) and handler.stream is console.json_stream:
-                    handler.setStream(sys.stderr)
-            yield
-    finally:
-        console.json_stream = None
 
 
 def fail(message: str, exit_code: int) -> NoReturn:
@@ -400,8 +381,9 @@ def main() -> None:
     try:
         app()
     except SystemExit:
-        for stop in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(stop, signal.SIG_IGN)
+        with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+            for stop in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(stop, signal.SIG_IGN)
         raise
 
 

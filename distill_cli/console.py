@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -169,3 +172,23 @@ class TrainProgress:
             from .report import NO_EPOCH_BEAT_THE_START
 
             console.print(f"[yellow]{NO_EPOCH_BEAT_THE_START}[/]")
+
+
+@contextlib.contextmanager
+def json_alone_on_stdout() -> Iterator[None]:
+    """With --json stdout holds the JSON alone: ultralytics writes its logs and progress bars to stdout (its errors
+    at any verbosity, its first-run settings notice), so while the command runs they go to stderr, and
+    ``print_json`` to the real stdout."""
+    global json_stream
+    json_stream = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            import torch  # noqa: F401  before ultralytics, which would leave torch one thread (see __init__.py)
+            from ultralytics.utils import LOGGER  # imported here first, its handler takes the redirected stream
+
+            for handler in LOGGER.handlers:  # imported earlier, it holds the real stdout: redirect_stdout misses it
+                if isinstance(handler, logging.StreamHandler) and handler.stream is json_stream:
+                    handler.setStream(sys.stderr)
+            yield
+    finally:
+        json_stream = None

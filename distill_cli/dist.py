@@ -75,7 +75,7 @@ def per_rank_batch(batch: int, world_size: int) -> int:
 
 def all_agree(flag: bool, device: torch.device) -> bool:
     """True only if ``flag`` holds on every rank (one tiny all-reduce; a no-op without DDP)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not joined():
         return flag
     value = torch.tensor(1.0 if flag else 0.0, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
@@ -88,7 +88,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def average(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Mean of each logged value over ranks (keys must match on all ranks)."""
-    if not (dist.is_available() and dist.is_initialized()) or not values:
+    if not joined() or not values:
         return values
     keys = sorted(values)
     tensor = torch.tensor([values[k] for k in keys], device=device, dtype=torch.float64)
@@ -97,7 +97,7 @@ def average(values: dict[str, float], device: torch.device) -> dict[str, float]:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if joined():
         dist.barrier()
 
 
@@ -114,8 +114,13 @@ def main_first(info: DistInfo) -> Iterator[None]:
             barrier()
 
 
+def joined() -> bool:
+    """Whether this process is in a process group already."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if joined():
         dist.destroy_process_group()
 
 

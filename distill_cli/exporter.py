@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -53,7 +54,8 @@ def export(
     if opts.format in CALIBRATED:  # without images of ours, ultralytics would download its own (coco8)
         raise DistillError(
             f"--format {opts.format} is INT8 only, calibrated on images of the data, which export does not take; "
-            f"use ultralytics with your data yaml: yolo export model={opts.weights} format={opts.format} data=DATA"
+            f"use ultralytics with your data yaml: yolo export model={shlex.quote(opts.weights)} "
+            f"format={opts.format} imgsz={opts.imgsz} data=DATA"
         )
     if opts.format == "onnx":
         check_onnxruntime()
@@ -143,12 +145,10 @@ def check_target(target: Path, named: bool) -> None:
         advice = "remove it or name another --output" if named else "pass --output to write elsewhere"
         raise DistillError(f"'{target}' already exists; {advice} (nothing is overwritten)")
     check_creatable(target.parent, "the export", "--output PATH")
-    try:
-        missing = first_missing(target.parent)
+    missing = first_missing(target.parent)
+    try:  # a folder that exists (checked above)
         longest = os.pathconf(missing.parent if missing else target.parent, "PC_NAME_MAX")
-    except OSError as e:
-        raise DistillError(f"--output '{target}': {e.strerror}") from e
-    except (AttributeError, ValueError):  # no pathconf (not POSIX), or the filesystem does not say
+    except (AttributeError, ValueError, OSError):  # no pathconf (not POSIX), or the filesystem does not say
         longest = 255
     if any(len(os.fsencode(part)) > longest for part in target.parts):
         raise DistillError(f"--output '{target}': a name in it is longer than {longest} bytes")

@@ -181,11 +181,12 @@ def api_function(function: F) -> F:
         unknown = next((key for key in kwargs if key not in signature.parameters), None)
         if unknown is not None and not open_ended:
             hint = close_or_known(unknown, signature.parameters)
-            raise DistillError(f"{function.__name__}(): unknown argument '{unknown}'; {hint}")
+            raise DistillError(f"{function.__name__}(): unknown argument {shown(unknown)}; {hint}")
         try:
             signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise DistillError(f"{function.__name__}(): {e}") from None
+            takes = ", ".join(name for name, p in signature.parameters.items() if p.kind is not p.VAR_KEYWORD)
+            raise DistillError(f"{function.__name__}(): {e}; it takes ({takes})") from None
         return function(*args, **kwargs)
 
     return typing.cast(F, checked)

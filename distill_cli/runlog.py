@@ -78,7 +78,7 @@ def check_creatable(folder: str | Path, what: str = "the run directory", hint: s
     missing = first_missing(folder)
     existing = missing.parent if missing else folder
     if not existing.is_dir():
-        kind = "a link to nothing, or a loop of links" if os.path.islink(existing) else "a file"
+        kind = "a link to nothing, or a loop of links" if found(existing) is None else "a file"
         raise DistillError(f"cannot create {what} under '{folder}' ('{existing}' is {kind}); use {hint}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DistillError(f"cannot create {what} under '{folder}' ('{existing}' is not writable); use {hint}")

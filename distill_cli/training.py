@@ -85,6 +85,7 @@ def train(
         cfg, checkpoint = run_config(cfg, recipe, resume, overrides)
         if "," in cfg.device and not info.enabled:
             raise DistillError(f"--device {cfg.device}: several devices need torchrun (see README, multi-GPU)")
+        owns_group = info.enabled and not dist.joined()  # a group the caller made outlives the run
         device = dist.init(info, cfg.device) if info.enabled else select_device(cfg.device)
         try:
             # no run folder is left by a run that fails before its checkpoint; one process trains a run at a time
@@ -93,7 +94,8 @@ def train(
                     state, log, loaders, hyp, start_epoch = prepare(cfg, checkpoint, callback, info, device, guard)
                 return fit(state, log, *loaders, hyp, start_epoch)
         finally:
-            dist.shutdown()
+            if owns_group:
+                dist.shutdown()
 
 
 def prepare(

@@ -245,6 +245,29 @@ def test_a_finished_run_leaves_no_process_group_threads(run_kwargs: dict, tmp_pa
         assert not [name for name in names if "gloo" in name], names
 
 
+def train_in_a_group_made_before(rank: int, world: int, port: int, kwargs: dict, out: str) -> None:
+    """Join a process group, run train() in it, and write whether the group is still there afterwards."""
+    from distill_cli import training
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    training.train(recipe="none", **kwargs)
+    Path(out, f"rank{rank}.txt").write_text(str(dist.is_initialized()))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_a_process_group_the_caller_made_outlives_the_run(run_kwargs: dict, tmp_path: Path) -> None:
+    """train() destroyed a group it had not made, so the caller's next collective failed."""
+    kwargs = {**run_kwargs, "epochs": 1, "report": False}
+    mp.spawn(train_in_a_group_made_before, args=(2, free_port(), kwargs, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["True", "True"]
+
+
 def balance_on_rank(rank: int, world: int, port: int, out: str) -> None:
     """Calibrate the automatic balance on rank ``rank`` from values that differ between the ranks."""
     from distill_cli.engine import TrainState, update_balance

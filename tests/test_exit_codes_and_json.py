@@ -189,3 +189,43 @@ def test_a_bare_saved_model_is_named_for_what_it_is(tmp_path: Path, tiny_teacher
     torch.save(torch.load(tiny_teacher, weights_only=False)["model"], tmp_path / "bare.pt")
     with pytest.raises(DistillError, match=r"is not an ultralytics checkpoint \(a model saved with torch.save"):
         load_model(str(tmp_path / "bare.pt"), "student")
+
+
+@pytest.mark.parametrize("link", ["dangling", "loop", "to a file"])
+@pytest.mark.parametrize("command", ["export", "compare", "train"])
+def test_an_output_under_a_link_to_nothing_is_refused_before_any_work(
+    command: str, link: str, run_kwargs: dict, tmp_path: Path
+) -> None:
+    """A link that leads nowhere (or loops) was taken for a folder still to be made: export ran the whole export and
+    its check and failed with exit 3 ('File exists'), compare and train refused it only after their work began."""
+    place = tmp_path / "place"
+    if link == "to a file":
+        (tmp_path / "file").write_text("")
+        place.symlink_to(tmp_path / "file")
+    elif link == "dangling":
+        place.symlink_to(tmp_path / "nowhere")
+    else:
+        (tmp_path / "other").symlink_to(place)
+        place.symlink_to(tmp_path / "other")
+    teacher, data = run_kwargs["teacher"], run_kwargs["data"]
+    args = {
+        "export": ["export", "--weights", teacher, "--imgsz", "64", "--output", str(place / "x.onnx")],
+        "compare": ["compare", "--weights", teacher, "--data", data, "--imgsz", "64", "--out", str(place / "c")],
+        "train": train_args(run_kwargs, recipe="none", project=place),
+    }[command]
+    before = tree(tmp_path)
+    line = one_error_line(runner.invoke(app, args))
+    kind = "a file" if link == "to a file" else "a link to nothing, or a loop of links"
+    assert f"('{place}' is {kind})" in line and tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("fmt", ["imx", "qnn"])
+def test_export_refuses_int8_only_formats_that_would_download_calibration_images(
+    fmt: str, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ultralytics quantizes these with images of a data yaml, and export takes none: it tried to download coco8
+    (YOLO_OFFLINE=1 or not), made its datasets folder, and failed with exit 3."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(runner.invoke(app, ["export", "--weights", str(tiny_teacher), "--format", fmt]))
+    assert f"--format {fmt} is INT8 only" in line and f"format={fmt} imgsz=640 data=DATA" in line
+    assert not any(tmp_path.iterdir())
