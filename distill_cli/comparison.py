@@ -43,7 +43,7 @@ def compare(
     opts = validated(CompareOptions, locals())
     target = Path(opts.out)
     check_creatable(target.parent, "the report folder", "--out DIR")
-    rows = evaluate(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(EvalOptions)}, details=True)
+    rows = evaluate(**{**{f.name: getattr(opts, f.name) for f in dataclasses.fields(EvalOptions)}, "details": True})
     labels = model_labels(opts.weights)
     images = sample_images(load_data(opts.data, opts.split)[opts.split], opts.samples)
     table = [{k: v for k, v in r.items() if k not in ("per_class", "pr")} for r in rows]

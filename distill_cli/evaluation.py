@@ -136,7 +136,7 @@ def evaluate(
             **result.metrics,
             "ms_per_img": round(result.ms_per_img, 2),
         }
-        if details:
+        if opts.details:
             row.update(per_class=result.per_class, pr={"recall": result.recall, "precision": result.precision})
         rows.append(row)
     return rows

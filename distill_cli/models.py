@@ -58,7 +58,7 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
     if missing:
         problem = f"{role} '{spec}' holds a model without {missing} (an edited or damaged file)"
         raise DistillError(f"{problem}; use an intact copy")
-    model = model.float()
+    model = runs_forward(model, f"{role} '{spec}'")
     if not all_finite(model.state_dict().values()):
         raise DistillError(f"{role} '{spec}' holds NaN or infinite weights: no model to train, distil or evaluate")
     model.args = {**ckpt.get("train_args", {})} if isinstance(ckpt.get("train_args"), dict) else {}
@@ -76,8 +76,28 @@ def missing_part(model: DetectionModel) -> str | None:
         "its model definition (yaml)": isinstance(getattr(model, "yaml", None), dict),
         "its strides": isinstance(getattr(model, "stride", None), torch.Tensor),
         "its head's strides": isinstance(getattr(head, "stride", None), torch.Tensor),
+        "class names for its head's classes": isinstance(names := getattr(model, "names", None), (dict, list))
+        and len(names) == getattr(head, "nc", None),
     }
     return next((part for part, there in parts.items() if not there), None)
+
+
+@torch.no_grad()
+def runs_forward(model: DetectionModel, named: str) -> DetectionModel:
+    """The model in float32, once it has run a forward pass on a small blank image: a checkpoint edited in a way no
+    list of parts foresees (a head's ``reg_max`` or ``nc`` of None, a layer removed) fails here, as bad input, and
+    not later inside ultralytics with a raw TypeError."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model = model.float()
+        size = 2 * int(model.stride.max())  # the coarsest maps 2 x 2: every layer runs, at little cost
+        model.eval()(torch.zeros(1, 3, size, size))
+    except Exception as e:  # an edited model can fail in any way: TypeError, AttributeError, RuntimeError, ...
+        cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise DistillError(f"{named} holds a model that does not run (an edited or damaged file: {cause})") from e
+    for module, training in modes.items():
+        module.train(training)
+    return model
 
 
 def all_finite(tensors: Iterable[torch.Tensor], bound: float = math.inf) -> bool:

@@ -88,6 +88,7 @@ class EvalOptions:
     split: str = ranged("val", name=True)
     trust_checkpoint: bool = False
     allow_class_mismatch: bool = False  # evaluate on a data yaml whose class list differs from the weights'
+    details: bool = False  # per-class AP and the PR curve (eval)
 
 
 @dataclass

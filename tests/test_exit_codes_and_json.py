@@ -145,20 +145,30 @@ def test_a_checkpoint_with_nan_weights_is_bad_input(command: str, run_kwargs: di
 
 
 def edited(source: Path, target: Path, part: str) -> Path:
+    """A copy of ``source`` whose model (``part``: "names") or head ("head reg_max") has that attribute set to None."""
     ckpt = torch.load(source, weights_only=False)
-    owner = ckpt["model"].model[-1] if part == "head stride" else ckpt["model"]
+    owner = ckpt["model"].model[-1] if part.startswith("head ") else ckpt["model"]
     setattr(owner, part.split()[-1], None)
     torch.save(ckpt, target)
     return target
 
 
-@pytest.mark.parametrize(("part", "named"), [("yaml", "model definition"), ("head stride", "head's strides")])
+@pytest.mark.parametrize(
+    ("part", "told"),
+    [
+        ("yaml", "a model without its model definition"),
+        ("head stride", "a model without its head's strides"),
+        ("names", "a model without class names for its head's classes"),
+        ("head reg_max", "a model that does not run (an edited or damaged file: TypeError"),
+    ],
+)
 @pytest.mark.parametrize("command", ["export", "eval", "train"])
 def test_a_checkpoint_edited_to_lack_a_part_is_bad_input(
-    command: str, part: str, named: str, run_kwargs: dict, tmp_path: Path
+    command: str, part: str, told: str, run_kwargs: dict, tmp_path: Path
 ) -> None:
-    """A model whose yaml or head strides were set to None loaded, then failed inside ultralytics with a raw
-    AttributeError: exit 1 (export: 3, 'export failed')."""
+    """A model whose yaml, head strides or box bins were set to None loaded, then failed inside ultralytics with a
+    raw AttributeError or TypeError: exit 1 (export: 3, 'export failed'); names of None read as 0 classes and were
+    blamed on the data yaml."""
     bad = str(edited(Path(run_kwargs["teacher"]), tmp_path / "edited.pt", part))
     args = {
         "export": ["export", "--weights", bad, "--imgsz", "64", "--output", str(tmp_path / "out" / "e.onnx")],
@@ -167,7 +177,7 @@ def test_a_checkpoint_edited_to_lack_a_part_is_bad_input(
     }[command]
     before = tree(tmp_path)
     line = one_error_line(CliRunner().invoke(app, args))
-    assert f"'{bad}' holds a model without its {named}" in line and tree(tmp_path) == before
+    assert f"'{bad}' holds {told}" in line and tree(tmp_path) == before
 
 
 def test_a_folder_given_for_a_file_is_named_as_a_folder(tmp_path: Path, run_kwargs: dict) -> None:

@@ -215,6 +215,7 @@ def test_api_arguments_outside_the_schema_are_checked_before_any_work(tmp_path: 
         ("load_recipe", ("none", "cwd"), {}, "load_recipe(): too many positional arguments"),
         ("make_synthetic_dataset", ("x",), {"ntrain": 1}, "did you mean 'n_train'?"),
         ("evaluate", (), {}, "evaluate(): missing a required argument: 'weights'"),
+        ("evaluate", (["a.pt"], "d.yaml"), {"details": "no"}, "'details' must be true or false, got 'no'"),
         ("train", ({}, 1), {}, "train(): too many positional arguments"),
     ],
 )
