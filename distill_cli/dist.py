@@ -55,7 +55,7 @@ def init(info: DistInfo, device_spec: str) -> torch.device:
     use_cuda = str(device_spec).strip().lower() != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
-    if not dist.is_initialized():
+    if not joined():
         # DDP imports torch._dynamo, and an import of it after the group exists holds references to the group, so
         # destroy_process_group could not free it: its gloo threads then lived into the interpreter's teardown, where
         # now and then they aborted a rank after a complete run (exit -6). Imported first, it holds none.

@@ -144,10 +144,9 @@ def check_target(target: Path, named: bool) -> None:
     if exists:
         advice = "remove it or name another --output" if named else "pass --output to write elsewhere"
         raise DistillError(f"'{target}' already exists; {advice} (nothing is overwritten)")
-    check_creatable(target.parent, "the export", "--output PATH")
-    missing = first_missing(target.parent)
-    try:  # a folder that exists (checked above)
-        longest = os.pathconf(missing.parent if missing else target.parent, "PC_NAME_MAX")
+    existing = check_creatable(target.parent, "the export", "--output PATH")
+    try:
+        longest = os.pathconf(existing, "PC_NAME_MAX")
     except (AttributeError, ValueError, OSError):  # no pathconf (not POSIX), or the filesystem does not say
         longest = 255
     if any(len(os.fsencode(part)) > longest for part in target.parts):

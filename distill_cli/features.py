@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,20 +94,27 @@ def detect_head(model: nn.Module) -> Detect:
     return head
 
 
+@torch.no_grad()
+def blank_forward(model: nn.Module, size: int) -> Any:
+    """The output of one eval-mode forward of a blank ``size`` x ``size`` image, in the model's dtype and on its
+    device; every module's train/eval mode is put back after it (a frozen BatchNorm stays in eval), also on failure."""
+    modes = {module: module.training for module in model.modules()}
+    param = next(model.parameters())
+    try:
+        return model.eval()(torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device))
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
 def probe_layers(model: nn.Module, imgsz: int) -> list[LayerInfo]:
     """One dummy forward with hooks on every layer; returns each layer that yields a single 4D feature map."""
     head = detect_head(model)
     backbone_len = len(getattr(model, "yaml", {}).get("backbone", [])) or head.f[0]
     layers = range(len(model.model) - 1)
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        with FeatureHooks(model, layers) as hooks, torch.no_grad():
-            model(torch.zeros(1, 3, imgsz, imgsz, device=param.device, dtype=param.dtype))
-            outputs = hooks.pop()
-    finally:
-        model.train(was_training)
+    with FeatureHooks(model, layers) as hooks:
+        blank_forward(model, imgsz)
+        outputs = hooks.pop()
     infos = []
     for i in layers:
         out = outputs.get(i)

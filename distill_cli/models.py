@@ -24,6 +24,7 @@ from ultralytics.utils import downloads
 
 from . import __version__
 from .errors import EXIT_RUNTIME, DistillError
+from .features import blank_forward
 from .rules import found, is_file, not_a_file, shown
 
 
@@ -82,21 +83,16 @@ def missing_part(model: DetectionModel) -> str | None:
     return next((part for part, there in parts.items() if not there), None)
 
 
-@torch.no_grad()
 def runs_forward(model: DetectionModel, named: str) -> DetectionModel:
     """The model in float32, once it has run a forward pass on a small blank image: a checkpoint edited in a way no
     list of parts foresees (a head's ``reg_max`` or ``nc`` of None, a layer removed) fails here, as bad input, and
     not later inside ultralytics with a raw TypeError."""
-    modes = {module: module.training for module in model.modules()}
     try:
         model = model.float()
-        size = 2 * int(model.stride.max())  # the coarsest maps 2 x 2: every layer runs, at little cost
-        model.eval()(torch.zeros(1, 3, size, size))
+        blank_forward(model, 2 * int(model.stride.max()))  # the coarsest maps 2 x 2: every layer runs, at little cost
     except Exception as e:  # an edited model can fail in any way: TypeError, AttributeError, RuntimeError, ...
         cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise DistillError(f"{named} holds a model that does not run (an edited or damaged file: {cause})") from e
-    for module, training in modes.items():
-        module.train(training)
     return model
 
 

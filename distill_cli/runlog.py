@@ -71,9 +71,10 @@ def new_run_dir(
     raise DistillError(f"no free name '{name}N' under '{project}'; give another name")
 
 
-def check_creatable(folder: str | Path, what: str = "the run directory", hint: str = "--project DIR") -> None:
+def check_creatable(folder: str | Path, what: str = "the run directory", hint: str = "--project DIR") -> Path:
     """Raise unless ``folder`` is, or could be made, a writable folder; creates nothing (commands check their output
-    place first, and create it only when there is something to put in it)."""
+    place first, and create it only when there is something to put in it). Returns the folder, or the innermost one
+    above it that exists: where it would be made."""
     folder = Path(folder)
     missing = first_missing(folder)
     existing = missing.parent if missing else folder
@@ -82,6 +83,7 @@ def check_creatable(folder: str | Path, what: str = "the run directory", hint: s
         raise DistillError(f"cannot create {what} under '{folder}' ('{existing}' is {kind}); use {hint}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DistillError(f"cannot create {what} under '{folder}' ('{existing}' is not writable); use {hint}")
+    return existing
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from torch import nn
 from ultralytics.nn.modules.block import C2, C2PSA, C3, A2C2f, AAttn, Attention, C2f, GhostBottleneck
 from ultralytics.nn.modules.conv import Concat
 
-from .features import probe_layers
+from .features import blank_forward, probe_layers
 from .models import class_names
 
 Indices = dict[int, torch.Tensor]  # dimension -> the teacher's elements kept along it (elsewhere: the even spread)
@@ -170,12 +170,9 @@ def conv_readers(model: nn.Module, size: int) -> dict[str, int]:
                         readers[name] = source
 
                 handles.append(conv.register_forward_pre_hook(read))
-    modes, parameter = {module: module.training for module in model.modules()}, next(model.parameters())
     try:
-        model.eval()(torch.zeros(1, 3, size, size, dtype=parameter.dtype, device=parameter.device))
+        blank_forward(model, size)
     finally:
-        for module, training in modes.items():
-            module.train(training)
         for handle in handles:
             handle.remove()
     return readers
