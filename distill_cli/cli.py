@@ -13,45 +13,12 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import typer
-from typer.core import TyperGroup
 
+from .command_group import STATE, Commands
 from .config import DEFAULT_RECIPE, RunConfig
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, DistillError, sigterm_interrupts
 from .options import CompareOptions, DemoOptions, EvalOptions, ExportOptions, ProbeOptions
 from .rules import path_too_long
-
-STATE = {"verbose": False}
-USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError (typer may vendor click)
-
-
-class Commands(TyperGroup):
-    """A command line typer cannot parse (a missing option, 'abc' for a number) is bad input like any other: one
-    'error:' line and exit code 2."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        # --verbose is the tool's option, given before the command; the error lines say "run with --verbose", and
-        # users add it at the end: there it is taken as well (the options of the commands have no such name)
-        options = args[: args.index("--")] if "--" in args else args  # after "--", a value
-        if "--verbose" in options[1:]:
-            args = ["--verbose", *(arg for arg in options if arg != "--verbose"), *args[len(options) :]]
-        return super().parse_args(ctx, args)
-
-    def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except USAGE_ERROR as e:
-            if STATE["verbose"]:
-                raise
-            from .console import err_console
-
-            message = e.format_message()
-            where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-            takes_set = e.ctx is not None and any("--set" in getattr(p, "opts", ()) for p in e.ctx.command.params)
-            if takes_set and "unexpected extra argument" in message and "=" in message:  # --set a=1 b=2
-                where = f"; each key=value takes its own --set (--set a=1 --set b=2){where}"
-            err_console.print(f"[red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-
 
 app = typer.Typer(
     cls=Commands, add_completion=False, no_args_is_help=True, help="Knowledge distillation for YOLO detectors."

@@ -42,7 +42,7 @@ def compare(
     folder ``out`` (or ``out2``...), which appears only when the report is complete."""
     opts = validated(CompareOptions, locals())
     target = Path(opts.out)
-    check_creatable(target.parent, "the report folder", "--out DIR")
+    check_creatable(target, "the report folder", "--out DIR")  # a folder there is taken (out2...); a file is not
     rows = evaluate(**{**{f.name: getattr(opts, f.name) for f in dataclasses.fields(EvalOptions)}, "details": True})
     labels = model_labels(opts.weights)
     images = sample_images(load_data(opts.data, opts.split)[opts.split], opts.samples)

@@ -39,7 +39,7 @@ def run_demo(
     opts = validated(DemoOptions, locals())
     check_function(log, "log", "(message)", 1)
     target = Path(opts.out)
-    check_creatable(target.parent, "the demo folder", "--out DIR")
+    check_creatable(target, "the demo folder", "--out DIR")  # a folder there is taken (out2...); a file is not
     try:
         with output_dir(target.parent, target.name, "the demo folder", "--out DIR") as root:
             return demo_runs(root, opts, log or (lambda message: None))

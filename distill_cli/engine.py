@@ -200,16 +200,10 @@ def skip_step(state: TrainState, what: str, routine: bool = False) -> None:
 
 
 def check_epoch_trained(state: TrainState, epoch: int) -> None:
-    """Stop, before its checkpoints are saved, a run that ends without a step taken and with a step skipped for a
-    non-finite loss or gradient (a run under ``max_bad_steps`` steps ended as a success with the weights it started
-    from), or an epoch that left weights non-finite or beyond the fp16 range its checkpoints hold (a step far too
-    large). An fp16 run whose grad scaler only backed off on its few steps is not stopped: the back-off is routine."""
-    untrained = state.steps_taken == 0 and state.skipped_steps > state.routine_skips  # the same on every rank
-    if epoch == state.cfg.epochs - 1 and untrained:
-        raise DistillError(
-            f"no step of the run was taken: it skipped steps for non-finite losses or gradients; {STOPPED}",
-            EXIT_RUNTIME,
-        )
+    """Stop, before its checkpoints are saved, a run that ends without a step taken (``check_run_stepped``), or an
+    epoch that left weights non-finite or beyond the fp16 range its checkpoints hold (a step far too large)."""
+    if epoch == state.cfg.epochs - 1 and state.steps_taken == 0:  # the same on every rank
+        check_run_stepped(state)
     finite = all_finite(trained_params(state))  # the same on every rank
     if dist.from_environment().is_main:  # what rank 0 writes: the EMA, or its student with its own BatchNorm stats
         saved = state.ema.ema if state.ema is not None else state.distiller.student
@@ -217,6 +211,23 @@ def check_epoch_trained(state: TrainState, epoch: int) -> None:
     if not dist.all_agree(finite, state.device):
         raise DistillError(
             f"epoch {epoch + 1} left non-finite weights (or beyond fp16's range); {STOPPED}", EXIT_RUNTIME
+        )
+
+
+def check_run_stepped(state: TrainState) -> None:
+    """For a run that took no optimizer step: stop it where it skipped a step for a non-finite loss or gradient (a run
+    under ``max_bad_steps`` steps ended as a success with the weights it started from). An fp16 run whose grad scaler
+    only backed off on its few steps is not stopped (the back-off is routine), but told that no weight moved."""
+    if state.skipped_steps > state.routine_skips:
+        raise DistillError(
+            f"no step of the run was taken: it skipped steps for non-finite losses or gradients; {STOPPED}",
+            EXIT_RUNTIME,
+        )
+    if state.routine_skips:
+        warnings.warn(
+            f"no step of the run was taken: the fp16 grad scaler backed off each time ({state.routine_skips}x), so "
+            "the weights are the ones it started from (train longer, or --set amp_dtype=bf16 or fp32)",
+            stacklevel=3,
         )
 
 

@@ -23,6 +23,8 @@ from .config import (
 )
 from .rules import Rule, device_problem, is_file, rule
 
+OUT_FOLDER = "a folder whose last part is a plain name (taken: out2...; not a file)"
+
 
 def checkpoint_problem(value: str) -> str | None:
     return None if value.endswith(".pt") else "must be a .pt checkpoint (a model yaml would be untrained)"
@@ -95,7 +97,11 @@ class EvalOptions:
 class CompareOptions(EvalOptions):
     """``compare`` / :func:`comparison.compare`: the eval options plus the report folder."""
 
-    out: str = ranged("runs/compare/exp", check=out_name_problem, text="a folder whose last part is a plain name")
+    out: str = ranged(
+        "runs/compare/exp",
+        check=out_name_problem,
+        text=OUT_FOLDER,
+    )
     samples: int = ranged(4, ge=0, le=64)
 
 
@@ -122,7 +128,11 @@ class ExportOptions:
 class DemoOptions:
     """``demo`` / :func:`demo.run_demo`."""
 
-    out: str = ranged("runs/demo", check=out_name_problem, text="a folder whose last part is a plain name")
+    out: str = ranged(
+        "runs/demo",
+        check=out_name_problem,
+        text=OUT_FOLDER,
+    )
     epochs: int = ranged(20, ge=1)
     n_train: int = ranged(256, ge=1)
     n_val: int = ranged(64, ge=1)

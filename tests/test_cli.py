@@ -204,11 +204,24 @@ def test_set_of_a_train_argument_is_one_line(key: str) -> None:
     assert_one_line_error(runner.invoke(app, ["train", "--set", f"{key}=x"]), f"--set {key}: not a config field")
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
-def test_verbose_is_taken_before_the_command_or_after_it(where: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("where", "flag"), [("before", "--verbose"), ("after", "--verbose"), ("after", "-v"), ("both", "-v")]
+)
+def test_verbose_is_taken_before_the_command_or_after_it(where: str, flag: str, tmp_path: Path) -> None:
     """Error lines say 'run with --verbose for details', and an --verbose added at the end was refused as an unknown
-    option of the command (exit 2, 'No such option')."""
+    option of the command (exit 2, 'No such option'); -v after the command was refused until 0.3.32."""
     command = ["eval", "--weights", "w.pt", "--data", str(tmp_path / "d.yaml")]
-    result = runner.invoke(app, ["--verbose", *command] if where == "before" else [*command, "--verbose"])
+    args = {"before": [flag, *command], "after": [*command, flag], "both": [flag, *command, flag]}[where]
+    result = runner.invoke(app, args)
     assert result.exit_code == EXIT_USAGE
     assert "Traceback" in result.output and "d.yaml' not found" in result.output, result.output
+
+
+@pytest.mark.parametrize("flag", ["--verbose", "-v"])
+def test_verbose_as_an_options_value_or_after_double_dash_is_not_the_flag(flag: str, tmp_path: Path) -> None:
+    weights_named_so = runner.invoke(app, ["eval", "--weights", flag, "--data", str(tmp_path / "d.yaml")])
+    assert weights_named_so.exit_code == EXIT_USAGE and "Traceback" not in weights_named_so.output
+    assert f"'{flag}'" in weights_named_so.output, weights_named_so.output
+    after_dashes = runner.invoke(app, ["eval", "--weights", "w.pt", "--data", "d.yaml", "--", flag])
+    assert after_dashes.exit_code == EXIT_USAGE and "Traceback" not in after_dashes.output
+    assert f"'{flag}'" in after_dashes.output, after_dashes.output  # a value (of the weights list), not the flag

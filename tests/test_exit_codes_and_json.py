@@ -229,6 +229,27 @@ def test_an_output_under_a_link_to_nothing_is_refused_before_any_work(
     assert f"('{place}' is {kind})" in line and tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", ["compare", "demo"])
+@pytest.mark.parametrize("what", ["a file", "a dangling link"])
+def test_out_at_a_file_is_refused_not_numbered_beside_it(
+    command: str, what: str, run_kwargs: dict, tmp_path: Path
+) -> None:
+    """--out report.md, a file that is there, wrote a folder report.md2 beside it (as for a taken folder)."""
+    out = tmp_path / "report.md"
+    if what == "a file":
+        out.write_text("kept")
+    else:
+        out.symlink_to(tmp_path / "nowhere")
+    args = {
+        "compare": ["compare", "--weights", run_kwargs["teacher"], "--data", run_kwargs["data"], "--imgsz", "64"],
+        "demo": ["demo", "--epochs", "1"],
+    }[command]
+    before = tree(tmp_path)
+    line = one_error_line(runner.invoke(app, [*args, "--out", str(out)]))
+    kind = "a file" if what == "a file" else "a link to nothing, or a loop of links"
+    assert f"('{out}' is {kind}); use --out DIR" in line and tree(tmp_path) == before
+
+
 @pytest.mark.parametrize("fmt", ["imx", "qnn"])
 def test_export_refuses_int8_only_formats_that_would_download_calibration_images(
     fmt: str, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

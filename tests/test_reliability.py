@@ -146,6 +146,28 @@ def test_a_short_run_whose_every_gradient_is_non_finite_stops(run_kwargs: dict, 
     assert not (Path(run_kwargs["project"]) / "exp" / "weights" / "best.pt").exists()
 
 
+def test_an_fp16_run_whose_every_step_the_grad_scaler_skipped_says_so(
+    run_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN gradients on each step of a short fp16 run, fewer than max_bad_steps: the scaler's back-offs are routine,
+    so the run ends as a success, but it moved no weight; that ended without a word (exit 0, the weights as given)."""
+    unscale = torch.amp.GradScaler.unscale_
+
+    def nan_gradients(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.fill_(float("nan"))
+        unscale(scaler, optimizer)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", nan_gradients)
+    with pytest.warns(
+        UserWarning, match=r"no step of the run was taken: the fp16 grad scaler backed off each time \(1x\)"
+    ):
+        result = train(recipe="none", **{**run_kwargs, "batch": 2, "amp_dtype": "fp16"})
+    assert (Path(result.run_dir) / "weights" / "best.pt").exists()
+
+
 def test_an_fp16_run_whose_only_optimizer_step_is_lost_to_a_nan_loss_stops(
     run_kwargs: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
