@@ -89,6 +89,7 @@ def resume_state(state: TrainState, epoch: int, log: RunLog, train_loader) -> di
         "routine_skips": state.routine_skips,  # with steps_taken: a run that never stepped stops, resumed or not
         "steps_taken": state.steps_taken,
         "run_dir": str(log.run_dir.resolve()),
+        "frozen": frozen_fingerprint(state),
         # gradients summed since the last optimizer step (an accumulation may span an epoch's end); None when none
         "grads": [p.grad for p in trained_params(state)],
         "history": log.history,
@@ -264,8 +265,33 @@ def balance_problem(balance: Any, sums: Any, terms: set[str]) -> str | None:
     return None
 
 
+def frozen_fingerprint(state: TrainState) -> list[float]:
+    """A sum over the weights of each frozen model the run distils from (the teacher, then the student as given where
+    the run keeps it): a resume that loaded other files in their place went on distilling from them without a word."""
+    teacher = state.teacher
+    models = [] if teacher is None else [teacher.model, *([teacher.start] if teacher.start is not None else [])]
+    return [
+        float(sum(t.double().abs().sum() for t in model.state_dict().values() if t.is_floating_point()))
+        for model in models
+    ]
+
+
+def frozen_problem(ckpt: dict[str, Any], state: TrainState) -> str | None:
+    """Which frozen model is not the one the run began with, or None (a last.pt before 0.3.32 holds no sums)."""
+    saved, now = ckpt.get("frozen"), frozen_fingerprint(state)
+    if saved is None:
+        return None
+    if not isinstance(saved, list) or len(saved) != len(now) or not all(is_number(v) for v in saved):
+        return "its sums of the teacher's weights are damaged"
+    changed = [i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if not math.isclose(a, b, rel_tol=1e-9)]
+    if not changed:
+        return None
+    which = "the teacher" if changed[0] == 0 else "the student as given (distilled beside the teacher)"
+    return f"{which} is not the model the run began with: was its file replaced? put it back"
+
+
 def load_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, train_loader) -> int:
-    problem = progress_problem(ckpt, state.cfg, state.steps_per_epoch)
+    problem = progress_problem(ckpt, state.cfg, state.steps_per_epoch) or frozen_problem(ckpt, state)
     if problem:
         raise DistillError(
             f"--resume {ckpt['run_dir']}: its saved progress does not fit the run as built now ({problem}); start a "

@@ -179,7 +179,10 @@ def train(
         "tensorboard": tensorboard,
         "layers": parse_layers(layers),
     }
-    overrides = {k: v for k, v in options.items() if v is not None} | parse_overrides(set_)
+    given, settings = {k: v for k, v in options.items() if v is not None}, parse_overrides(set_)
+    if both := sorted(set(given) & set(settings)):  # one would win without a word
+        raise DistillError(f"--{both[0].replace('_', '-')} and --set {both[0]}=... both give {both[0]}; keep one")
+    overrides = given | settings
     taken = sorted({"recipe", "resume", "cfg", "callback"} & set(overrides))
     if taken:  # arguments of train(), not config fields
         raise DistillError(f"--set {taken[0]}: not a config field; use --{taken[0]} where there is one")

@@ -3,7 +3,9 @@ line with exit code 2."""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+import traceback
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -19,10 +21,16 @@ class Commands(TyperGroup):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # --verbose is the tool's option, given before the command; the error lines say "run with --verbose", and
         # users add it (or -v) after the command: there it is taken as well (no command has an option of that name)
+        STATE["verbose"] = False  # until the tool's options are read (an earlier call in this process may have set it)
         moved = self.verbose_flags_after_command(ctx, args)
         if moved:
             args = ["--verbose", *(arg for i, arg in enumerate(args) if i not in moved)]  # a second --verbose: no harm
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except USAGE_ERROR as e:  # the tool's own options: 'yolodistill --bogus'
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare 'yolodistill': click prints the help, exit 2
+                raise
+            usage_error(e)
 
     def verbose_flags_after_command(self, ctx: Any, args: list[str]) -> set[int]:
         """Where --verbose or -v stands as a flag after the command: not the value of an option that takes one
@@ -34,7 +42,7 @@ class Commands(TyperGroup):
         takes_value = {name for p in command.params if not getattr(p, "is_flag", True) for name in p.opts}
         found, i = set(), at + 1
         while i < len(args) and args[i] != "--":
-            if args[i] in ("--verbose", "-v"):
+            if args[i] == "--verbose" or re.fullmatch(r"-v+", args[i]):  # -vv: as before the command
                 found.add(i)
             i += 2 if args[i] in takes_value else 1
         return found
@@ -43,14 +51,19 @@ class Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except USAGE_ERROR as e:
-            if STATE["verbose"]:
-                raise
-            from .console import err_console
+            usage_error(e)
 
-            message = e.format_message()
-            where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-            takes_set = e.ctx is not None and any("--set" in getattr(p, "opts", ()) for p in e.ctx.command.params)
-            if takes_set and "unexpected extra argument" in message and "=" in message:  # --set a=1 b=2
-                where = f"; each key=value takes its own --set (--set a=1 --set b=2){where}"
-            err_console.print(f"[red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
+
+def usage_error(e: Exception) -> NoReturn:
+    """Click's usage error as one 'error:' line, exit 2 (the traceback above it with --verbose)."""
+    from .console import err_console
+
+    if STATE["verbose"]:  # as for any other error
+        traceback.print_exc()
+    message = e.format_message()
+    where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+    takes_set = e.ctx is not None and any("--set" in getattr(p, "opts", ()) for p in e.ctx.command.params)
+    if takes_set and "unexpected extra argument" in message and "=" in message:  # --set a=1 b=2
+        where = f"; each key=value takes its own --set (--set a=1 --set b=2){where}"
+    err_console.print(f"[red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
+    raise typer.Exit(e.exit_code) from None

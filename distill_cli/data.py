@@ -22,7 +22,7 @@ from ultralytics.utils import DATASETS_DIR, IterableSimpleNamespace
 from .config import read_yaml
 from .errors import DistillError
 from .options import SyntheticOptions
-from .rules import api_function, found, is_file, not_a_file, path_too_long, validated
+from .rules import api_function, found, is_file, not_a_file, path_too_long, shown, validated
 from .runlog import check_creatable, first_missing, remove, undo
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
@@ -57,10 +57,16 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
         raise DistillError(
             f"data yaml '{path}': 'names' ids must be 0 to {len(names) - 1}, got {', '.join(map(str, ids))}"
         )
+    if "nc" in raw and (type(raw["nc"]) not in (int, float) or raw["nc"] != int(raw["nc"])):  # nc: '3' (text)
+        raise DistillError(f"data yaml '{path}': 'nc' must be a whole number of classes, got {shown(raw['nc'])}")
     if "nc" in raw and len(names) != raw["nc"]:
         raise DistillError(f"data yaml '{path}': nc={raw['nc']} but {len(names)} names; make them agree")
+    if raw.get(split) and split not in NOT_SPLITS and not is_split(split, raw[split]):  # val: 5
+        raise DistillError(
+            f"data yaml '{path}': '{split}' must name images (a path or a list of paths), got {shown(raw[split])}"
+        )
     if not is_split(split, raw.get(split)):
-        splits = ", ".join(k for k in ("train", "val", "test", "minival") if raw.get(k))
+        splits = ", ".join(k for k in ("train", "val", "test", "minival") if is_split(k, raw.get(k)))
         raise DistillError(f"data yaml '{path}' has no '{split}' split; it has: {splits}")
     try:
         data = check_det_dataset(str(path), autodownload=False, split=split)

@@ -141,10 +141,16 @@ def check_target(target: Path, named: bool) -> None:
         exists = target.exists() or target.is_symlink()  # a dangling link too: the export would replace it
     except OSError as e:
         raise DistillError(f"--output '{target}': {e.strerror}") from e
+    if exists and named and target.is_dir():  # '--output .': no advice to remove the folder
+        raise DistillError(f"--output '{target}' is a folder; name a new path in it, as DIR/model.onnx")
     if exists:
         advice = "remove it or name another --output" if named else "pass --output to write elsewhere"
         raise DistillError(f"'{target}' already exists; {advice} (nothing is overwritten)")
     existing = check_creatable(target.parent, "the export", "--output PATH")
+    try:  # a folder the system calls writable that takes no file (/proc) failed after the whole export, exit 3
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise DistillError(f"cannot write the export under '{existing}' ({e.strerror}); use --output PATH") from e
     try:
         longest = os.pathconf(existing, "PC_NAME_MAX")
     except (AttributeError, ValueError, OSError):  # no pathconf (not POSIX), or the filesystem does not say

@@ -53,6 +53,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise DistillError(f"--set expects key=value, got '{item}'")
+        if key.strip() in out:  # the last would win without a word
+            raise DistillError(f"--set {key.strip()} is given twice; keep one")
         try:
             out[key.strip()] = yaml.load(raw, Loader=OverrideLoader) if raw.strip() else None  # noqa: S506  safe
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond Python's 4300 digits

@@ -288,6 +288,8 @@ def shown_number(value: float) -> str:
 
 def checked(tp: type, value: Any, where: str, field_rule: Rule | None) -> Any:
     """``value`` coerced to ``tp`` and checked against ``field_rule``; a DistillError naming ``where`` otherwise."""
+    if tp is str and isinstance(value, bool) and field_rule and field_rule.text:  # keep_start: true is no "text"
+        raise DistillError(f"'{where}' must be {field_rule.summary()}, got {shown(value)}")
     value = coerce(tp, value, where)
     problem = field_rule.problem(value) if field_rule else None
     if problem:

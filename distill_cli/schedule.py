@@ -35,7 +35,7 @@ def schedule_problem(name: str, schedule: Schedule, epochs: int) -> str | None:
         return None
     within = f"a stop_epoch in 1..{epochs - 1} or -1..-{epochs - 1}, or none" if epochs > 1 else "no stop_epoch"
     where = f"losses.{name}.schedule.stop_epoch {schedule.stop_epoch}"
-    return f"{where} leaves '{name}' no epoch of the {epochs}; use {within}"
+    return f"{where} leaves '{name}' none of the run's {epochs} epoch{'s' if epochs > 1 else ''}; use {within}"
 
 
 def weight_factor(schedule: Schedule, step: int, epochs: int, steps_per_epoch: int) -> float:

@@ -204,7 +204,7 @@ def test_layer_lists_must_hold_indices() -> None:
 def test_a_stop_epoch_that_leaves_a_term_no_epoch_is_refused(stop: int, epochs: int, tmp_path) -> None:
     """It would train without that term while config.yaml and the checkpoints still name the recipe."""
     term = {"losses.cls_kd.schedule.stop_epoch": stop}
-    with pytest.raises(DistillError, match=f"stop_epoch {stop} leaves 'cls_kd' no epoch of the {epochs}"):
+    with pytest.raises(DistillError, match=f"stop_epoch {stop} leaves 'cls_kd' none of the run's {epochs} epoch"):
         resolve_config(recipe="default", epochs=epochs, project=str(tmp_path / "runs"), **term)
     assert not (tmp_path / "runs").exists()
     for stop_epoch in (1, -1, 7):  # one epoch with the term, all but the last one, never stopped

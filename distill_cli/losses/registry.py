@@ -190,7 +190,13 @@ def checked_params(method: str, params: dict, where: str) -> dict:
 
 
 def check_loss_spec(name: str, spec) -> None:  # spec: config.LossSpec
-    """Reject unknown methods and parameters, naming the valid choices, and parameter values outside their rules."""
+    """Reject unknown methods and parameters, naming the valid choices, and parameter values outside their rules,
+    and a term name the terms' module dict cannot hold."""
+    if not name or "." in name or hasattr(nn.ModuleDict(), name):  # ModuleDict's own KeyError, after the data scan
+        raise DistillError(
+            f"term name '{name}' cannot be used: a term name is a word without '.', and not one of torch's module "
+            "attributes (training, forward, eval, keys, ...); rename it"
+        )
     if spec.type not in LOSSES:
         raise DistillError(f"unknown loss '{spec.type}' for term '{name}'; valid losses: {', '.join(sorted(LOSSES))}")
     spec.params = checked_params(spec.type, spec.params, f"losses.{name}")
