@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, dist
 from .config import RunConfig, blank_problem, config_from_dict
 from .data import loader_state, restore_loader
 from .engine import TrainState, trained_params
@@ -265,33 +265,37 @@ def balance_problem(balance: Any, sums: Any, terms: set[str]) -> str | None:
     return None
 
 
-def frozen_fingerprint(state: TrainState) -> list[float]:
+def frozen_fingerprint(state: TrainState) -> list[float] | None:
     """A sum over the weights of each frozen model the run distils from (the teacher, then the student as given where
-    the run keeps it): a resume that loaded other files in their place went on distilling from them without a word."""
-    teacher = state.teacher
-    models = [] if teacher is None else [teacher.model, *([teacher.start] if teacher.start is not None else [])]
-    return [
-        float(sum(t.double().abs().sum() for t in model.state_dict().values() if t.is_floating_point()))
-        for model in models
-    ]
+    the run keeps it), as loaded: a resume that loaded other files in their place went on distilling from them without
+    a word. None for a teacher built from a yaml (random, and per rank: an untrained teacher's smoke test)."""
+    if state.teacher is None or str(state.cfg.teacher).endswith((".yaml", ".yml")):
+        return None
+    return state.teacher.fingerprint
 
 
-def frozen_problem(ckpt: dict[str, Any], state: TrainState) -> str | None:
-    """Which frozen model is not the one the run began with, or None (a last.pt before 0.3.32 holds no sums)."""
+def check_frozen_models(ckpt: dict[str, Any], state: TrainState) -> None:
+    """Refuse a resume whose teacher (or kept start) is not the model the run began with; a last.pt before 0.3.32
+    holds no sums. Every rank decides together: one refusing alone would leave the others waiting."""
     saved, now = ckpt.get("frozen"), frozen_fingerprint(state)
-    if saved is None:
-        return None
-    if not isinstance(saved, list) or len(saved) != len(now) or not all(is_number(v) for v in saved):
-        return "its sums of the teacher's weights are damaged"
-    changed = [i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if not math.isclose(a, b, rel_tol=1e-9)]
-    if not changed:
-        return None
+    changed = []  # which models differ: 0 the teacher, 1 the start
+    if saved is not None and now is not None:
+        fits = isinstance(saved, list) and len(saved) == len(now)
+        pairs = zip(saved, now, strict=True) if fits else [(None, None)]  # a damaged list: say the teacher
+        changed = [i for i, (a, b) in enumerate(pairs) if not (is_number(a) and math.isclose(a, b, rel_tol=1e-9))]
+    if dist.all_agree(not changed, state.device):
+        return
+    changed = changed or [0]  # another rank's: the same files, so the same one
     which = "the teacher" if changed[0] == 0 else "the student as given (distilled beside the teacher)"
-    return f"{which} is not the model the run began with: was its file replaced? put it back"
+    raise DistillError(
+        f"--resume {ckpt['run_dir']}: {which} is not the model the run began with (was its file replaced?); put that "
+        "file back to resume the run"
+    )
 
 
 def load_state(state: TrainState, ckpt: dict[str, Any], log: RunLog | None, train_loader) -> int:
-    problem = progress_problem(ckpt, state.cfg, state.steps_per_epoch) or frozen_problem(ckpt, state)
+    check_frozen_models(ckpt, state)
+    problem = progress_problem(ckpt, state.cfg, state.steps_per_epoch)
     if problem:
         raise DistillError(
             f"--resume {ckpt['run_dir']}: its saved progress does not fit the run as built now ({problem}); start a "

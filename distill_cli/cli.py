@@ -156,7 +156,7 @@ def train(
     """Distil a student from a teacher with our own training loop; writes student-only checkpoints."""
     from .console import TrainProgress, print_json
     from .features import parse_layers
-    from .overrides import parse_overrides
+    from .overrides import canonical, parse_overrides
     from .training import train as run_train
 
     options = {
@@ -180,7 +180,7 @@ def train(
         "layers": parse_layers(layers),
     }
     given, settings = {k: v for k, v in options.items() if v is not None}, parse_overrides(set_)
-    if both := sorted(set(given) & set(settings)):  # one would win without a word
+    if both := sorted(set(given) & {canonical(key) for key in settings}):  # one would win without a word
         raise DistillError(f"--{both[0].replace('_', '-')} and --set {both[0]}=... both give {both[0]}; keep one")
     overrides = given | settings
     taken = sorted({"recipe", "resume", "cfg", "callback"} & set(overrides))

@@ -21,7 +21,9 @@ class Commands(TyperGroup):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # --verbose is the tool's option, given before the command; the error lines say "run with --verbose", and
         # users add it (or -v) after the command: there it is taken as well (no command has an option of that name)
-        STATE["verbose"] = False  # until the tool's options are read (an earlier call in this process may have set it)
+        # read here as well as in the callback: the tool's own options' errors come before it runs (and an earlier
+        # call in this process may have set it)
+        STATE["verbose"] = any(is_verbose_flag(arg) for arg in args[: command_at(args)])
         moved = self.verbose_flags_after_command(ctx, args)
         if moved:
             args = ["--verbose", *(arg for i, arg in enumerate(args) if i not in moved)]  # a second --verbose: no harm
@@ -35,14 +37,14 @@ class Commands(TyperGroup):
     def verbose_flags_after_command(self, ctx: Any, args: list[str]) -> set[int]:
         """Where --verbose or -v stands as a flag after the command: not the value of an option that takes one
         ('--name -v' names the run '-v'), and not after '--'."""
-        at = next((i for i, arg in enumerate(args) if not arg.startswith("-")), len(args))  # the tool's own flags first
+        at = command_at(args)
         command = self.get_command(ctx, args[at]) if at < len(args) else None
         if command is None:
             return set()
         takes_value = {name for p in command.params if not getattr(p, "is_flag", True) for name in p.opts}
         found, i = set(), at + 1
         while i < len(args) and args[i] != "--":
-            if args[i] == "--verbose" or re.fullmatch(r"-v+", args[i]):  # -vv: as before the command
+            if is_verbose_flag(args[i]):
                 found.add(i)
             i += 2 if args[i] in takes_value else 1
         return found
@@ -52,6 +54,15 @@ class Commands(TyperGroup):
             return super().invoke(ctx)
         except USAGE_ERROR as e:
             usage_error(e)
+
+
+def command_at(args: list[str]) -> int:
+    """Where the command stands: after the tool's own flags (it has no option that takes a value)."""
+    return next((i for i, arg in enumerate(args) if not arg.startswith("-")), len(args))
+
+
+def is_verbose_flag(arg: str) -> bool:
+    return arg == "--verbose" or re.fullmatch(r"-v+", arg) is not None  # -vv as click reads it before the command
 
 
 def usage_error(e: Exception) -> NoReturn:

@@ -19,7 +19,7 @@ from .evaluation import evaluate, threads_kept
 from .options import CompareOptions, EvalOptions
 from .report import per_class_markdown
 from .rules import api_function, validated
-from .runlog import check_creatable, output_dir
+from .runlog import check_out_folder, output_dir
 
 GT_COLOR = (40, 200, 40)
 PRED_COLOR = (40, 60, 230)  # BGR: red
@@ -42,7 +42,7 @@ def compare(
     folder ``out`` (or ``out2``...), which appears only when the report is complete."""
     opts = validated(CompareOptions, locals())
     target = Path(opts.out)
-    check_creatable(target, "the report folder", "--out DIR")  # a folder there is taken (out2...); a file is not
+    check_out_folder(target, "the report folder", "--out DIR")
     rows = evaluate(**{**{f.name: getattr(opts, f.name) for f in dataclasses.fields(EvalOptions)}, "details": True})
     labels = model_labels(opts.weights)
     images = sample_images(load_data(opts.data, opts.split)[opts.split], opts.samples)

@@ -22,7 +22,7 @@ from ultralytics.utils import DATASETS_DIR, IterableSimpleNamespace
 from .config import read_yaml
 from .errors import DistillError
 from .options import SyntheticOptions
-from .rules import api_function, found, is_file, not_a_file, path_too_long, shown, validated
+from .rules import api_function, found, is_file, is_number, not_a_file, path_too_long, shown, validated
 from .runlog import check_creatable, first_missing, remove, undo
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
@@ -57,7 +57,7 @@ def load_data(path: str | Path, split: str = "val") -> dict[str, Any]:
         raise DistillError(
             f"data yaml '{path}': 'names' ids must be 0 to {len(names) - 1}, got {', '.join(map(str, ids))}"
         )
-    if "nc" in raw and (type(raw["nc"]) not in (int, float) or raw["nc"] != int(raw["nc"])):  # nc: '3' (text)
+    if "nc" in raw and not (is_number(raw["nc"]) and float(raw["nc"]).is_integer()):  # nc: '3', .inf, 2.5
         raise DistillError(f"data yaml '{path}': 'nc' must be a whole number of classes, got {shown(raw['nc'])}")
     if "nc" in raw and len(names) != raw["nc"]:
         raise DistillError(f"data yaml '{path}': nc={raw['nc']} but {len(names)} names; make them agree")

@@ -16,7 +16,7 @@ from .errors import EXIT_INTERRUPTED, DistillError
 from .evaluation import evaluate
 from .options import DemoOptions
 from .rules import api_function, check_function, validated
-from .runlog import check_creatable, output_dir
+from .runlog import check_out_folder, output_dir
 from .training import train
 
 IMGSZ = 64  # small images, many steps: students learn reliably within the CPU budget
@@ -39,7 +39,7 @@ def run_demo(
     opts = validated(DemoOptions, locals())
     check_function(log, "log", "(message)", 1)
     target = Path(opts.out)
-    check_creatable(target, "the demo folder", "--out DIR")  # a folder there is taken (out2...); a file is not
+    check_out_folder(target, "the demo folder", "--out DIR")
     try:
         with output_dir(target.parent, target.name, "the demo folder", "--out DIR") as root:
             return demo_runs(root, opts, log or (lambda message: None))

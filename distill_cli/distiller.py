@@ -67,6 +67,11 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return runner
 
 
+def weight_sum(model: nn.Module) -> float:
+    """The sum of |w| over a model's floating-point weights and buffers, in float64."""
+    return float(sum(t.double().abs().sum() for t in model.state_dict().values() if t.is_floating_point()))
+
+
 def frozen_copy(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A fused, channels-last copy of ``model`` in ``dtype``, in eval mode without gradients (inference_copy)."""
     runner = inference_copy(model).to(device=device, dtype=dtype, memory_format=torch.channels_last)
@@ -97,6 +102,8 @@ class Teacher:
         self.model = model.to(device).eval().requires_grad_(False)
         self.runner = frozen_copy(self.model, device, dtype)
         self.start = None if start is None else frozen_copy(start, device, dtype)
+        # the weights as loaded (fp32, unfused: the same on any device and precision), for a resume to compare
+        self.fingerprint = [weight_sum(m) for m in (model, start) if m is not None]
         self.dtype, self.scales = dtype, tuple(scales)
         self.strides = [int(stride) for stride in self.head.stride]  # the head's level strides, read once
         self.hooks = FeatureHooks(self.runner, layers)

@@ -142,7 +142,7 @@ def check_target(target: Path, named: bool) -> None:
     except OSError as e:
         raise DistillError(f"--output '{target}': {e.strerror}") from e
     if exists and named and target.is_dir():  # '--output .': no advice to remove the folder
-        raise DistillError(f"--output '{target}' is a folder; name a new path in it, as DIR/model.onnx")
+        raise DistillError(f"--output '{target}' is a folder; name a new path in it (DIR/NAME)")
     if exists:
         advice = "remove it or name another --output" if named else "pass --output to write elsewhere"
         raise DistillError(f"'{target}' already exists; {advice} (nothing is overwritten)")

@@ -86,6 +86,13 @@ def check_creatable(folder: str | Path, what: str = "the run directory", hint: s
     return existing
 
 
+def check_out_folder(target: Path, what: str, hint: str) -> None:
+    """Raise unless a new folder ``target`` (or ``target2``... beside it, where a folder is there) can be made: a file
+    or a link to nothing at ``target`` is refused, not numbered beside it."""
+    taken = os.path.isdir(target)  # then target2... goes beside it, in the parent
+    check_creatable(target.parent if taken else target, what, hint)
+
+
 @contextlib.contextmanager
 def output_dir(project: str | Path, name: str, what: str, hint: str) -> Iterator[Path]:
     """A new folder ``project/name`` (or ``name2``...) for a command's output, removed again with everything in it

@@ -38,13 +38,18 @@ def test_a_term_name_a_module_dict_cannot_hold_is_bad_input(name: str, run_kwarg
 
 
 @pytest.mark.parametrize(
-    "extra", [["--epochs", "1", "--set", "epochs=2"], ["--set", "epochs=2", "--set", "epochs=1"]], ids=["both", "twice"]
+    ("extra", "said"),
+    [
+        (["--epochs", "1", "--set", "epochs=2"], "--epochs and --set epochs=... both give epochs"),
+        (["--set", "epochs=2", "--set", "epochs=1"], "--set epochs is given twice (as epochs)"),
+        (["--set", "layers=[15]", "--set", "recipe.layers=[18]"], "--set recipe.layers is given twice (as layers)"),
+        (["--layers", "neck", "--set", "recipe.layers=[15]"], "--layers and --set layers=... both give layers"),
+    ],
 )
-def test_a_field_given_twice_is_bad_input(extra: list[str], run_kwargs: dict) -> None:
+def test_a_field_given_twice_is_bad_input(extra: list[str], said: str, run_kwargs: dict) -> None:
     """The last value won without a word (--set teacher=... even swapped the teacher given with --teacher)."""
     args = [arg for arg in train_args(run_kwargs) if arg not in ("--epochs", "1")]  # the base gives --epochs 1
     line = one_error_line(runner.invoke(app, [*args, *extra]))
-    said = "--epochs and --set epochs=... both give epochs" if "--epochs" in extra else "--set epochs is given twice"
     assert said in line and not Path(run_kwargs["project"]).exists()
 
 
@@ -56,6 +61,7 @@ def test_a_parse_error_under_verbose_is_the_traceback_and_the_same_line() -> Non
     assert verbose.exit_code == 2 and "Traceback" in verbose.stderr
     assert verbose.stderr.strip().splitlines()[-1] == plain
     assert "No such option: --bogus" in one_error_line(runner.invoke(app, ["--bogus"]))
+    assert "Traceback" in runner.invoke(app, ["--verbose", "--bogus"]).stderr
     assert "d.yaml' not found" in one_error_line(runner.invoke(app, ["eval", "--weights", "w.pt", "--data", "d.yaml"]))
     assert "Traceback" in runner.invoke(app, ["eval", "--weights", "w.pt", "--data", "d.yaml", "-vv"]).stderr
 
@@ -69,7 +75,7 @@ def test_export_to_a_folder_or_one_that_takes_no_file_is_refused_before_the_expo
     monkeypatch.setattr(exporter.YOLO, "export", lambda *a, **k: pytest.fail("exported"))
     args = ["export", "--weights", str(tiny_teacher), "--imgsz", "64"]
     line = one_error_line(runner.invoke(app, [*args, "--output", str(tmp_path)]))
-    assert line == f"error: --output '{tmp_path}' is a folder; name a new path in it, as DIR/model.onnx"
+    assert line == f"error: --output '{tmp_path}' is a folder; name a new path in it (DIR/NAME)"
 
     def refused(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOENT, "No such file or directory")
@@ -90,7 +96,10 @@ def test_a_resume_whose_teacher_file_was_replaced_is_refused(run_kwargs: dict, t
     with torch.no_grad():
         next(checkpoint["model"].parameters()).add_(0.01)
     torch.save(checkpoint, teacher)
-    with pytest.raises(DistillError, match="the teacher is not the model the run began with: was its file replaced"):
+    with pytest.raises(
+        DistillError,
+        match=r"the teacher is not the model the run began with \(was its file replaced\?\); put that file back",
+    ):
         train(resume=str(run))
 
 
@@ -99,6 +108,7 @@ def test_a_resume_whose_teacher_file_was_replaced_is_refused(run_kwargs: dict, t
     [
         ("nc: '3'", "'nc' must be a whole number of classes, got '3'"),
         ("val: 5", "'val' must name images (a path or a list of paths), got 5"),
+        ("nc: .inf", "'nc' must be a whole number of classes, got inf"),
     ],
 )
 def test_a_data_yaml_value_of_the_wrong_kind_is_named(line: str, said: str, synthetic_data: Path, tmp_path: Path):
@@ -114,3 +124,32 @@ def test_a_data_yaml_value_of_the_wrong_kind_is_named(line: str, said: str, synt
 def test_a_boolean_for_a_text_setting_names_what_it_takes() -> None:
     with pytest.raises(DistillError, match=r"'keep_start' must be auto or a number in \[0, 100\], got True"):
         recipe_from_dict({"losses": {}, "keep_start": True})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_frozen_models_sums_are_of_the_weights_as_loaded_not_of_the_fused_copies(dtype: torch.dtype) -> None:
+    """The kept start's sum was of its fused copy in the run's precision: fusing on another device rounds its last
+    bits otherwise, so a resume there would be refused as if the file had been replaced."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from distill_cli.distiller import Teacher, weight_sum
+
+    teacher, start = (DetectionModel(yaml, nc=3, verbose=False) for yaml in ("yolov8s.yaml", "yolov8n.yaml"))
+    expected = [weight_sum(teacher), weight_sum(start)]
+    frozen = Teacher(teacher, [], torch.device("cpu"), dtype, start=start)
+    assert frozen.fingerprint == expected and weight_sum(frozen.start) != expected[1]
+
+
+def test_out_at_a_taken_folder_checks_the_folder_its_number_goes_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The taken folder itself was checked for writing, though report2 is made beside it, in its parent."""
+    from distill_cli import runlog
+
+    taken = tmp_path / "parent" / "report"
+    taken.mkdir(parents=True)
+    monkeypatch.setattr(runlog.os, "access", lambda path, mode: Path(path) != taken.parent)
+    with pytest.raises(DistillError, match="'.*parent' is not writable"):
+        runlog.check_out_folder(taken, "the report folder", "--out DIR")
+    monkeypatch.setattr(runlog.os, "access", lambda path, mode: Path(path) != taken)
+    runlog.check_out_folder(taken, "the report folder", "--out DIR")  # read-only itself: report2 goes beside it
