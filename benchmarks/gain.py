@@ -99,6 +99,7 @@ SETTINGS = {
     "finetune19": Setting(STUDENT, TEACHER, 544, 4, 16),  # a size never run before, fixed before its runs (session 38)
     "finetune20": Setting(STUDENT, TEACHER, 448, 4, 12),  # near it, batch 12: fixed before its runs (session 39)
     "finetune21": Setting(STUDENT, TEACHER, 512, 3, 8),  # its own size, batch 8: fixed before its runs (session 40)
+    "finetune22": Setting(STUDENT, TEACHER, 416, 3, 8),  # below its size, batch 8: fixed before its runs (session 41)
     "scratch": Setting("yolov8n.yaml", TEACHER, 256, 30, 16),
     "scratch2": Setting("yolov8n.yaml", TEACHER, 320, 15, 16),
     "scratch3": Setting("yolov8n.yaml", TEACHER, 512, 10, 16),  # the teacher's size: auto keeps it at 1 (session 36)
