@@ -117,9 +117,10 @@ def test_set_overrides_reach_run_recipe_and_method_fields() -> None:
     assert recipe_from_dict({"losses": None}).losses == {}  # a file's 'losses:' with every term commented out
     spelt = apply_overrides(cfg, parse_overrides(["losses.cwd.params={tau: 3}"]))  # given once, as a mapping
     assert spelt.recipe.losses["cwd"].params["tau"] == 3
-    for twice in (["losses.cwd.params={tau: 2}", "losses.cwd.tau=3"], ["recipe.losses.cwd.tau=3", "losses.cwd.tau=2"]):
-        with pytest.raises(DistillError, match="--set losses.cwd.tau: given twice"):
-            apply_overrides(cfg, parse_overrides(twice))
+    with pytest.raises(DistillError, match="--set losses.cwd.tau: given twice"):
+        apply_overrides(cfg, parse_overrides(["losses.cwd.params={tau: 2}", "losses.cwd.tau=3"]))
+    with pytest.raises(DistillError, match=r"--set losses.cwd.tau is given twice \(as recipe.losses.cwd.tau\)"):
+        parse_overrides(["recipe.losses.cwd.tau=3", "losses.cwd.tau=2"])  # one field, spelt two ways
     for nothing in ("losses.cwd.params=", "losses.cwd.params={}", "losses.pkd.params=2"):
         with pytest.raises(DistillError, match="give the parameters as a mapping"):
             apply_overrides(cfg, parse_overrides([nothing]))
