@@ -8,7 +8,8 @@ student as given (0.3.22; from 0.3.25 only in runs of under 100 optimizer steps)
 (seeds 3-4 from session 33), and finetune10's the Intel runs without it (seeds 3-4 from session 34); session 36's
 five settings (finetune15-18, scratch3) ran with 0.3.26, seeds 3-4 of finetune17 and finetune18 with 0.3.27
 (session 37), of finetune15, finetune16 and scratch3 with 0.3.28, as finetune19 (session 38); finetune20 with 0.3.30
-on the AMD EPYC (session 39), finetune21 with 0.3.31 on the AMD EPYC (session 40). ``none`` is
+on the AMD EPYC (session 39), finetune21 with 0.3.31 on the AMD EPYC (session 40), finetune22 with 0.3.32 there
+(session 41). ``none`` is
 seed-matched; ``gap closed`` is how far the default went from the student as given to the teacher scored at the
 student's size. Each setting's schedule is read from its runs' record. No training here: it only reads JSON.
 
@@ -43,6 +44,7 @@ SESSION37 = "gain-v43-seeds34.json"  # seeds 3-4 of finetune17 and finetune18, b
 NEW38 = "gain-v45-finetune19.json"  # finetune19, a size never run before, fixed before its runs (session 38, 0.3.28)
 NEW39 = "gain-v47-finetune20.json"  # finetune20, fixed before its runs, on the AMD EPYC (session 39, 0.3.30)
 NEW40 = "gain-v48-finetune21.json"  # finetune21, fixed before its runs, on the AMD EPYC (session 40, 0.3.31)
+NEW41 = "gain-v49-finetune22.json"  # finetune22, fixed before its runs, on the AMD EPYC (session 41, 0.3.32)
 SESSION38 = "gain-v44-seeds34.json"  # seeds 3-4 of finetune15, finetune16, scratch3, both recipes (session 38, 0.3.28)
 
 
@@ -96,6 +98,7 @@ SETTINGS = {
     ),
     "native": kept_on_intel("gain-v37-intel-high.json"),
     "finetune21": together("1 + start", NEW40, threads="0.3.31"),
+    "finetune22": together("1 + start", NEW41, threads="0.3.32"),
     "scratch3": on_intel("1", SESSION38),
     "finetune19": replace(together("1", NEW38, threads="0.3.28"), machine="Intel"),
     "finetune16": on_intel("1", SESSION38),
