@@ -20,7 +20,7 @@ from .config import RunConfig, blank_problem, config_from_dict
 from .data import loader_state, restore_loader
 from .engine import TrainState, trained_params
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError, sigterm_interrupts
-from .models import class_names, read_checkpoint, save_student
+from .models import class_names, is_model_yaml, read_checkpoint, save_student
 from .report import Baseline
 from .rules import is_dir, is_file, is_number, shown
 from .runlock import RunLock, claim, release
@@ -269,7 +269,7 @@ def frozen_fingerprint(state: TrainState) -> list[float] | None:
     """A sum over the weights of each frozen model the run distils from (the teacher, then the student as given where
     the run keeps it), as loaded: a resume that loaded other files in their place went on distilling from them without
     a word. None for a teacher built from a yaml (random, and per rank: an untrained teacher's smoke test)."""
-    if state.teacher is None or str(state.cfg.teacher).endswith((".yaml", ".yml")):
+    if state.teacher is None or is_model_yaml(state.cfg.teacher):
         return None
     return state.teacher.fingerprint
 

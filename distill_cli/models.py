@@ -28,6 +28,11 @@ from .features import blank_forward
 from .rules import found, is_file, not_a_file, shown
 
 
+def is_model_yaml(spec: str | Path) -> bool:
+    """A model given as its yaml (built, untrained), not as a checkpoint."""
+    return str(spec).endswith((".yaml", ".yml"))
+
+
 def load_model(spec: str | Path, role: str = "model", nc: int | None = None, trust: bool = False) -> DetectionModel:
     """A float32 detection model from an ultralytics checkpoint (``.pt``) or a model yaml (``yolov8n.yaml``).
 
@@ -35,7 +40,7 @@ def load_model(spec: str | Path, role: str = "model", nc: int | None = None, tru
     crafted pickle cannot run code; ``trust=True`` opts into a full (unsafe) load.
     """
     spec = str(spec)
-    if spec.endswith((".yaml", ".yml")):
+    if is_model_yaml(spec):
         return _build_from_yaml(spec, role, nc)
     path = fetch_named_model(spec, role) or Path(spec)
     if not is_file(path):

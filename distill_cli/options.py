@@ -97,11 +97,7 @@ class EvalOptions:
 class CompareOptions(EvalOptions):
     """``compare`` / :func:`comparison.compare`: the eval options plus the report folder."""
 
-    out: str = ranged(
-        "runs/compare/exp",
-        check=out_name_problem,
-        text=OUT_FOLDER,
-    )
+    out: str = ranged("runs/compare/exp", check=out_name_problem, text=OUT_FOLDER)
     samples: int = ranged(4, ge=0, le=64)
 
 
@@ -128,11 +124,7 @@ class ExportOptions:
 class DemoOptions:
     """``demo`` / :func:`demo.run_demo`."""
 
-    out: str = ranged(
-        "runs/demo",
-        check=out_name_problem,
-        text=OUT_FOLDER,
-    )
+    out: str = ranged("runs/demo", check=out_name_problem, text=OUT_FOLDER)
     epochs: int = ranged(20, ge=1)
     n_train: int = ranged(256, ge=1)
     n_val: int = ranged(64, ge=1)

@@ -53,8 +53,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise DistillError(f"--set expects key=value, got '{item}'")
-        if canonical(key.strip()) in {canonical(k) for k in out}:  # the last would win without a word
-            raise DistillError(f"--set {key.strip()} is given twice (as {shown_key(key, out)}); keep one")
+        earlier = next((k for k in out if canonical(k) == canonical(key.strip())), None)
+        if earlier is not None:  # the last would win without a word
+            raise DistillError(f"--set {key.strip()} is given twice (as {earlier}); keep one")
         try:
             out[key.strip()] = yaml.load(raw, Loader=OverrideLoader) if raw.strip() else None  # noqa: S506  safe
         except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int beyond Python's 4300 digits
@@ -66,11 +67,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def canonical(key: str) -> str:
     """A --set key as the config reads it: recipe fields may omit the ``recipe.`` prefix."""
     return key.removeprefix("recipe.")
-
-
-def shown_key(key: str, earlier: dict[str, Any]) -> str:
-    """The earlier spelling of ``key`` among ``earlier``'s keys."""
-    return next(k for k in earlier if canonical(k) == canonical(key.strip()))
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:

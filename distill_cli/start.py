@@ -17,7 +17,7 @@ from .engine import preprocess
 from .errors import DistillError
 from .features import Pair
 from .keep_start import SHORT_RUN_STEPS
-from .models import class_names, load_model
+from .models import class_names, is_model_yaml, load_model
 from .options import file_identity
 from .teacher_scale import LEAST_VIEWS_SCALE, trained_imgsz, upsamples
 from .weight_selection import CALIBRATION_IMAGES, calibrate_batchnorm, select_weights, selection_problem
@@ -33,7 +33,7 @@ def load_models(cfg: RunConfig, data: dict, resuming: bool) -> tuple[nn.Module |
     whether it is a trained student that came with those classes: a start the recipe's keep_start can keep)."""
     names = data["names"]
     wanted = needs_teacher(cfg) and not (resuming and not cfg.recipe.losses)  # a resumed run was seeded already
-    if wanted and str(cfg.teacher).endswith((".yaml", ".yml")):
+    if wanted and is_model_yaml(cfg.teacher):
         if not cfg.allow_untrained_teacher:
             raise DistillError(
                 f"teacher '{cfg.teacher}' is a model yaml, so it would be untrained; give its trained .pt "
