@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import DistillError
 
-__version__ = "0.3.32"
+__version__ = "0.3.33"
 
 _API = {
     "train": "training",

@@ -14,6 +14,7 @@ from .losses import LOSSES
 from .models import load_model, stride_multiple
 from .options import ProbeOptions
 from .overrides import apply_overrides
+from .partial_selection import seeded_part, select_shared
 from .rules import api_function, validated
 from .teacher_scale import resolved, scale_problem, trained_imgsz, upsamples
 from .weight_selection import selection_problem
@@ -111,4 +112,7 @@ def weight_selection_verdict(student: str, student_model: nn.Module, teacher_mod
     if str(student).endswith(".pt"):
         return "no: a trained .pt student keeps its own weights"
     problem = selection_problem(student_model, teacher_model)
-    return f"no: {problem}" if problem else "applies"
+    if not problem:
+        return "applies"
+    _, names = select_shared(student_model, teacher_model)
+    return f"in part: {seeded_part(student_model, names)}, random elsewhere; {problem}" if names else f"no: {problem}"

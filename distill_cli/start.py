@@ -19,8 +19,14 @@ from .features import Pair
 from .keep_start import SHORT_RUN_STEPS
 from .models import class_names, is_model_yaml, load_model
 from .options import file_identity
+from .partial_selection import seeded_part, select_shared
 from .teacher_scale import LEAST_VIEWS_SCALE, trained_imgsz, upsamples
-from .weight_selection import CALIBRATION_IMAGES, calibrate_batchnorm, select_weights, selection_problem
+from .weight_selection import (
+    CALIBRATION_IMAGES,
+    calibrate_batchnorm,
+    select_weights,
+    selection_problem,
+)
 
 
 def fine_tunes(cfg: RunConfig) -> bool:
@@ -91,17 +97,30 @@ def needs_teacher(cfg: RunConfig) -> bool:
     return bool(cfg.recipe.losses) or seeds_from_teacher(cfg)
 
 
-def seed_student(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) -> RunConfig:
-    """Select the teacher's weights into a yaml student when the recipe asks; when the pair does not allow it, say
-    why and record ``init: random`` in the config (config.yaml then says how the run started)."""
+def seed_student(
+    cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, resuming: bool = False
+) -> tuple[RunConfig, str | None]:
+    """Select the teacher's weights into a yaml student when the recipe asks. Where the pair differs beyond widths
+    (another family, other box bins), the layers they share take the teacher's weights where their blocks match
+    (:mod:`partial_selection`) and the rest stay random: said in a warning, and returned as the start-up line's
+    words. Where nothing matches, say why and record ``init: random`` in the config (config.yaml then says how the
+    run started). ``resuming``: only the start-up line's words (the weights come from the checkpoint)."""
     if teacher is None or not seeds_from_teacher(cfg):
-        return cfg
+        return cfg, None
     problem = selection_problem(student, teacher)
-    if problem:
+    if not problem:
+        if not resuming:
+            select_weights(student, teacher)
+        return cfg, None
+    aligned, names = select_shared(student, teacher)
+    if not names:  # a resumed run's config.yaml says init: random already
         warnings.warn(f"the student starts from random weights, not from the teacher's: {problem}", stacklevel=3)
-        return replace(cfg, recipe=replace(cfg.recipe, init="random"))
-    select_weights(student, teacher)
-    return cfg
+        return replace(cfg, recipe=replace(cfg.recipe, init="random")), None
+    part = seeded_part(student, names)
+    if not resuming:
+        select_weights(student, aligned, names)
+        warnings.warn(f"{part} start from the teacher's weights, the rest at random: {problem}", stacklevel=3)
+    return cfg, f"weight selection from the teacher for {part}, random elsewhere"
 
 
 def calibrate_selected(student: nn.Module, data: dict, hyp, batch: int, stride: int, device: torch.device) -> None:
@@ -120,11 +139,14 @@ def first_train_images(data: dict, hyp, batch: int, stride: int, device: torch.d
     return (preprocess(b, device)["img"] for b in loader)
 
 
-def init_note(cfg: RunConfig, adapters: bool) -> str:
+def init_note(cfg: RunConfig, adapters: bool, partly_seeded: str | None = None) -> str:
+    """The start-up line on the student's weights (``partly_seeded``: :func:`seed_student`'s words where the teacher
+    seeded a part of it)."""
     if fine_tunes(cfg):
         start = "its trained weights"
     else:
         start = "weight selection from the teacher" if seeds_from_teacher(cfg) else "random"
+        start = partly_seeded or start
     frozen = f"; layers 0-{cfg.freeze - 1} frozen" if cfg.freeze else ""
     kept = f"; distilled beside the teacher (keep_start {cfg.recipe.keep_start})" if cfg.recipe.keeps_start else ""
     return f"student init: {start}{kept}{frozen}" + (f"; adapters: {cfg.recipe.adapters}" if adapters else "")

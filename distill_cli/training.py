@@ -116,7 +116,7 @@ def prepare(
             f"--imgsz {cfg.imgsz}: the student's coarsest maps (stride {coarsest}) would be 1x1, where BatchNorm "
             f"cannot train on a batch of one image; use {2 * coarsest} or more"
         )
-    cfg = seed_student(cfg, student, teacher_model) if checkpoint is None else cfg
+    cfg, partly_seeded = seed_student(cfg, student, teacher_model, resuming=checkpoint is not None)
     teacher_model = teacher_model if cfg.recipe.losses else None
     optimizer_nbs = cfg.nbs or ULTRALYTICS_NBS  # optimizer: auto counts iterations as ultralytics does
     cfg = resolve_precision(resolve_auto(cfg), device)
@@ -212,7 +212,7 @@ def prepare(
             start_epoch,
             state,
             note,
-            init_note(cfg, has_adapters),
+            init_note(cfg, has_adapters, partly_seeded),
         )
     return state, log, (train_loader, val_loader), hyp, start_epoch
 

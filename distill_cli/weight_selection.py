@@ -11,7 +11,8 @@ per head (``[q, k, v]`` of each head in turn), so there whole heads are kept wit
 A deeper teacher (YOLOv8m/l/x for v8n/s) gives each repeated block of the student the teacher's first ones, the
 paper's layer selection for depth; a C2f-style block's output conv then reads its leading chunks and those blocks'
 outputs. The teacher needs the student's layer types in the same places (one family), kernels, classes and box bins;
-otherwise the student keeps its random start.
+otherwise the student takes what matches (:mod:`partial_selection`: the layers the two share, block by block) and
+keeps its random start elsewhere.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ def spread(size: int, t_size: int) -> torch.Tensor:
 
 def selection_problem(student: nn.Module, teacher: nn.Module) -> str | None:
     """Why the teacher's weights cannot seed this student (None when they can)."""
-    s_head, t_head = student.model[-1], teacher.model[-1]
-    if s_head.reg_max != t_head.reg_max or class_names(student) != class_names(teacher):
-        return "the teacher's head predicts other classes or box bins than the student's"
     problem = structure_problem(student, teacher)
     if problem:
         return problem
+    s_head, t_head = student.model[-1], teacher.model[-1]
+    if s_head.reg_max != t_head.reg_max or class_names(student) != class_names(teacher):
+        return "the teacher's head predicts other classes or box bins than the student's"
     t_state = teacher.state_dict()
     for name, s in student.state_dict().items():
         t = t_state.get(name)
@@ -58,14 +59,7 @@ def selection_problem(student: nn.Module, teacher: nn.Module) -> str | None:
         fits = s.dim() == t.dim() and all(a <= b for a, b in zip(s.shape, t.shape, strict=True))
         if not fits or s.shape[2:] != t.shape[2:]:  # kernels: a spread of a wider one would take off-centre taps
             return f"{name} is {tuple(t.shape)} in the teacher against {tuple(s.shape)} in the student"
-    t_modules = dict(teacher.named_modules())
-    for name, module in student.named_modules():
-        parts = ("num_heads", "head_dim", "key_dim")  # AAttn has no key_dim: its q and k are head_dim wide
-        if isinstance(module, (Attention, AAttn)) and any(
-            getattr(t_modules[name], part, 0) < getattr(module, part, 0) for part in parts
-        ):
-            return f"{name} has fewer or narrower attention heads in the teacher than in the student"
-    return None
+    return layer_problem(list(student.named_modules()), dict(teacher.named_modules()))
 
 
 def structure_problem(student: nn.Module, teacher: nn.Module) -> str | None:
@@ -78,14 +72,26 @@ def structure_problem(student: nn.Module, teacher: nn.Module) -> str | None:
         if type(t) is not type(module):
             where = f"{type(t).__name__} in the teacher" if t is not None else "not in the teacher"
             return f"the teacher's layers differ from the student's ({name}: {type(module).__name__}, {where})"
-        if isinstance(module, SERIAL):
+    stack_prefixes = tuple(f"{n}.m." for n, module in s_modules.items() if isinstance(module, (*CONCATENATED, *SERIAL)))
+    extra = next((n for n in t_modules if n not in s_modules and not n.startswith(stack_prefixes)), None)
+    return f"the teacher's layers differ from the student's ({extra}: only in the teacher)" if extra else None
+
+
+def layer_problem(modules: list[tuple[str, nn.Module]], t_modules: dict[str, nn.Module]) -> str | None:
+    """Why these student modules cannot take the teacher's of the same names: a chained block only in the teacher
+    (a residual one can be left out), or fewer or narrower attention heads."""
+    for name, module in modules:
+        t = t_modules.get(name)
+        if isinstance(module, SERIAL) and isinstance(t, SERIAL):
             first_chained = next((i for i, b in enumerate(t.m) if i >= len(module.m) and not residual(b)), None)
             if first_chained is not None:
                 where = f"{name}.m.{first_chained}"
                 return f"{where} is a chained block only in the teacher, without a shortcut to leave it out"
-    stack_prefixes = tuple(f"{n}.m." for n, module in s_modules.items() if isinstance(module, (*CONCATENATED, *SERIAL)))
-    extra = next((n for n in t_modules if n not in s_modules and not n.startswith(stack_prefixes)), None)
-    return f"the teacher's layers differ from the student's ({extra}: only in the teacher)" if extra else None
+        parts = ("num_heads", "head_dim", "key_dim")  # AAttn has no key_dim: its q and k are head_dim wide
+        narrower = any(getattr(t, part, 0) < getattr(module, part, 0) for part in parts)
+        if isinstance(module, (Attention, AAttn)) and isinstance(t, (Attention, AAttn)) and narrower:
+            return f"{name} has fewer or narrower attention heads in the teacher than in the student"
+    return None
 
 
 def residual(block: nn.Module) -> bool:
@@ -108,15 +114,15 @@ def head_rows(s_heads: int, t_heads: int, s_parts: tuple[int, ...], t_parts: tup
     return torch.cat(rows)
 
 
-def attention_indices(student: nn.Module, teacher: nn.Module) -> dict[str, Indices]:
-    """Per tensor of each attention block: the rows of its q/k/v projection, and the value channels that its
-    positional conv writes and its output projection reads, kept head by head."""
+def attention_indices(student: nn.Module, teacher: nn.Module, layers: int) -> dict[str, Indices]:
+    """Per tensor of each attention block in the first ``layers``: the rows of its q/k/v projection, and the value
+    channels that its positional conv writes and its output projection reads, kept head by head."""
     t_modules = dict(teacher.named_modules())
     chosen: dict[str, Indices] = {}
-    for name, s in student.named_modules():
-        if not isinstance(s, (Attention, AAttn)):
+    for name, s in seeded_modules(student, layers):
+        t = t_modules.get(name)
+        if not isinstance(s, (Attention, AAttn)) or type(t) is not type(s):
             continue
-        t = t_modules[name]
         qk_s, qk_t = (s.key_dim, t.key_dim) if isinstance(s, Attention) else (s.head_dim, t.head_dim)
         qkv = head_rows(s.num_heads, t.num_heads, (qk_s, qk_s, s.head_dim), (qk_t, qk_t, t.head_dim))
         values = head_rows(s.num_heads, t.num_heads, (s.head_dim,), (t.head_dim,))
@@ -127,16 +133,19 @@ def attention_indices(student: nn.Module, teacher: nn.Module) -> dict[str, Indic
     return chosen
 
 
-def stack_indices(student: nn.Module, teacher: nn.Module) -> dict[str, Indices]:
-    """The input channels of each C2f-style block's output conv, which reads ``[lead chunks, sub-block 0 .. n-1]``:
-    the student's lead chunks and sub-blocks take the teacher's first ones, each chunk spread within."""
+def stack_indices(student: nn.Module, teacher: nn.Module, layers: int) -> dict[str, Indices]:
+    """The input channels of each C2f-style block's output conv in the first ``layers``, which reads ``[lead chunks,
+    sub-block 0 .. n-1]``: the student's lead chunks and sub-blocks take the teacher's first ones, each chunk spread
+    within."""
     t_modules = dict(teacher.named_modules())
     chosen: dict[str, Indices] = {}
-    for name, s in student.named_modules():
-        lead = next((chunks for kind, chunks in CONCATENATED.items() if isinstance(s, kind)), None)
+    for name, s in seeded_modules(student, layers):
+        t = t_modules.get(name)
+        lead = next(
+            (chunks for kind, chunks in CONCATENATED.items() if isinstance(s, kind) and isinstance(t, kind)), None
+        )
         if lead is None:
             continue
-        t = t_modules[name]
         s_chunks, t_chunks = lead + len(s.m), lead + len(t.m)
         s_width, t_width = s.cv2.conv.in_channels // s_chunks, t.cv2.conv.in_channels // t_chunks
         chunks = [c * t_width + spread(s_width, t_width) for c in range(s_chunks)]
@@ -184,19 +193,22 @@ def layer_sources(index: int, layer: nn.Module) -> list[int]:
     return [source for source in (index - 1 if f == -1 else f for f in froms) if source >= 0]
 
 
-def kept_channels(student: nn.Module, teacher: nn.Module) -> tuple[list[torch.Tensor], dict[str, int]]:
-    """Per layer of the student below the head, the teacher's output channels it keeps: a concatenation each part's
-    at the teacher's offset of that part, a layer without weights (upsampling) those of its input, any other layer
-    the even spread. And the convs that read their layer's input (conv name -> the layer whose output that is)."""
+def kept_channels(
+    student: nn.Module, teacher: nn.Module, layers: int | None = None
+) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Per layer of the student below the head (or of its first ``layers``), the teacher's output channels it keeps:
+    a concatenation each part's at the teacher's offset of that part, a layer without weights (upsampling) those of
+    its input, any other layer the even spread. And the convs that read their layer's input (conv name -> the layer
+    whose output that is)."""
     size = 2 * int(max(student.stride.max(), teacher.stride.max()))  # the smallest map is 2 x 2: widths only
-    s_widths, t_widths = ({info.index: info.channels for info in probe_layers(m, size)} for m in (student, teacher))
+    s_widths, t_widths = (layer_widths(m, size) for m in (student, teacher))
     kept: list[torch.Tensor] = []
-    for index, layer in enumerate(student.model[:-1]):  # the head's outputs feed no layer
+    for index, layer in enumerate(student.model[: min(layers or len(student.model), len(student.model) - 1)]):
         sources = layer_sources(index, layer)
         weightless = next(layer.parameters(), None) is None
         passes_on = weightless and len(sources) == 1 and s_widths.get(index) == s_widths.get(sources[0])
         if isinstance(layer, Concat):
-            offsets = [sum(t_widths[s] for s in sources[:i]) for i in range(len(sources))]
+            offsets = [sum(t_widths.get(s, 0) for s in sources[:i]) for i in range(len(sources))]
             kept.append(torch.cat([offset + kept[s] for offset, s in zip(offsets, sources, strict=True)]))
         elif passes_on:
             kept.append(kept[sources[0]])
@@ -205,40 +217,63 @@ def kept_channels(student: nn.Module, teacher: nn.Module) -> tuple[list[torch.Te
     return kept, conv_readers(student, size)
 
 
-def input_indices(student: nn.Module, teacher: nn.Module) -> dict[str, Indices]:
-    """The input channels of every conv that reads its layer's input: those its source layer kept."""
-    kept, readers = kept_channels(student, teacher)
-    return {f"{name}.weight": {1: kept[source]} for name, source in readers.items()}
+def layer_widths(model: nn.Module, size: int) -> dict[int, int]:
+    """The channels of each layer's output map, probed with a blank image of ``size`` (an aligned teacher's, those
+    of the teacher layers its layers stand for: :class:`partial_selection.AlignedTeacher`)."""
+    widths = getattr(model, "widths", None)
+    return widths if widths is not None else {info.index: info.channels for info in probe_layers(model, size)}
 
 
-def selection_indices(student: nn.Module, teacher: nn.Module) -> dict[str, list[torch.Tensor]]:
-    """For every student tensor, the teacher's elements it takes along each of its dimensions."""
+def input_indices(student: nn.Module, teacher: nn.Module, layers: int) -> dict[str, Indices]:
+    """The input channels of every conv in the first ``layers`` that reads its layer's input: those its source
+    layer kept."""
+    kept, readers = kept_channels(student, teacher, layers)
+    return {f"{name}.weight": {1: kept[source]} for name, source in readers.items() if layer_index(name) < layers}
+
+
+def selection_indices(
+    student: nn.Module, teacher: nn.Module, names: list[str] | None = None
+) -> dict[str, list[torch.Tensor]]:
+    """For every student tensor (or those ``names``), the teacher's elements it takes along each of its dimensions."""
+    s_state, t_state = student.state_dict(), teacher.state_dict()
+    names = list(s_state) if names is None else names
+    layers = 1 + max((layer_index(name) for name in names), default=-1)
     special: dict[str, Indices] = {}
     finders = (input_indices, stack_indices, attention_indices)
-    for found in (find(student, teacher) for find in finders):
+    for found in (find(student, teacher, layers) for find in finders):
         for name, per_dim in found.items():
             special.setdefault(name, {}).update(per_dim)
-    t_state = teacher.state_dict()
     return {
         name: [
             special.get(name, {}).get(dim, spread(size, t_size))
-            for dim, (size, t_size) in enumerate(zip(s.shape, t_state[name].shape, strict=True))
+            for dim, (size, t_size) in enumerate(zip(s_state[name].shape, t_state[name].shape, strict=True))
         ]
-        for name, s in student.state_dict().items()
+        for name in names
     }
 
 
-def select_weights(student: nn.Module, teacher: nn.Module) -> None:
+def select_weights(student: nn.Module, teacher: nn.Module, names: list[str] | None = None) -> None:
     """Copy into the student the teacher's selected elements of every tensor (parameters and BatchNorm statistics;
-    :func:`selection_problem` must have found none)."""
+    :func:`selection_problem` must have found none), or of those ``names`` (:func:`partial_selection.shared_tensors`,
+    with its aligned teacher)."""
     t_state = teacher.state_dict()
     selected = {}
-    for name, per_dim in selection_indices(student, teacher).items():
+    for name, per_dim in selection_indices(student, teacher, names).items():
         t = t_state[name]
         for dim, kept in enumerate(per_dim):
             t = t.index_select(dim, kept.to(t.device))
         selected[name] = t
-    student.load_state_dict(selected)  # copies into the student's own dtype and device
+    student.load_state_dict(selected, strict=names is None)  # copies into the student's own dtype and device
+
+
+def layer_index(name: str) -> int:
+    """The layer a module's or tensor's name in a DetectionModel is in (``model.6.cv1.conv.weight``: 6)."""
+    return int(name.split(".")[1])
+
+
+def seeded_modules(student: nn.Module, layers: int) -> Iterable[tuple[str, nn.Module]]:
+    """The student's named modules in its first ``layers``."""
+    return ((name, m) for name, m in student.named_modules() if name.count(".") >= 1 and layer_index(name) < layers)
 
 
 @torch.no_grad()

@@ -32,7 +32,10 @@ def test_across_families_v8s_teacher_yolo11n_student() -> None:
     report = probe_channels("yolov8s.yaml", "yolo11n.yaml", imgsz=128)
     assert [(p["student"], p["teacher"]) for p in report["pairs"]["default"]] == [(16, 15), (19, 18), (22, 21)]
     assert [p[2] for p in pairs_of(report)] == [8, 16, 32]
-    verdict = "no: the teacher's layers differ from the student's (model.2: C3k2, C2f in the teacher)"
+    verdict = (
+        "in part: 222 of the student's 499 tensors (in 17 layers, where the blocks match), random elsewhere; "
+        "the teacher's layers differ from the student's (model.2: C3k2, C2f in the teacher)"
+    )
     assert report["weight_selection"] == verdict
 
 

@@ -261,8 +261,16 @@ def test_a_recipe_with_only_the_init_seeds_the_student_runs_without_a_teacher_an
 def test_a_refused_pair_warns_and_its_config_says_the_student_started_at_random(
     run_kwargs: dict, tmp_path: Path
 ) -> None:
+    """YOLOv8s from YOLO26n: wider everywhere, and no box bins in the teacher's head; nothing to take."""
+    from distill_cli.data import SYNTHETIC_CLASSES
+
+    from .conftest import save_model
+
+    teacher = build("yolo26n.yaml")
+    teacher.names = dict(enumerate(SYNTHETIC_CLASSES))
+    run_kwargs = {**run_kwargs, "teacher": str(save_model(tmp_path / "yolo26n.pt", teacher))}
     with pytest.warns(UserWarning, match="the student starts from random weights, not from the teacher's"):
-        recorder, line, run_dir = started_from("default", run_kwargs, student="yolo11n.yaml")
+        recorder, line, run_dir = started_from("default", run_kwargs, student="yolov8s.yaml")
     assert line == "student init: random" and recorder.state.teacher is not None  # it still distils
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["recipe"]["init"] == "random"
 
