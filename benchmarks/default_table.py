@@ -9,7 +9,8 @@ student as given (0.3.22; from 0.3.25 only in runs of under 100 optimizer steps)
 five settings (finetune15-18, scratch3) ran with 0.3.26, seeds 3-4 of finetune17 and finetune18 with 0.3.27
 (session 37), of finetune15, finetune16 and scratch3 with 0.3.28, as finetune19 (session 38); finetune20 with 0.3.30
 on the AMD EPYC (session 39), finetune21 with 0.3.31 on the AMD EPYC (session 40), finetune22 with 0.3.32 there
-(session 41). ``none`` is
+(session 41); the default of cross11, cross26 and cross11native with 0.3.33 there (session 42: their students, of
+another family, start from the teacher's weights in part), beside their earlier none runs. ``none`` is
 seed-matched; ``gap closed`` is how far the default went from the student as given to the teacher scored at the
 student's size. Each setting's schedule is read from its runs' record. No training here: it only reads JSON.
 
@@ -45,6 +46,7 @@ NEW38 = "gain-v45-finetune19.json"  # finetune19, a size never run before, fixed
 NEW39 = "gain-v47-finetune20.json"  # finetune20, fixed before its runs, on the AMD EPYC (session 39, 0.3.30)
 NEW40 = "gain-v48-finetune21.json"  # finetune21, fixed before its runs, on the AMD EPYC (session 40, 0.3.31)
 NEW41 = "gain-v49-finetune22.json"  # finetune22, fixed before its runs, on the AMD EPYC (session 41, 0.3.32)
+NEW42 = "gain-v50-{}.json"  # cross11, cross26, cross11native: the default again with 0.3.33's partial weight selection
 SESSION38 = "gain-v44-seeds34.json"  # seeds 3-4 of finetune15, finetune16, scratch3, both recipes (session 38, 0.3.28)
 
 
@@ -62,6 +64,18 @@ def together(view: str, *names: str, threads: str) -> Setting:
     return Setting(view, [(name, "default") for name in names], [(name, "none") for name in names], threads)
 
 
+def seeded_in_part(setting: str, none_file: str) -> Setting:
+    """A student of another family, which 0.3.33 seeds in part from the teacher (it started at random before): the
+    default's runs of session 42 on the AMD EPYC beside the earlier none runs of the same seeds (none starts at
+    random, as before)."""
+    return Setting(
+        "2" if setting != "cross11native" else "1",
+        [(NEW42.format(setting), "default")],
+        [(none_file, "none")],
+        "0.3.33",
+    )
+
+
 def on_intel(view: str, *later: str) -> Setting:
     """A setting of session 36, both recipes seed for seed, 0.3.26 on the Intel Xeon; ``later`` files add seeds (0.3.27
     changed a warning, 0.3.28 failure handling only: the same training numbers)."""
@@ -77,8 +91,8 @@ SETTINGS = {
     "finetune3": together("2", "gain-v34-recheck-finetune3.json", threads="0.3.18"),
     "finetune13": together("2", "gain-v32-short.json", threads="0.3.18"),
     "scratch2": together("2", "gain-v35-recheck-scratch2.json", threads="0.3.18"),
-    "cross11": together("2", "gain-v31-cross11.json", threads="0.3.17"),
-    "cross26": together("2", "gain-v35-cross26.json", threads="0.3.18"),
+    "cross11": seeded_in_part("cross11", "gain-v31-cross11.json"),
+    "cross26": seeded_in_part("cross26", "gain-v35-cross26.json"),
     "finetune7": together("1+2", "gain-v25-finetune7-threads.json", threads="0.3.14"),
     "finetune2": together("1+2", "gain-v34-recheck-finetune2.json", threads="0.3.18"),
     "finetune12": together("1+2", "gain-v30-finetune12.json", threads="0.3.16"),
@@ -105,7 +119,7 @@ SETTINGS = {
     "finetune9": together("1", "gain-v26-finetune9.json", "gain-v27-finetune9-seeds34.json", threads="0.3.14"),
     "imgsz640": together("1", "gain-v33-recheck-imgsz640.json", threads="0.3.18"),
     "finetune15": on_intel("1", SESSION38),
-    "cross11native": together("1", "gain-v31-cross11native.json", threads="0.3.17"),
+    "cross11native": seeded_in_part("cross11native", "gain-v31-cross11native.json"),
 }
 
 
