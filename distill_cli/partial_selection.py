@@ -21,7 +21,7 @@ from torch import nn
 
 from .features import probe_layers
 from .models import class_names
-from .weight_selection import CONCATENATED, layer_index, layer_problem, layer_sources, residual
+from .weight_selection import CONCATENATED, layer_index, layer_problem, layer_sources, probe_size, residual
 
 HEAD_BOX_OUT, HEAD_CLASS_OUT = re.compile(r"(one2one_)?cv2\.\d+\.2\."), re.compile(r"(one2one_)?cv3\.\d+\.2\.")
 
@@ -39,7 +39,7 @@ class AlignedTeacher(nn.Module):
 
 def aligned_teacher(student: nn.Module, teacher: nn.Module) -> AlignedTeacher:
     """Match the student's layers to the teacher's in order (module docstring)."""
-    size = 2 * int(max(student.stride.max(), teacher.stride.max()))  # the smallest map is 2 x 2
+    size = probe_size(student, teacher)
     s_maps, t_maps = ({i.index: (i.channels, i.height) for i in probe_layers(m, size)} for m in (student, teacher))
     matched: dict[int, int] = {}
     stands_for: dict[int, int] = {}  # student layer -> the teacher layer whose output it stands for

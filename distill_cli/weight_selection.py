@@ -200,7 +200,7 @@ def kept_channels(
     a concatenation each part's at the teacher's offset of that part, a layer without weights (upsampling) those of
     its input, any other layer the even spread. And the convs that read their layer's input (conv name -> the layer
     whose output that is)."""
-    size = 2 * int(max(student.stride.max(), teacher.stride.max()))  # the smallest map is 2 x 2: widths only
+    size = probe_size(student, teacher)
     s_widths, t_widths = (layer_widths(m, size) for m in (student, teacher))
     kept: list[torch.Tensor] = []
     for index, layer in enumerate(student.model[: min(layers or len(student.model), len(student.model) - 1)]):
@@ -215,6 +215,11 @@ def kept_channels(
         else:
             kept.append(spread(s_widths.get(index, 0), t_widths.get(index, 0)))  # 0: no single map comes out
     return kept, conv_readers(student, size)
+
+
+def probe_size(student: nn.Module, teacher: nn.Module) -> int:
+    """The blank image size at which both models' coarsest maps are 2 x 2: every layer runs, at little cost."""
+    return 2 * int(max(student.stride.max(), teacher.stride.max()))
 
 
 def layer_widths(model: nn.Module, size: int) -> dict[int, int]:
